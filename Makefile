@@ -1,0 +1,83 @@
+# colo: `make demo` runs a container in a VM through a private containerd;
+# `make test` runs every test. Both set up a fresh machine first.
+SHELL := /bin/bash
+GO ?= go
+BUILD := $(CURDIR)/build
+BIN := $(BUILD)/bin
+TOOLS := $(BUILD)/tools
+GUEST := $(BUILD)/guest
+# The guest kernel package, downloaded once per machine.
+GUEST_CACHE ?= /var/cache/colo
+# Where the default config (config.Default) expects the guest image.
+GUEST_INSTALL ?= /usr/share/colo
+VERSION := $(shell git describe --always --dirty 2>/dev/null || echo dev)
+GO_SRC := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
+export PATH := $(BIN):$(TOOLS):$(PATH)
+export GOFLAGS := -buildvcs=false
+
+.PHONY: all setup build guest generate check-generated lint test unit e2e demo clean
+
+all: build guest
+
+# setup installs Debian packages and Go tools; its stamp is redone when the
+# script changes.
+setup: $(TOOLS)/.setup
+$(TOOLS)/.setup: scripts/setup.sh
+	TOOLS=$(TOOLS) scripts/setup.sh
+	touch $@
+
+build: $(BIN)/containerd-shim-colo-v2 $(BIN)/colo-agent
+
+$(BIN)/containerd-shim-colo-v2: $(GO_SRC) | setup
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/containerd-shim-colo-v2
+
+# The agent is the guest's /init: static, with cgo for runc's nsenter and
+# libseccomp (linked statically) for specs with linux.seccomp.
+$(BIN)/colo-agent: $(GO_SRC) | setup
+	CGO_ENABLED=1 $(GO) build -tags seccomp,osusergo,netgo \
+		-ldflags "-s -w -extldflags -static -X main.version=$(VERSION)" \
+		-o $@ ./cmd/colo-agent
+
+guest: $(GUEST_INSTALL)/vmlinux $(GUEST_INSTALL)/initrd.img
+
+$(GUEST)/vmlinux $(GUEST)/initrd.img &: $(BIN)/colo-agent guest/build.sh guest/modules | setup
+	guest/build.sh --agent $(BIN)/colo-agent --out $(GUEST) --cache $(GUEST_CACHE)
+
+$(GUEST_INSTALL)/%: $(GUEST)/%
+	install -D -m 0644 $< $@
+
+generate: setup
+	cd agentproto && protoc -I . -I /usr/include \
+		--go_out=paths=source_relative:. --go-ttrpc_out=paths=source_relative:. agent.proto
+
+# Fails when the committed generated code differs from what the .proto and
+# the pinned generators produce.
+check-generated: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	cp agentproto/agent.proto $$tmp/ && \
+	(cd $$tmp && protoc -I . -I /usr/include \
+		--go_out=paths=source_relative:. --go-ttrpc_out=paths=source_relative:. agent.proto) && \
+	for f in agent.pb.go agent_ttrpc.pb.go; do \
+		diff -u agentproto/$$f $$tmp/$$f || { echo "agentproto/$$f is stale: run make generate"; exit 1; }; \
+	done
+
+lint:
+	@bad=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$bad" ]; then echo "gofmt needed:"; echo "$$bad"; exit 1; fi
+	$(GO) vet ./...
+
+unit: setup
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v /e2e)
+
+# End-to-end tests: real containerd, QEMU, guest and agent.
+e2e: build guest
+	COLO_E2E=1 $(GO) test -count=1 -timeout 40m -v ./e2e/...
+
+test: check-generated lint build guest
+	COLO_E2E=1 COLO_TEST_GUEST=$(GUEST_INSTALL) $(GO) test -count=1 -timeout 40m ./...
+
+demo: build guest
+	$(GO) run ./testbed/demo
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,503 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	"github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// ServiceConfig configures the agent service.
+type ServiceConfig struct {
+	// Version is reported by Check and GetGuestDetails.
+	Version string
+	// StateDir is libcontainer's state root.
+	StateDir string
+	// NoPivotRoot makes every container use MS_MOVE and chroot instead of
+	// pivot_root. It is implied when / is the initramfs.
+	NoPivotRoot bool
+}
+
+// Service implements agentproto.AgentService.
+type Service struct {
+	version string
+	opts    containerOptions
+
+	mu sync.Mutex
+	// A nil entry reserves the id while the container is being created.
+	containers    map[string]*container
+	sandbox       bool
+	sandboxMounts []string
+}
+
+var _ agentproto.AgentService = (*Service)(nil)
+
+// NewService returns the agent service.
+func NewService(cfg ServiceConfig) (*Service, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("agent service: no state directory")
+	}
+	noPivot := cfg.NoPivotRoot
+	if !noPivot {
+		initramfs, err := rootIsInitramfs()
+		if err != nil {
+			return nil, err
+		}
+		noPivot = initramfs
+	}
+	return &Service{
+		version:    cfg.Version,
+		opts:       containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
+		containers: make(map[string]*container),
+	}, nil
+}
+
+// Close removes every container and unmounts the sandbox's storages.
+func (s *Service) Close(ctx context.Context) error {
+	err := s.removeAll(ctx)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if uerr := unmountAll(ctx, s.sandboxMounts); uerr != nil {
+		err = errors.Join(err, uerr)
+	}
+	s.sandboxMounts, s.sandbox = nil, false
+	return err
+}
+
+func (s *Service) removeAll(ctx context.Context) error {
+	s.mu.Lock()
+	var cs []*container
+	for _, c := range s.containers {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, c := range cs {
+		if err := s.remove(ctx, c); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Service) remove(ctx context.Context, c *container) error {
+	if err := c.remove(ctx); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	delete(s.containers, c.id)
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Service) container(id string) (*container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.containers[id]
+	if c == nil {
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrNotFound)
+	}
+	return c, nil
+}
+
+func (s *Service) process(containerID, execID string) (*process, error) {
+	c, err := s.container(containerID)
+	if err != nil {
+		return nil, err
+	}
+	return c.process(execID)
+}
+
+func (s *Service) Check(ctx context.Context, req *agentproto.CheckRequest) (*agentproto.CheckResponse, error) {
+	bootID, err := readBootID()
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.CheckResponse{
+		AgentVersion:    s.version,
+		ProtocolVersion: agentproto.ProtocolVersion,
+		BootId:          bootID,
+	}, nil
+}
+
+func readBootID() (string, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "", fmt.Errorf("read boot id: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func (s *Service) GetGuestDetails(ctx context.Context, req *agentproto.GetGuestDetailsRequest) (*agentproto.GetGuestDetailsResponse, error) {
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		return nil, fmt.Errorf("uname: %w", err)
+	}
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return nil, fmt.Errorf("sysinfo: %w", err)
+	}
+	var cpus unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &cpus); err != nil {
+		return nil, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	bootID, err := readBootID()
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.GetGuestDetailsResponse{
+		KernelRelease: unix.ByteSliceToString(uts.Release[:]),
+		OnlineCpus:    uint32(cpus.Count()),
+		MemTotalBytes: uint64(si.Totalram) * uint64(si.Unit),
+		AgentVersion:  s.version,
+		BootId:        bootID,
+	}, nil
+}
+
+func (s *Service) SetGuestTime(ctx context.Context, req *agentproto.SetGuestTimeRequest) (*emptypb.Empty, error) {
+	if req.GetTime() == nil {
+		return nil, fmt.Errorf("no time given: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := setTime(req.GetTime().AsTime()); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func setTime(t time.Time) error {
+	tv := unix.NsecToTimeval(t.UnixNano())
+	if err := unix.Settimeofday(&tv); err != nil {
+		return fmt.Errorf("settimeofday: %w", err)
+	}
+	return nil
+}
+
+func (s *Service) CreateSandbox(ctx context.Context, req *agentproto.CreateSandboxRequest) (*emptypb.Empty, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sandbox {
+		return nil, fmt.Errorf("sandbox already created: %w", errdefs.ErrAlreadyExists)
+	}
+	if t := req.GetHostTime(); t != nil {
+		if err := setTime(t.AsTime()); err != nil {
+			return nil, err
+		}
+	}
+	if h := req.GetHostname(); h != "" {
+		if err := unix.Sethostname([]byte(h)); err != nil {
+			return nil, fmt.Errorf("set hostname %q: %w", h, err)
+		}
+	}
+	mounts, err := mountStorages(ctx, req.GetStorages())
+	if err != nil {
+		return nil, err
+	}
+	s.sandbox, s.sandboxMounts = true, mounts
+	log.G(ctx).WithField("sandbox", req.GetSandboxId()).Info("sandbox created")
+	return &emptypb.Empty{}, nil
+}
+
+// DestroySandbox removes the containers left and unmounts the sandbox's
+// storages.
+func (s *Service) DestroySandbox(ctx context.Context, req *agentproto.DestroySandboxRequest) (*emptypb.Empty, error) {
+	if err := s.Close(ctx); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) CreateContainer(ctx context.Context, req *agentproto.CreateContainerRequest) (*emptypb.Empty, error) {
+	id := req.GetContainerId()
+	var spec specs.Spec
+	if err := json.Unmarshal(req.GetOciSpec(), &spec); err != nil {
+		return nil, fmt.Errorf("container %q: parse OCI spec: %w: %w", id, err, errdefs.ErrInvalidArgument)
+	}
+	s.mu.Lock()
+	_, exists := s.containers[id]
+	if !exists {
+		s.containers[id] = nil
+	}
+	s.mu.Unlock()
+	if exists {
+		return nil, fmt.Errorf("container %q: %w", id, errdefs.ErrAlreadyExists)
+	}
+	c, err := createContainer(ctx, s.opts, id, &spec, req.GetStorages(), streams{
+		stdin:    req.GetStdin(),
+		stdout:   req.GetStdout(),
+		stderr:   req.GetStderr(),
+		terminal: req.GetTerminal(),
+	})
+	s.mu.Lock()
+	if err != nil {
+		delete(s.containers, id)
+	} else {
+		s.containers[id] = c
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	log.G(ctx).WithField("container", id).Infof("container created, init pid %d", c.init.pid)
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) StartContainer(ctx context.Context, req *agentproto.StartContainerRequest) (*agentproto.StartContainerResponse, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	pid, err := c.start()
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.StartContainerResponse{Pid: uint32(pid)}, nil
+}
+
+func (s *Service) RemoveContainer(ctx context.Context, req *agentproto.RemoveContainerRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.remove(ctx, c); err != nil {
+		return nil, err
+	}
+	log.G(ctx).WithField("container", c.id).Info("container removed")
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) PauseContainer(ctx context.Context, req *agentproto.PauseContainerRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if err := c.lc.Pause(); err != nil {
+		return nil, fmt.Errorf("pause container %s: %w", c.id, err)
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) ResumeContainer(ctx context.Context, req *agentproto.ResumeContainerRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if err := c.lc.Resume(); err != nil {
+		return nil, fmt.Errorf("resume container %s: %w", c.id, err)
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) ListProcesses(ctx context.Context, req *agentproto.ListProcessesRequest) (*agentproto.ListProcessesResponse, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	pids, err := c.lc.Processes()
+	if err != nil {
+		return nil, fmt.Errorf("list processes of container %s: %w", c.id, err)
+	}
+	execs := make(map[int]string)
+	for _, p := range c.processes() {
+		execs[p.pid] = p.execID
+	}
+	resp := &agentproto.ListProcessesResponse{}
+	for _, pid := range pids {
+		resp.Processes = append(resp.Processes, &agentproto.ProcessInfo{Pid: uint32(pid), ExecId: execs[pid]})
+	}
+	return resp, nil
+}
+
+func (s *Service) ExecProcess(ctx context.Context, req *agentproto.ExecProcessRequest) (*agentproto.ExecProcessResponse, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	var sp specs.Process
+	if err := json.Unmarshal(req.GetProcess(), &sp); err != nil {
+		return nil, fmt.Errorf("exec %q: parse OCI process: %w: %w", req.GetExecId(), err, errdefs.ErrInvalidArgument)
+	}
+	p, err := c.exec(ctx, req.GetExecId(), &sp, streams{
+		stdin:    req.GetStdin(),
+		stdout:   req.GetStdout(),
+		stderr:   req.GetStderr(),
+		terminal: req.GetTerminal(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.ExecProcessResponse{Pid: uint32(p.pid)}, nil
+}
+
+func (s *Service) SignalProcess(ctx context.Context, req *agentproto.SignalProcessRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if err := c.signal(req.GetExecId(), unix.Signal(req.GetSignal()), req.GetAll()); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) WaitProcess(ctx context.Context, req *agentproto.WaitProcessRequest) (*agentproto.WaitProcessResponse, error) {
+	p, err := s.process(req.GetContainerId(), req.GetExecId())
+	if err != nil {
+		return nil, err
+	}
+	if err := p.waitExit(ctx); err != nil {
+		return nil, err
+	}
+	return &agentproto.WaitProcessResponse{
+		ExitStatus: p.status,
+		ExitedAt:   timestamppb.New(p.exitedAt),
+	}, nil
+}
+
+func (s *Service) WriteStdin(ctx context.Context, req *agentproto.WriteStreamRequest) (*agentproto.WriteStreamResponse, error) {
+	p, err := s.process(req.GetContainerId(), req.GetExecId())
+	if err != nil {
+		return nil, err
+	}
+	n, err := p.stdio.Write(req.GetData())
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.WriteStreamResponse{Len: uint32(n)}, nil
+}
+
+func (s *Service) CloseStdin(ctx context.Context, req *agentproto.CloseStdinRequest) (*emptypb.Empty, error) {
+	p, err := s.process(req.GetContainerId(), req.GetExecId())
+	if err != nil {
+		return nil, err
+	}
+	if err := p.stdio.CloseStdin(); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (s *Service) ReadStdout(ctx context.Context, req *agentproto.ReadStreamRequest) (*agentproto.ReadStreamResponse, error) {
+	return s.read(ctx, req, "stdout", func(sio *stdio) *stream { return sio.stdout })
+}
+
+func (s *Service) ReadStderr(ctx context.Context, req *agentproto.ReadStreamRequest) (*agentproto.ReadStreamResponse, error) {
+	return s.read(ctx, req, "stderr", func(sio *stdio) *stream { return sio.stderr })
+}
+
+func (s *Service) read(ctx context.Context, req *agentproto.ReadStreamRequest, name string, pick func(*stdio) *stream) (*agentproto.ReadStreamResponse, error) {
+	p, err := s.process(req.GetContainerId(), req.GetExecId())
+	if err != nil {
+		return nil, err
+	}
+	st := pick(p.stdio)
+	if st == nil {
+		return nil, fmt.Errorf("%s was not requested: %w", name, errdefs.ErrFailedPrecondition)
+	}
+	data, eof, err := st.Read(ctx, readLen(req.GetLen()))
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.ReadStreamResponse{Data: data, Eof: eof}, nil
+}
+
+// Not implemented yet: the roadmap's later issues.
+
+func unimplemented(name string) error {
+	return fmt.Errorf("%s: %w", name, errdefs.ErrNotImplemented)
+}
+
+func (s *Service) OnlineCPUMem(context.Context, *agentproto.OnlineCPUMemRequest) (*emptypb.Empty, error) {
+	return nil, unimplemented("OnlineCPUMem")
+}
+
+func (s *Service) GetOOMEvent(context.Context, *agentproto.GetOOMEventRequest) (*agentproto.GetOOMEventResponse, error) {
+	return nil, unimplemented("GetOOMEvent")
+}
+
+func (s *Service) GetMetrics(context.Context, *agentproto.GetMetricsRequest) (*agentproto.GetMetricsResponse, error) {
+	return nil, unimplemented("GetMetrics")
+}
+
+func (s *Service) UpdateContainer(context.Context, *agentproto.UpdateContainerRequest) (*emptypb.Empty, error) {
+	return nil, unimplemented("UpdateContainer")
+}
+
+func (s *Service) StatsContainer(context.Context, *agentproto.StatsContainerRequest) (*agentproto.StatsContainerResponse, error) {
+	return nil, unimplemented("StatsContainer")
+}
+
+func (s *Service) TtyWinResize(context.Context, *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {
+	return nil, unimplemented("TtyWinResize")
+}
+
+func (s *Service) UpdateInterface(context.Context, *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
+	return nil, unimplemented("UpdateInterface")
+}
+
+func (s *Service) UpdateRoutes(context.Context, *agentproto.UpdateRoutesRequest) (*agentproto.UpdateRoutesResponse, error) {
+	return nil, unimplemented("UpdateRoutes")
+}
+
+func (s *Service) AddARPNeighbors(context.Context, *agentproto.AddARPNeighborsRequest) (*emptypb.Empty, error) {
+	return nil, unimplemented("AddARPNeighbors")
+}
+
+func (s *Service) ListInterfaces(context.Context, *agentproto.ListInterfacesRequest) (*agentproto.ListInterfacesResponse, error) {
+	return nil, unimplemented("ListInterfaces")
+}
+
+// statusInterceptor turns the errdefs errors of the service into ttrpc
+// status codes, so the shim can tell e.g. NotFound and Unimplemented from
+// failures.
+func statusInterceptor(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+	resp, err := method(ctx, unmarshal)
+	if err == nil {
+		return resp, nil
+	}
+	log.G(ctx).WithError(err).Debugf("%s failed", info.FullMethod)
+	return nil, toStatus(err)
+}
+
+func toStatus(err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	code := codes.Unknown
+	switch {
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	case errors.Is(err, context.DeadlineExceeded):
+		code = codes.DeadlineExceeded
+	case errdefs.IsNotFound(err):
+		code = codes.NotFound
+	case errdefs.IsAlreadyExists(err):
+		code = codes.AlreadyExists
+	case errdefs.IsInvalidArgument(err):
+		code = codes.InvalidArgument
+	case errdefs.IsFailedPrecondition(err):
+		code = codes.FailedPrecondition
+	case errdefs.IsNotImplemented(err):
+		code = codes.Unimplemented
+	case errdefs.IsUnavailable(err):
+		code = codes.Unavailable
+	}
+	return status.Error(code, err.Error())
+}

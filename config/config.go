@@ -1,0 +1,232 @@
+// Package config is colo's one configuration struct, read from TOML.
+//
+// Every field has a built-in default, so no file is needed. The file is
+// looked up in this order: the containerd runtime option ConfigPath, the
+// COLO_CONFIG environment variable, then DefaultPath (silently skipped when
+// it does not exist). docs/config.md documents every field.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// DefaultPath is where colo looks for its configuration when neither the
+// runtime option nor COLO_CONFIG names a file.
+const DefaultPath = "/etc/colo/config.toml"
+
+// EnvPath names the environment variable that overrides DefaultPath.
+const EnvPath = "COLO_CONFIG"
+
+// Config is the whole configuration.
+type Config struct {
+	Hypervisor Hypervisor `toml:"hypervisor"`
+	Agent      Agent      `toml:"agent"`
+	Storage    Storage    `toml:"storage"`
+	Runtime    Runtime    `toml:"runtime"`
+}
+
+// Hypervisor configures the VM.
+type Hypervisor struct {
+	// Name of the driver: "qemu" (default) or "clh".
+	Name string `toml:"name"`
+	// Path of the hypervisor binary; empty means the driver's default
+	// looked up in PATH (qemu-system-x86_64).
+	Path string `toml:"path"`
+	// Machine type: "q35" (default) or "microvm".
+	Machine string `toml:"machine"`
+	// Accel: "auto" (default: KVM where it can boot a guest, else TCG),
+	// "kvm" or "tcg".
+	Accel string `toml:"accel"`
+	// VCPUs is the number of guest vCPUs (default 1).
+	VCPUs int `toml:"vcpus"`
+	// MemoryMB is the guest memory in MiB (default 256).
+	MemoryMB int `toml:"memory_mb"`
+	// Kernel is the guest kernel: an uncompressed vmlinux with a PVH entry
+	// (default /usr/share/colo/vmlinux).
+	Kernel string `toml:"kernel"`
+	// Initrd is the guest initrd holding colo-agent as /init (default
+	// /usr/share/colo/initrd.img).
+	Initrd string `toml:"initrd"`
+	// KernelParams are appended to colo's own kernel command line.
+	KernelParams string `toml:"kernel_params"`
+	// BootTimeout bounds the time from launching the VM until the agent
+	// answers (default 30s).
+	BootTimeout Duration `toml:"boot_timeout"`
+	// ShutdownTimeout bounds a graceful VM shutdown before SIGKILL
+	// (default 5s).
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+}
+
+// Agent configures the channel to colo-agent.
+type Agent struct {
+	// Channel: "auto" (default: vsock where /dev/vhost-vsock exists, else
+	// serial), "vsock" or "serial".
+	Channel string `toml:"channel"`
+	// LogLevel of the agent inside the guest: "debug", "info", "warn"
+	// (default) or "error". Its log goes to the guest console, which the
+	// shim logs at debug level.
+	LogLevel string `toml:"log_level"`
+}
+
+// Storage configures how container filesystems reach the guest.
+type Storage struct {
+	// SharedFS: "virtio-fs" (default) or "9p".
+	SharedFS string `toml:"shared_fs"`
+	// Virtiofsd is the virtio-fs daemon binary (default
+	// /usr/lib/qemu/virtiofsd, shipped by Debian's qemu-system-common).
+	Virtiofsd string `toml:"virtiofsd"`
+}
+
+// Runtime configures the shim itself.
+type Runtime struct {
+	// StateDir holds one directory per sandbox with its sockets, pid files,
+	// mounts and state.json (default /run/colo).
+	StateDir string `toml:"state_dir"`
+}
+
+// Default returns the built-in configuration.
+func Default() Config {
+	return Config{
+		Hypervisor: Hypervisor{
+			Name:            "qemu",
+			Machine:         "q35",
+			Accel:           "auto",
+			VCPUs:           1,
+			MemoryMB:        256,
+			Kernel:          "/usr/share/colo/vmlinux",
+			Initrd:          "/usr/share/colo/initrd.img",
+			BootTimeout:     Duration(30 * time.Second),
+			ShutdownTimeout: Duration(5 * time.Second),
+		},
+		Agent: Agent{
+			Channel:  "auto",
+			LogLevel: "warn",
+		},
+		Storage: Storage{
+			SharedFS:  "virtio-fs",
+			Virtiofsd: "/usr/lib/qemu/virtiofsd",
+		},
+		Runtime: Runtime{
+			StateDir: "/run/colo",
+		},
+	}
+}
+
+// Load reads the configuration. path is the runtime option ConfigPath and
+// may be empty.
+func Load(path string) (Config, error) {
+	explicit := true
+	if path == "" {
+		path = os.Getenv(EnvPath)
+	}
+	if path == "" {
+		path, explicit = DefaultPath, false
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) && !explicit {
+		c := Default()
+		return c, c.Validate()
+	}
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes TOML over the defaults and validates the result. Unknown
+// keys are errors, so a typo never silently falls back to a default.
+func Parse(data []byte) (Config, error) {
+	c := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) {
+			var keys []string
+			for _, e := range strict.Errors {
+				row, _ := e.Position()
+				keys = append(keys, fmt.Sprintf("%s (line %d)", strings.Join(e.Key(), "."), row))
+			}
+			return Config{}, fmt.Errorf("unknown key: %s", strings.Join(keys, ", "))
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return Config{}, fmt.Errorf("line %d column %d: %w", row, col, err)
+		}
+		return Config{}, err
+	}
+	return c, c.Validate()
+}
+
+// Validate checks values that TOML types cannot.
+func (c Config) Validate() error {
+	var errs []error
+	oneOf := func(field, v string, allowed ...string) {
+		for _, a := range allowed {
+			if v == a {
+				return
+			}
+		}
+		errs = append(errs, fmt.Errorf("%s = %q: want one of %q", field, v, allowed))
+	}
+	h := c.Hypervisor
+	oneOf("hypervisor.name", h.Name, "qemu", "clh")
+	oneOf("hypervisor.machine", h.Machine, "q35", "microvm")
+	oneOf("hypervisor.accel", h.Accel, "auto", "kvm", "tcg")
+	if h.VCPUs < 1 {
+		errs = append(errs, fmt.Errorf("hypervisor.vcpus = %d: want at least 1", h.VCPUs))
+	}
+	if h.MemoryMB < 64 {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_mb = %d: want at least 64", h.MemoryMB))
+	}
+	if h.BootTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.boot_timeout = %s: want a positive duration", h.BootTimeout))
+	}
+	if h.ShutdownTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.shutdown_timeout = %s: want a positive duration", h.ShutdownTimeout))
+	}
+	for _, p := range []struct{ field, path string }{
+		{"hypervisor.kernel", h.Kernel},
+		{"hypervisor.initrd", h.Initrd},
+		{"runtime.state_dir", c.Runtime.StateDir},
+	} {
+		if !filepath.IsAbs(p.path) {
+			errs = append(errs, fmt.Errorf("%s = %q: want an absolute path", p.field, p.path))
+		}
+	}
+	oneOf("agent.channel", c.Agent.Channel, "auto", "vsock", "serial")
+	oneOf("agent.log_level", c.Agent.LogLevel, "debug", "info", "warn", "error")
+	oneOf("storage.shared_fs", c.Storage.SharedFS, "virtio-fs", "9p")
+	return errors.Join(errs...)
+}
+
+// Duration is a time.Duration written in TOML as a string such as "30s".
+type Duration time.Duration
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalText writes the duration as "30s".
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// UnmarshalText reads a duration such as "30s" or "1m30s".
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", b, err)
+	}
+	*d = Duration(v)
+	return nil
+}

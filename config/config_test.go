@@ -1,0 +1,89 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	tests := []struct {
+		name    string
+		toml    string
+		check   func(Config) bool
+		wantErr []string
+	}{
+		{name: "empty is the defaults", toml: "", check: func(c Config) bool { return c == Default() }},
+		{
+			name: "overrides",
+			toml: "[hypervisor]\nvcpus = 2\nboot_timeout = \"1m30s\"\n[storage]\nshared_fs = \"9p\"\n",
+			check: func(c Config) bool {
+				return c.Hypervisor.VCPUs == 2 && time.Duration(c.Hypervisor.BootTimeout) == 90*time.Second &&
+					c.Storage.SharedFS == "9p" && c.Hypervisor.MemoryMB == 256
+			},
+		},
+		{name: "malformed", toml: "[hypervisor\n", wantErr: []string{"line 1"}},
+		{name: "unknown key", toml: "[hypervisor]\nvcpu = 2\n", wantErr: []string{"unknown key", "hypervisor.vcpu"}},
+		{name: "bad enum", toml: "[hypervisor]\naccel = \"warp\"\n", wantErr: []string{`hypervisor.accel = "warp"`}},
+		{name: "bad duration", toml: "[hypervisor]\nboot_timeout = \"soon\"\n", wantErr: []string{"soon"}},
+		{name: "relative kernel", toml: "[hypervisor]\nkernel = \"vmlinux\"\n", wantErr: []string{"hypervisor.kernel", "absolute"}},
+		{
+			name:    "all errors at once",
+			toml:    "[hypervisor]\nvcpus = 0\nmemory_mb = 1\n[agent]\nchannel = \"pigeon\"\n",
+			wantErr: []string{"hypervisor.vcpus = 0", "hypervisor.memory_mb = 1", `agent.channel = "pigeon"`},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(tt.toml))
+			if len(tt.wantErr) > 0 {
+				if err == nil {
+					t.Fatalf("want an error, got %+v", c)
+				}
+				for _, w := range tt.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("error %q lacks %q", err, w)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.check(c) {
+				t.Errorf("unexpected config %+v", c)
+			}
+		})
+	}
+}
+
+func TestLoadOrder(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	option := write("option.toml", "[hypervisor]\nvcpus = 3\n")
+	env := write("env.toml", "[hypervisor]\nvcpus = 2\n")
+
+	t.Setenv(EnvPath, env)
+	if c, err := Load(option); err != nil || c.Hypervisor.VCPUs != 3 {
+		t.Errorf("the runtime option wins: %v %d", err, c.Hypervisor.VCPUs)
+	}
+	if c, err := Load(""); err != nil || c.Hypervisor.VCPUs != 2 {
+		t.Errorf("then COLO_CONFIG: %v %d", err, c.Hypervisor.VCPUs)
+	}
+	missing := filepath.Join(dir, "missing.toml")
+	if _, err := Load(missing); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("a named file that is missing is an error naming it, got %v", err)
+	}
+	t.Setenv(EnvPath, missing)
+	if _, err := Load(""); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("a COLO_CONFIG file that is missing is an error naming it, got %v", err)
+	}
+}

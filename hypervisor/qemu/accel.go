@@ -1,0 +1,96 @@
+package qemu
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Accelerators as QEMU names them.
+const (
+	accelKVM = "kvm"
+	accelTCG = "tcg"
+)
+
+// chooseAccel resolves the configured accelerator ("auto", "kvm", "tcg" or
+// empty for auto) and tells why, for the log.
+func chooseAccel(configured, kvmDevice, cpuinfo string) (accel, reason string, err error) {
+	switch configured {
+	case accelTCG:
+		return accelTCG, "configured", nil
+	case accelKVM:
+		if err := openKVM(kvmDevice); err != nil {
+			return "", "", fmt.Errorf("accel kvm: %w", err)
+		}
+		return accelKVM, "configured", nil
+	case "", "auto":
+	default:
+		return "", "", fmt.Errorf("accel %q: want auto, kvm or tcg", configured)
+	}
+	if err := openKVM(kvmDevice); err != nil {
+		return accelTCG, fmt.Sprintf("auto: %v", err), nil
+	}
+	// A /dev/kvm without hardware virtualization (a nested, paravirtual
+	// KVM) runs an ordinary guest kernel so slowly it looks hung.
+	hw, err := hardwareVirt(cpuinfo)
+	if err != nil {
+		return accelTCG, fmt.Sprintf("auto: %v", err), nil
+	}
+	if !hw {
+		return accelTCG, fmt.Sprintf("auto: %s opens but %s has neither vmx nor svm", kvmDevice, cpuinfo), nil
+	}
+	return accelKVM, fmt.Sprintf("auto: %s opens and the CPU has hardware virtualization", kvmDevice), nil
+}
+
+func openKVM(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// hardwareVirt tells whether the CPU flags in cpuinfo include vmx or svm.
+func hardwareVirt(cpuinfo string) (bool, error) {
+	b, err := os.ReadFile(cpuinfo)
+	if err != nil {
+		return false, err
+	}
+	for line := range strings.Lines(string(b)) {
+		key, value, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(key) != "flags" {
+			continue
+		}
+		for _, f := range strings.Fields(value) {
+			if f == "vmx" || f == "svm" {
+				return true, nil
+			}
+		}
+		return false, nil
+	}
+	return false, fmt.Errorf("%s: no flags line", cpuinfo)
+}
+
+// hostKHz reads the first CPU's clock from cpuinfo ("cpu MHz : 2299.998").
+// On microvm the guest has no HPET or PM timer to calibrate the TSC
+// against, and under TCG its calibration hangs on some boots; the kernel
+// parameter tsc_early_khz skips it.
+func hostKHz(cpuinfo string) (int, error) {
+	b, err := os.ReadFile(cpuinfo)
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		key, value, ok := strings.Cut(line, ":")
+		if !ok || strings.TrimSpace(key) != "cpu MHz" {
+			continue
+		}
+		mhz, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil || mhz <= 0 {
+			return 0, fmt.Errorf("%s: bad cpu MHz %q", cpuinfo, strings.TrimSpace(value))
+		}
+		return int(mhz*1000 + 0.5), nil
+	}
+	return 0, fmt.Errorf("%s: no cpu MHz line", cpuinfo)
+}

@@ -1,0 +1,192 @@
+package qemu
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/colo-runtime/colo/hypervisor"
+)
+
+func TestArgs(t *testing.T) {
+	base := strings.Join(baseKernelParams, " ")
+	common := func(kernelCmdline string) []string {
+		return []string{
+			"-kernel", "/k/vmlinux", "-initrd", "/k/initrd.img",
+			"-append", kernelCmdline,
+			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-vga", "none",
+			"-serial", "stdio",
+			"-pidfile", "/run/vm/qemu.pid",
+			"-chardev", "socket,id=qmp,fd=3,server=on,wait=off",
+			"-mon", "chardev=qmp,mode=control",
+		}
+	}
+	vm := hypervisor.VMConfig{
+		ID: "pod,1", Dir: "/run/vm", VCPUs: 2, MemoryMB: 512,
+		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img",
+		KernelParams: []string{"colo.log=debug"},
+	}
+	for _, tc := range []struct {
+		name string
+		l    launch
+		want [][]string
+	}{{
+		name: "q35 tcg serial 9p",
+		l: launch{
+			machine: "q35", accel: accelTCG, tscKHz: 2300000,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.Shares = []hypervisor.Share{
+					{Tag: "colo-shared", Kind: hypervisor.Share9P, Path: "/run/vm/shared,x"},
+					{Tag: "ro", Kind: hypervisor.Share9P, Path: "/ro", ReadOnly: true},
+				}
+			}),
+			kernelParams: []string{"from=config"},
+			pidfile:      "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
+			common(base + " colo.channel=serial from=config colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
+				"-fsdev", "local,id=fs0,path=/run/vm/shared,,x,security_model=none",
+				"-device", "virtio-9p-pci,fsdev=fs0,mount_tag=colo-shared",
+				"-fsdev", "local,id=fs1,path=/ro,security_model=none,readonly=on",
+				"-device", "virtio-9p-pci,fsdev=fs1,mount_tag=ro"},
+		},
+	}, {
+		name: "microvm kvm vsock virtio-fs",
+		l: launch{
+			machine: "microvm", accel: accelKVM, tscKHz: 2300000,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelVsock
+				c.Shares = []hypervisor.Share{{Tag: "colo-shared", Kind: hypervisor.ShareVirtioFS, Path: "/run/vm/virtiofsd.sock"}}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, vhostFD: 4, cid: 1234,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "microvm,memory-backend=mem",
+				"-global", "virtio-mmio.force-legacy=false",
+				"-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512M",
+				"-object", "memory-backend-memfd,id=mem,size=512M,share=on"},
+			common(base + " colo.channel=vsock tsc_early_khz=2300000 colo.log=debug"),
+			{"-device", "vhost-vsock-device,id=vsock0,guest-cid=1234,vhostfd=4",
+				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
+				"-device", "vhost-user-fs-device,chardev=fs0,tag=colo-shared"},
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := tc.l.args()
+			want := slices.Concat(tc.want...)
+			if !slices.Equal(got, want) {
+				t.Errorf("args:\ngot  %q\nwant %q", got, want)
+			}
+		})
+	}
+}
+
+func with(c hypervisor.VMConfig, f func(*hypervisor.VMConfig)) hypervisor.VMConfig {
+	f(&c)
+	return c
+}
+
+func TestChooseAccel(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	kvm := write("kvm", "") // any file that opens read-write
+	noKVM := filepath.Join(dir, "missing")
+	vmx := write("cpuinfo-vmx", "processor\t: 0\nflags\t\t: fpu vme vmx sse\n\nprocessor\t: 1\nflags\t\t: fpu vmx\n")
+	svm := write("cpuinfo-svm", "flags\t\t: fpu svm\n")
+	plain := write("cpuinfo-plain", "flags\t\t: fpu vme sse hypervisor\n")
+	noFlags := write("cpuinfo-none", "processor\t: 0\n")
+
+	for _, tc := range []struct {
+		name, configured, kvm, cpuinfo string
+		want, reason, err              string
+	}{
+		{"tcg configured", "tcg", noKVM, plain, accelTCG, "configured", ""},
+		{"kvm configured", "kvm", kvm, plain, accelKVM, "configured", ""},
+		{"kvm configured, no device", "kvm", noKVM, vmx, "", "", "accel kvm: open " + noKVM},
+		{"auto with vmx", "auto", kvm, vmx, accelKVM, "hardware virtualization", ""},
+		{"auto with svm", "", kvm, svm, accelKVM, "hardware virtualization", ""},
+		{"auto without vmx or svm", "auto", kvm, plain, accelTCG, "neither vmx nor svm", ""},
+		{"auto without flags", "auto", kvm, noFlags, accelTCG, "no flags line", ""},
+		{"auto without /dev/kvm", "auto", noKVM, vmx, accelTCG, "no such file", ""},
+		{"unknown", "hvf", kvm, vmx, "", "", `accel "hvf"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, reason, err := chooseAccel(tc.configured, tc.kvm, tc.cpuinfo)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %q, %v; want an error containing %q", got, err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want || !strings.Contains(reason, tc.reason) {
+				t.Fatalf("got %q (%q), %v; want %q (%q)", got, reason, err, tc.want, tc.reason)
+			}
+		})
+	}
+}
+
+func TestHostKHz(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, cpuinfo string
+		want          int
+	}{
+		{"first cpu", "processor\t: 0\ncpu MHz\t\t: 2299.998\n\nprocessor\t: 1\ncpu MHz\t\t: 1200.000\n", 2299998},
+		{"integer", "cpu MHz : 3000\n", 3000000},
+		{"missing", "processor\t: 0\n", 0},
+		{"garbage", "cpu MHz\t\t: fast\n", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(dir, tc.name)
+			if err := os.WriteFile(p, []byte(tc.cpuinfo), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			got, err := hostKHz(p)
+			if tc.want == 0 {
+				if err == nil {
+					t.Fatalf("got %d, want an error", got)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %d, %v, want %d", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestIsQEMU(t *testing.T) {
+	cmdline := func(args ...string) []byte { return []byte(strings.Join(args, "\x00") + "\x00") }
+	for _, tc := range []struct {
+		name    string
+		cmdline []byte
+		want    bool
+	}{
+		{"ours", cmdline("/usr/bin/qemu-system-x86_64", "-name", "x", "-pidfile", "/run/vm/qemu.pid"), true},
+		{"unclean path", cmdline("qemu-system-x86_64", "-pidfile", "/run//vm/qemu.pid"), true},
+		{"other dir", cmdline("/usr/bin/qemu-system-x86_64", "-pidfile", "/run/other/qemu.pid"), false},
+		{"not qemu", cmdline("/bin/sleep", "-pidfile", "/run/vm/qemu.pid"), false},
+		{"pidfile last", cmdline("/usr/bin/qemu-system-x86_64", "-pidfile"), false},
+		{"empty", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := isQEMU(tc.cmdline, "/run/vm/qemu.pid"); got != tc.want {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

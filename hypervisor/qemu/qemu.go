@@ -1,0 +1,353 @@
+// Package qemu runs colo's VMs with QEMU: a PVH kernel and initrd booted
+// directly (no firmware disk), virtio devices for the agent's channel and
+// the shared directories, and QMP to control the process.
+//
+// The driver's files in VMConfig.Dir are qmp.sock, agent.sock (serial
+// channel) and qemu.pid. Start creates the sockets itself and passes them
+// to QEMU as file descriptors, so they exist, listening, before QEMU runs.
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"unsafe"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor"
+)
+
+// Names of the driver's files in VMConfig.Dir.
+const (
+	QMPSocket   = "qmp.sock"
+	AgentSocket = "agent.sock"
+	PidFile     = "qemu.pid"
+)
+
+// DefaultBinary is looked up in PATH when the configuration names none.
+const DefaultBinary = "qemu-system-x86_64"
+
+const (
+	kvmDevice   = "/dev/kvm"
+	vsockDevice = "/dev/vhost-vsock"
+	cpuinfo     = "/proc/cpuinfo"
+)
+
+// maxSocketPath is the longest path a unix socket can bind (sun_path is
+// 108 bytes with the terminating NUL).
+const maxSocketPath = 107
+
+// Driver starts QEMU VMs from one configuration.
+type Driver struct {
+	path         string
+	machine      string
+	accel        string
+	accelReason  string
+	tscKHz       int
+	kernelParams []string
+	// Used when a VMConfig leaves them zero.
+	vcpus    int
+	memoryMB int
+	kernel   string
+	initrd   string
+}
+
+var _ hypervisor.Driver = (*Driver)(nil)
+
+// New checks the configuration and picks the accelerator. The VM-sized
+// fields (vcpus, memory, kernel, initrd) are defaults for VMConfigs that
+// leave them zero; kernel_params are added to every VM's command line
+// before VMConfig.KernelParams.
+func New(cfg config.Hypervisor) (*Driver, error) {
+	path := cfg.Path
+	if path == "" {
+		path = DefaultBinary
+	}
+	path, err := exec.LookPath(path)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	d := &Driver{
+		path:         path,
+		machine:      cfg.Machine,
+		kernelParams: strings.Fields(cfg.KernelParams),
+		vcpus:        cfg.VCPUs,
+		memoryMB:     cfg.MemoryMB,
+		kernel:       cfg.Kernel,
+		initrd:       cfg.Initrd,
+	}
+	switch d.machine {
+	case "":
+		d.machine = "q35"
+	case "q35", "microvm":
+	default:
+		return nil, fmt.Errorf("qemu: machine %q: want q35 or microvm", cfg.Machine)
+	}
+	d.accel, d.accelReason, err = chooseAccel(cfg.Accel, kvmDevice, cpuinfo)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	if d.machine == "microvm" {
+		if d.tscKHz, err = hostKHz(cpuinfo); err != nil {
+			return nil, fmt.Errorf("qemu: microvm needs the host TSC frequency: %w", err)
+		}
+	}
+	return d, nil
+}
+
+// Start launches QEMU and returns once QMP answers query-status.
+func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervisor.VM, retErr error) {
+	cfg, err := d.complete(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: vm %s: %w", cfg.ID, err)
+	}
+	l := launch{
+		vm:           cfg,
+		machine:      d.machine,
+		accel:        d.accel,
+		tscKHz:       d.tscKHz,
+		kernelParams: d.kernelParams,
+		pidfile:      filepath.Join(cfg.Dir, PidFile),
+	}
+
+	// files are what QEMU inherits; the parent's copies are closed once it
+	// runs. created are removed again when Start fails.
+	var files []*os.File
+	created := []string{l.pidfile}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+		if retErr != nil {
+			removeFiles(ctx, created)
+			retErr = fmt.Errorf("qemu: vm %s: %w", cfg.ID, retErr)
+		}
+	}()
+	pass := func(f *os.File) int {
+		files = append(files, f)
+		return 2 + len(files) // ExtraFiles start at fd 3
+	}
+	listen := func(name string) (int, error) {
+		path := filepath.Join(cfg.Dir, name)
+		f, err := listenUnix(path)
+		if err != nil {
+			return 0, err
+		}
+		created = append(created, path)
+		return pass(f), nil
+	}
+
+	if l.qmpFD, err = listen(QMPSocket); err != nil {
+		return nil, err
+	}
+	switch cfg.Channel {
+	case hypervisor.ChannelSerial:
+		if l.agentFD, err = listen(AgentSocket); err != nil {
+			return nil, err
+		}
+	case hypervisor.ChannelVsock:
+		f, cid, err := reserveCID()
+		if err != nil {
+			return nil, err
+		}
+		l.vhostFD, l.cid = pass(f), cid
+	}
+
+	args := l.args()
+	logger := log.G(ctx).WithField("vm", cfg.ID)
+	logger.WithFields(log.Fields{
+		"accel":  d.accel,
+		"reason": d.accelReason,
+	}).Infof("qemu: starting %s", d.machine)
+	logger.Debugf("qemu: %s %q", d.path, args)
+
+	cmd := exec.Command(d.path, args...)
+	cmd.Dir = cfg.Dir
+	cmd.ExtraFiles = files
+	// Its own process group, so signals meant for the shim's group do not
+	// reach it; no Pdeathsig, so VMs outlive a shim upgrade.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	vm, err := startVM(ctx, cmd, cfg, l.cid)
+	if err != nil {
+		return nil, err
+	}
+	// Only QEMU holds the listening sockets now: if it dies, connecting
+	// fails at once instead of waiting in a backlog nobody serves.
+	for _, f := range files {
+		f.Close()
+	}
+	files = nil
+	if err := vm.connect(ctx, filepath.Join(cfg.Dir, QMPSocket)); err != nil {
+		vm.kill()
+		<-vm.done
+		return nil, fmt.Errorf("%w; %s", err, vm.describeExit())
+	}
+	logger.WithField("pid", vm.Pid()).Debug("qemu: running")
+	return vm, nil
+}
+
+// complete fills in the driver's defaults and checks what QEMU would
+// otherwise reject with a less clear message, or not at all.
+func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) {
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = d.vcpus
+	}
+	if cfg.MemoryMB == 0 {
+		cfg.MemoryMB = d.memoryMB
+	}
+	if cfg.Kernel == "" {
+		cfg.Kernel = d.kernel
+	}
+	if cfg.Initrd == "" {
+		cfg.Initrd = d.initrd
+	}
+	if cfg.ID == "" {
+		cfg.ID = filepath.Base(cfg.Dir)
+	}
+	if cfg.Channel == "" {
+		cfg.Channel = hypervisor.ChannelSerial
+		if _, err := os.Stat(vsockDevice); err == nil {
+			cfg.Channel = hypervisor.ChannelVsock
+		}
+	}
+
+	if !filepath.IsAbs(cfg.Dir) {
+		return cfg, fmt.Errorf("dir %q: want an absolute path", cfg.Dir)
+	}
+	cfg.Dir = filepath.Clean(cfg.Dir)
+	if st, err := os.Stat(cfg.Dir); err != nil {
+		return cfg, fmt.Errorf("dir: %w", err)
+	} else if !st.IsDir() {
+		return cfg, fmt.Errorf("dir %s: not a directory", cfg.Dir)
+	}
+	if p := filepath.Join(cfg.Dir, AgentSocket); len(p) > maxSocketPath {
+		return cfg, fmt.Errorf("dir %s: too long for a unix socket path (%s is %d bytes, the limit is %d)", cfg.Dir, p, len(p), maxSocketPath)
+	}
+	for _, name := range []string{QMPSocket, AgentSocket, PidFile} {
+		p := filepath.Join(cfg.Dir, name)
+		if _, err := os.Lstat(p); err == nil {
+			return cfg, fmt.Errorf("%s exists: a VM may still run there (Cleanup removes what a dead controller left)", p)
+		}
+	}
+	if cfg.VCPUs < 1 {
+		return cfg, fmt.Errorf("vcpus %d: want at least 1", cfg.VCPUs)
+	}
+	if cfg.MemoryMB < 64 {
+		return cfg, fmt.Errorf("memory %d MiB: want at least 64", cfg.MemoryMB)
+	}
+	for _, f := range []struct{ what, path string }{{"kernel", cfg.Kernel}, {"initrd", cfg.Initrd}} {
+		if f.path == "" {
+			return cfg, fmt.Errorf("no %s configured", f.what)
+		}
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return cfg, fmt.Errorf("%s: %w", f.what, err)
+		}
+		if !st.Mode().IsRegular() {
+			return cfg, fmt.Errorf("%s %s: not a regular file", f.what, f.path)
+		}
+	}
+	switch cfg.Channel {
+	case hypervisor.ChannelSerial:
+	case hypervisor.ChannelVsock:
+		if _, err := os.Stat(vsockDevice); err != nil {
+			return cfg, fmt.Errorf("agent channel vsock needs %s (modprobe vhost_vsock), or use the serial channel: %w", vsockDevice, err)
+		}
+	default:
+		return cfg, fmt.Errorf("agent channel %q: want %q or %q", cfg.Channel, hypervisor.ChannelSerial, hypervisor.ChannelVsock)
+	}
+	tags := make(map[string]bool)
+	for _, s := range cfg.Shares {
+		if s.Tag == "" || tags[s.Tag] {
+			return cfg, fmt.Errorf("share %s: empty or duplicate tag %q", s.Path, s.Tag)
+		}
+		tags[s.Tag] = true
+		st, err := os.Stat(s.Path)
+		switch {
+		case err != nil:
+			return cfg, fmt.Errorf("share %s: %w", s.Tag, err)
+		case s.Kind == hypervisor.Share9P && !st.IsDir():
+			return cfg, fmt.Errorf("share %s: 9p needs a directory, %s is not one", s.Tag, s.Path)
+		case s.Kind == hypervisor.ShareVirtioFS && st.Mode().Type() != fs.ModeSocket:
+			return cfg, fmt.Errorf("share %s: virtio-fs needs virtiofsd's socket, %s is not a socket", s.Tag, s.Path)
+		case s.Kind != hypervisor.Share9P && s.Kind != hypervisor.ShareVirtioFS:
+			return cfg, fmt.Errorf("share %s: kind %q: want %q or %q", s.Tag, s.Kind, hypervisor.Share9P, hypervisor.ShareVirtioFS)
+		}
+	}
+	return cfg, nil
+}
+
+// listenUnix creates a listening unix socket at path and returns it as a
+// file for QEMU to inherit. The socket file stays when the parent's copy
+// is closed.
+func listenUnix(path string) (*os.File, error) {
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	return f, nil
+}
+
+// vhostVsockSetGuestCID is VHOST_VSOCK_SET_GUEST_CID, _IOW(0xAF, 0x60, __u64).
+const vhostVsockSetGuestCID = 0x4008af60
+
+// reserveCID opens the vhost-vsock device and claims a random free guest
+// CID on it. QEMU gets the open device (vhostfd), so the CID stays claimed
+// from here on and two VMs started at once cannot pick the same one.
+func reserveCID() (*os.File, uint32, error) {
+	f, err := os.OpenFile(vsockDevice, os.O_RDWR, 0)
+	if err != nil {
+		return nil, 0, fmt.Errorf("vsock: %w", err)
+	}
+	for range 64 {
+		var b [4]byte
+		rand.Read(b[:])
+		// 0-2 are the hypervisor, local and host; 0xffffffff is "any".
+		cid := uint64(binary.LittleEndian.Uint32(b[:])%(0xffffffff-3) + 3)
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), vhostVsockSetGuestCID, uintptr(unsafe.Pointer(&cid)))
+		switch errno {
+		case 0:
+			return f, uint32(cid), nil
+		case unix.EADDRINUSE:
+			continue
+		default:
+			f.Close()
+			return nil, 0, fmt.Errorf("vsock: set guest cid %d: %w", cid, errno)
+		}
+	}
+	f.Close()
+	return nil, 0, errors.New("vsock: no free guest cid found")
+}
+
+func removeFiles(ctx context.Context, paths []string) error {
+	var errs []error
+	for _, p := range paths {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		log.G(ctx).WithError(err).Warn("qemu: removing files")
+		return err
+	}
+	return nil
+}

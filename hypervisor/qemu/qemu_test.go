@@ -1,0 +1,657 @@
+package qemu
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor"
+)
+
+// The guest every test boots: the real Debian kernel and an initrd built by
+// guest/build.sh with testdata/testinit as /init.
+var guest struct {
+	kernel, initrd string
+}
+
+// Environment of the test binary re-run as a controller that starts a VM
+// and dies (TestCleanupOrphan).
+const (
+	controllerDirEnv    = "COLO_TEST_CONTROLLER_DIR"
+	controllerKernelEnv = "COLO_TEST_CONTROLLER_KERNEL"
+	controllerInitrdEnv = "COLO_TEST_CONTROLLER_INITRD"
+)
+
+func TestMain(m *testing.M) {
+	if dir := os.Getenv(controllerDirEnv); dir != "" {
+		os.Exit(controller(dir))
+	}
+	os.Exit(run(m))
+}
+
+// controller starts a VM and exits without stopping it, like a shim that
+// crashed.
+func controller(dir string) int {
+	cfg := config.Default().Hypervisor
+	cfg.Kernel, cfg.Initrd = os.Getenv(controllerKernelEnv), os.Getenv(controllerInitrdEnv)
+	d, err := New(cfg)
+	if err == nil {
+		_, err = d.Start(context.Background(), hypervisor.VMConfig{ID: "orphan", Dir: dir, Channel: hypervisor.ChannelSerial})
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func run(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "colo-qemu-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if err := buildGuest(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "building the test guest:", err)
+		return 1
+	}
+	return m.Run()
+}
+
+func buildGuest(dir string) error {
+	init := filepath.Join(dir, "testinit")
+	build := exec.Command("go", "build", "-o", init, "./testdata/testinit")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build testinit: %w\n%s", err, out)
+	}
+	out := filepath.Join(dir, "guest")
+	script := exec.Command("../../guest/build.sh", "--agent", init, "--out", out)
+	if b, err := script.CombinedOutput(); err != nil {
+		return fmt.Errorf("guest/build.sh: %w\n%s", err, b)
+	}
+	guest.kernel = filepath.Join(out, "vmlinux")
+	guest.initrd = filepath.Join(out, "initrd.img")
+	return nil
+}
+
+// logBuffer collects what the driver logs.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func testContext(t *testing.T) (context.Context, *logBuffer) {
+	t.Helper()
+	logs := &logBuffer{}
+	l := logrus.New()
+	l.SetOutput(logs)
+	l.SetLevel(logrus.DebugLevel)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("driver log:\n%s", logs)
+		}
+	})
+	return log.WithLogger(context.Background(), logrus.NewEntry(l)), logs
+}
+
+func newDriver(t *testing.T, machine string) *Driver {
+	t.Helper()
+	cfg := config.Default().Hypervisor
+	cfg.Machine = machine
+	cfg.Kernel, cfg.Initrd = guest.kernel, guest.initrd
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// vmDir is a short directory for the driver's sockets.
+func vmDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "vm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// stopped stops vm and checks nothing is left: no process, no files.
+func stopped(t *testing.T, vm hypervisor.VM, dir string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := vm.Stop(ctx); err != nil {
+		t.Errorf("Stop: %v", err)
+	}
+	if err := vm.Err(); err != nil {
+		t.Errorf("Err after Stop: %v", err)
+	}
+	gone(t, vm.Pid(), dir)
+}
+
+// gone checks that the process pid is not running and dir holds none of
+// the driver's files.
+func gone(t *testing.T, pid int, dir string) {
+	t.Helper()
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("qemu pid %d: kill 0: got %v, want ESRCH", pid, err)
+	}
+	for _, p := range driverFiles(dir) {
+		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s: still there (%v)", p, err)
+		}
+	}
+}
+
+// readAgent dials the agent's channel and reads the test init's report up
+// to "ready", then checks an echo.
+func readAgent(t *testing.T, ctx context.Context, vm hypervisor.VM) []string {
+	t.Helper()
+	conn, err := vm.DialAgent(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	r := bufio.NewReader(conn)
+	var report []string
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the agent channel after %q: %v", report, err)
+		}
+		line = strings.TrimSpace(line)
+		if line == "ready" {
+			break
+		}
+		report = append(report, line)
+	}
+	if _, err := conn.Write([]byte("ping\n")); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := r.ReadString('\n'); err != nil || line != "echo ping\n" {
+		t.Fatalf("echo: got %q, %v", line, err)
+	}
+	return report
+}
+
+func TestBoot(t *testing.T) {
+	for _, tc := range []struct {
+		machine string
+		share   hypervisor.ShareKind
+	}{
+		{"q35", hypervisor.Share9P},
+		{"q35", hypervisor.ShareVirtioFS},
+		{"microvm", hypervisor.Share9P},
+		{"microvm", hypervisor.ShareVirtioFS},
+	} {
+		t.Run(tc.machine+"/"+string(tc.share), func(t *testing.T) {
+			ctx, logs := testContext(t)
+			d := newDriver(t, tc.machine)
+			dir := vmDir(t)
+
+			shared := filepath.Join(dir, "shared")
+			if err := os.Mkdir(shared, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(shared, "hello"), []byte("hello from "+tc.machine+"\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			share := hypervisor.Share{Tag: "colo-test", Kind: tc.share, Path: shared, ReadOnly: true}
+			param := "testinit.9p=colo-test"
+			if tc.share == hypervisor.ShareVirtioFS {
+				share.Path = startVirtiofsd(t, dir, shared)
+				param = "testinit.virtiofs=colo-test"
+			}
+
+			started := time.Now()
+			vm, err := d.Start(ctx, hypervisor.VMConfig{
+				ID:           "boot-" + tc.machine,
+				Dir:          dir,
+				VCPUs:        1,
+				MemoryMB:     256,
+				KernelParams: []string{param},
+				Shares:       []hypervisor.Share{share},
+				Channel:      hypervisor.ChannelSerial,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stopped(t, vm, dir)
+			t.Logf("Start returned after %v", time.Since(started))
+
+			st, err := vm.(*VM).qmp.QueryStatus(ctx)
+			if err != nil || st.Status != "running" {
+				t.Fatalf("query-status: got %+v, %v, want running", st, err)
+			}
+
+			bootCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer cancel()
+			report := readAgent(t, bootCtx, vm)
+			t.Logf("agent channel answered %v after launch", time.Since(started))
+			want := fmt.Sprintf("%s colo-test: hello from %s", map[hypervisor.ShareKind]string{
+				hypervisor.Share9P: "9p", hypervisor.ShareVirtioFS: "virtiofs",
+			}[tc.share], tc.machine)
+			if len(report) != 1 || report[0] != want {
+				t.Fatalf("guest report: got %q, want [%q]", report, want)
+			}
+			for line := range strings.Lines(logs.String()) {
+				if strings.Contains(line, "testinit: started") {
+					t.Logf("console: %s", strings.TrimSpace(line))
+				}
+			}
+			if l := logs.String(); !strings.Contains(l, "testinit: ready") {
+				t.Errorf("the guest console line \"testinit: ready\" is not in the driver's log")
+			}
+		})
+	}
+}
+
+// startVirtiofsd serves dir on a socket the way the storage package does.
+func startVirtiofsd(t *testing.T, vmDir, dir string) string {
+	t.Helper()
+	sock := filepath.Join(vmDir, "virtiofsd.sock")
+	cmd := exec.Command(config.Default().Storage.Virtiofsd, "--socket-path="+sock, "-o", "source="+dir, "-o", "cache=none")
+	out := &logBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("virtiofsd:\n%s", out)
+		}
+	})
+	// virtiofsd has no readiness signal: wait for its socket.
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return sock
+		}
+		select {
+		case <-exited:
+			t.Fatalf("virtiofsd exited: %s", out)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func TestCleanup(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+
+	// A VM whose controller "died": nobody stops it.
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "abandoned", Dir: dir, Channel: hypervisor.ChannelSerial})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vm.(*VM).kill()
+		<-vm.Done()
+	})
+
+	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	// This process is still QEMU's parent: Done tells it has exited.
+	<-vm.Done()
+	if err := vm.Err(); err == nil || !strings.Contains(err.Error(), "signal: killed") {
+		t.Errorf("Err: got %v, want the kill", err)
+	}
+	gone(t, vm.Pid(), dir)
+
+	// Nothing left: Cleanup is a no-op.
+	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+		t.Fatalf("second Cleanup: %v", err)
+	}
+}
+
+// The VM's controller process died; QEMU lives on, its console pipe
+// broken, until another process cleans up.
+func TestCleanupOrphan(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+
+	// Orphans become our children again, so the test can reap QEMU and
+	// check it is gone; without this they go to PID 1.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+	ctl := exec.Command(os.Args[0])
+	ctl.Env = append(os.Environ(),
+		controllerDirEnv+"="+dir, controllerKernelEnv+"="+guest.kernel, controllerInitrdEnv+"="+guest.initrd)
+	if out, err := ctl.CombinedOutput(); err != nil {
+		t.Fatalf("controller: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, PidFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err != nil {
+		t.Fatal(err)
+	}
+	reaped := false
+	defer func() {
+		if !reaped {
+			syscall.Kill(pid, syscall.SIGKILL)
+			unix.Wait4(pid, nil, 0, nil)
+		}
+	}()
+
+	// The guest writes to the console after booting: QEMU must survive
+	// writing to the dead controller's pipe.
+	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(dir, AgentSocket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(conn)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("agent channel of the orphaned VM: %v", err)
+		}
+		if line == "ready\n" {
+			break
+		}
+	}
+	conn.Close()
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("the orphaned QEMU died on its own: %v", err)
+	}
+
+	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	// Cleanup returns once QEMU has exited: a zombie waiting for us.
+	var ws unix.WaitStatus
+	if _, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); err != nil || !ws.Signaled() || ws.Signal() != unix.SIGKILL {
+		t.Fatalf("QEMU after Cleanup: wait4: %v, status %v; want killed by SIGKILL", err, ws)
+	}
+	reaped = true
+	gone(t, pid, dir)
+}
+
+func TestCleanupPidReuse(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+
+	// The pid file names a process that is not QEMU (the pid was reused).
+	other := exec.Command("sleep", "1000")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		other.Process.Kill()
+		other.Wait()
+	})
+	if err := os.WriteFile(filepath.Join(dir, PidFile), []byte(fmt.Sprintf("%d\n", other.Process.Pid)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, QMPSocket), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Errorf("Cleanup killed pid %d, which is not QEMU: %v", other.Process.Pid, err)
+	}
+	for _, p := range driverFiles(dir) {
+		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s: still there (%v)", p, err)
+		}
+	}
+}
+
+func TestStartErrors(t *testing.T) {
+	notKernel := filepath.Join(t.TempDir(), "not-a-kernel")
+	if err := os.WriteFile(notKernel, []byte("not an ELF file\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, vsockErr := os.Stat(vsockDevice)
+
+	for _, tc := range []struct {
+		name  string
+		skip  bool
+		setup func(dir string) // what is in the VM's dir already
+		cfg   func(*hypervisor.VMConfig)
+		want  []string
+	}{{
+		name: "leftover pid file",
+		setup: func(dir string) {
+			if err := os.WriteFile(filepath.Join(dir, PidFile), []byte("1\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		},
+		cfg:  func(*hypervisor.VMConfig) {},
+		want: []string{"qemu.pid exists", "Cleanup"},
+	}, {
+		name: "missing kernel",
+		cfg:  func(c *hypervisor.VMConfig) { c.Kernel = "/nonexistent/vmlinux" },
+		want: []string{"kernel", "/nonexistent/vmlinux", "no such file"},
+	}, {
+		name: "missing initrd",
+		cfg:  func(c *hypervisor.VMConfig) { c.Initrd = "/nonexistent/initrd.img" },
+		want: []string{"initrd", "/nonexistent/initrd.img"},
+	}, {
+		name: "missing share",
+		cfg: func(c *hypervisor.VMConfig) {
+			c.Shares = []hypervisor.Share{{Tag: "t", Kind: hypervisor.Share9P, Path: "/nonexistent/share"}}
+		},
+		want: []string{"share t", "/nonexistent/share"},
+	}, {
+		name: "vsock without vhost-vsock",
+		skip: vsockErr == nil,
+		cfg:  func(c *hypervisor.VMConfig) { c.Channel = hypervisor.ChannelVsock },
+		want: []string{"/dev/vhost-vsock"},
+	}, {
+		// QEMU itself refuses: its message and exit reach the error.
+		name: "kernel QEMU cannot load",
+		cfg:  func(c *hypervisor.VMConfig) { c.Kernel = notKernel },
+		want: []string{"qemu exited: exit status 1", "last output:\n", "kernel"},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.skip {
+				t.Skipf("%s exists on this host", vsockDevice)
+			}
+			ctx, _ := testContext(t)
+			dir := vmDir(t)
+			var before []string
+			if tc.setup != nil {
+				tc.setup(dir)
+				entries, _ := os.ReadDir(dir)
+				for _, e := range entries {
+					before = append(before, filepath.Join(dir, e.Name()))
+				}
+			}
+			cfg := hypervisor.VMConfig{ID: "bad", Dir: dir, Channel: hypervisor.ChannelSerial}
+			tc.cfg(&cfg)
+			vm, err := newDriver(t, "q35").Start(ctx, cfg)
+			if err == nil {
+				vm.Stop(ctx)
+				t.Fatal("Start succeeded")
+			}
+			t.Logf("error: %v", err)
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+			entries, _ := os.ReadDir(dir)
+			for _, e := range entries {
+				if p := filepath.Join(dir, e.Name()); !slices.Contains(before, p) {
+					t.Errorf("left behind: %s", p)
+				}
+			}
+			if pids := qemusFor(t, dir); len(pids) > 0 {
+				t.Errorf("QEMU still running for %s: %v", dir, pids)
+			}
+		})
+	}
+}
+
+// qemusFor lists the QEMU processes started with dir's pid file.
+func qemusFor(t *testing.T, dir string) []string {
+	t.Helper()
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	var pids []string
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && isQEMU(b, filepath.Join(dir, PidFile)) {
+			pids = append(pids, filepath.Base(filepath.Dir(p)))
+		}
+	}
+	return pids
+}
+
+// A guest that dies at boot (here: no init to run, so the kernel panics,
+// panic=-1 reboots and -no-reboot ends QEMU) is reported with its console.
+func TestGuestPanic(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
+		ID:           "panic",
+		Dir:          dir,
+		Channel:      hypervisor.ChannelSerial,
+		KernelParams: []string{"rdinit=/nonexistent"},
+	})
+	if err != nil {
+		// The panic may beat QMP on a slow host; the error must show it.
+		if !strings.Contains(err.Error(), "Kernel panic") {
+			t.Fatalf("Start: %v", err)
+		}
+		return
+	}
+	<-vm.Done()
+	err = vm.Err()
+	if err == nil {
+		t.Fatal("Err is nil after the guest panicked")
+	}
+	t.Logf("Err: %v", err)
+	for _, w := range []string{"Kernel panic", "exit status 0", "shutdown: guest-reset"} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("Err %q does not contain %q", err, w)
+		}
+	}
+	if _, err := vm.DialAgent(ctx); err == nil || !strings.Contains(err.Error(), "Kernel panic") {
+		t.Errorf("DialAgent after the exit: got %v, want the console in the error", err)
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Errorf("Stop: %v", err)
+	}
+	gone(t, vm.Pid(), dir)
+}
+
+// Stop kills a QEMU that does not quit in time.
+func TestStopKills(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "stuck", Dir: dir, Channel: hypervisor.ChannelSerial})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A stopped QEMU process answers no QMP command, quit included.
+	if err := syscall.Kill(vm.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopCtx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := vm.Stop(stopCtx); err != nil {
+		t.Errorf("Stop: %v", err)
+	}
+	gone(t, vm.Pid(), dir)
+	if _, err := vm.DialAgent(ctx); err == nil {
+		t.Error("DialAgent after Stop succeeded")
+	}
+}
+
+// BenchmarkBoot measures launching QEMU until the guest's init answers on
+// the agent channel (all modules loaded), then stops the VM untimed.
+func BenchmarkBoot(b *testing.B) {
+	for _, machine := range []string{"q35", "microvm"} {
+		b.Run(machine, func(b *testing.B) {
+			cfg := config.Default().Hypervisor
+			cfg.Machine = machine
+			cfg.Kernel, cfg.Initrd = guest.kernel, guest.initrd
+			d, err := New(cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx := context.Background()
+			for b.Loop() {
+				dir, err := os.MkdirTemp("", "vm-")
+				if err != nil {
+					b.Fatal(err)
+				}
+				vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "bench", Dir: dir, Channel: hypervisor.ChannelSerial})
+				if err != nil {
+					b.Fatal(err)
+				}
+				conn, err := vm.DialAgent(ctx)
+				if err == nil {
+					r := bufio.NewReader(conn)
+					for err == nil {
+						var line string
+						line, err = r.ReadString('\n')
+						if line == "ready\n" {
+							break
+						}
+					}
+					conn.Close()
+				}
+				b.StopTimer()
+				vm.Stop(ctx)
+				os.RemoveAll(dir)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}

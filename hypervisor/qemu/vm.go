@@ -1,0 +1,329 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/mdlayher/vsock"
+
+	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/hypervisor"
+)
+
+// keptLines is how much of QEMU's output (the guest console and QEMU's own
+// messages) errors quote.
+const keptLines = 50
+
+// drainGrace bounds reading QEMU's output after it exited, in case a
+// descendant inherited the pipe and keeps it open.
+const drainGrace = time.Second
+
+// errExited ends what waits on QEMU when the process is gone.
+var errExited = errors.New("qemu exited")
+
+// VM is one running QEMU process.
+type VM struct {
+	id      string
+	dir     string
+	channel hypervisor.AgentChannel
+	cid     uint32
+	cmd     *exec.Cmd
+	logger  *log.Entry
+	output  lastLines
+	qmp     *QMP // set by connect before Start returns
+
+	done     chan struct{}
+	quitting atomic.Bool // Stop asked QEMU to quit
+
+	mu       sync.Mutex
+	waitErr  error
+	expected bool   // the exit followed Stop
+	shutdown string // reason of the last SHUTDOWN event
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+var _ hypervisor.VM = (*VM)(nil)
+
+// startVM starts cmd with its output logged and kept, and a goroutine that
+// waits for it.
+func startVM(ctx context.Context, cmd *exec.Cmd, cfg hypervisor.VMConfig, cid uint32) (*VM, error) {
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	err = cmd.Start()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return nil, err
+	}
+
+	vm := &VM{
+		id:      cfg.ID,
+		dir:     cfg.Dir,
+		channel: cfg.Channel,
+		cid:     cid,
+		cmd:     cmd,
+		logger:  log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
+		done:    make(chan struct{}),
+	}
+	var readers sync.WaitGroup
+	readers.Go(func() { vm.copyLines(outR, false) })
+	readers.Go(func() { vm.copyLines(errR, true) })
+	go func() {
+		err := cmd.Wait()
+		deadline := time.Now().Add(drainGrace)
+		outR.SetReadDeadline(deadline)
+		errR.SetReadDeadline(deadline)
+		readers.Wait()
+		outR.Close()
+		errR.Close()
+
+		vm.mu.Lock()
+		vm.waitErr = err
+		vm.expected = vm.quitting.Load()
+		vm.mu.Unlock()
+		if vm.expected {
+			vm.logger.Debugf("qemu: exited: %v", describeWait(err))
+		} else {
+			vm.logger.Warnf("qemu: exited unexpectedly: %v", describeWait(err))
+		}
+		close(vm.done)
+	}()
+	return vm, nil
+}
+
+var escapeSequence = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|.)|[\x00-\x08\x0a-\x1f\x7f]`)
+
+// copyLines logs QEMU's stdout (the guest console) at debug level and its
+// stderr (QEMU's own messages) as warnings, and keeps the last lines.
+func (vm *VM) copyLines(r io.Reader, stderr bool) {
+	br := bufio.NewReaderSize(r, 4096)
+	for {
+		b, err := br.ReadSlice('\n')
+		if len(b) > 0 {
+			line := escapeSequence.ReplaceAllString(strings.TrimRight(string(b), "\r\n"), "")
+			if strings.TrimSpace(line) != "" {
+				vm.output.add(line)
+				if stderr {
+					vm.logger.WithField("src", "qemu").Warn(line)
+				} else {
+					vm.logger.WithField("src", "console").Debug(line)
+				}
+			}
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			return
+		}
+	}
+}
+
+// connect waits for QMP's greeting and a first answer to query-status.
+func (vm *VM) connect(ctx context.Context, path string) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		select {
+		case <-vm.done:
+			cancel(errExited)
+		case <-ctx.Done():
+		}
+	}()
+
+	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", path)
+	if err != nil {
+		return fmt.Errorf("qmp: %w", err)
+	}
+	q, err := NewQMP(ctx, conn, vm.event)
+	if err != nil {
+		return err
+	}
+	st, err := q.QueryStatus(ctx)
+	if err != nil {
+		q.Close()
+		return err
+	}
+	vm.logger.WithField("status", st.Status).Debug("qemu: qmp connected")
+	vm.qmp = q
+	go func() {
+		<-vm.done
+		q.Close()
+	}()
+	return nil
+}
+
+func (vm *VM) event(e Event) {
+	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
+	if e.Name == "SHUTDOWN" {
+		var data struct {
+			Reason string `json:"reason"`
+		}
+		json.Unmarshal(e.Data, &data)
+		vm.mu.Lock()
+		vm.shutdown = data.Reason
+		vm.mu.Unlock()
+	}
+}
+
+// Pid is QEMU's process id.
+func (vm *VM) Pid() int { return vm.cmd.Process.Pid }
+
+// DialAgent connects to the agent's channel: the serial port's socket or
+// the guest's vsock port. Over serial the connection succeeds while the
+// guest is still booting; QEMU serves one connection at a time.
+func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
+	select {
+	case <-vm.done:
+		return nil, fmt.Errorf("qemu: vm %s: dial agent: %s", vm.id, vm.describeExit())
+	default:
+	}
+	var (
+		conn net.Conn
+		err  error
+	)
+	switch vm.channel {
+	case hypervisor.ChannelVsock:
+		conn, err = vsock.DialContext(ctx, vm.cid, agentproto.VsockPort, nil)
+	default:
+		conn, err = (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(vm.dir, AgentSocket))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("qemu: vm %s: dial agent over %s: %w", vm.id, vm.channel, err)
+	}
+	return conn, nil
+}
+
+// Stop asks QEMU to quit, kills it when ctx ends first, waits for it and
+// removes the driver's files. A VM that already exited is only cleaned up.
+func (vm *VM) Stop(ctx context.Context) error {
+	vm.stopOnce.Do(func() { vm.stopErr = vm.stop(ctx) })
+	<-vm.done
+	return vm.stopErr
+}
+
+func (vm *VM) stop(ctx context.Context) error {
+	vm.quitting.Store(true)
+	select {
+	case <-vm.done:
+	default:
+		if err := vm.qmp.Quit(ctx); err != nil && ctx.Err() == nil {
+			vm.logger.WithError(err).Warn("qemu: quit failed, killing")
+			vm.kill()
+		}
+		select {
+		case <-vm.done:
+		case <-ctx.Done():
+			vm.logger.Warn("qemu: did not quit in time, killing")
+			vm.kill()
+			<-vm.done
+		}
+	}
+	return removeFiles(ctx, driverFiles(vm.dir))
+}
+
+func (vm *VM) kill() {
+	// Signal goes through a pidfd: no risk of hitting a reused pid.
+	vm.cmd.Process.Signal(syscall.SIGKILL)
+}
+
+// Done is closed when QEMU has exited.
+func (vm *VM) Done() <-chan struct{} { return vm.done }
+
+// Err is nil while QEMU runs and after Stop; otherwise it tells how QEMU
+// exited and quotes its last output (the guest console).
+func (vm *VM) Err() error {
+	select {
+	case <-vm.done:
+	default:
+		return nil
+	}
+	vm.mu.Lock()
+	expected := vm.expected
+	vm.mu.Unlock()
+	if expected {
+		return nil
+	}
+	return fmt.Errorf("qemu: vm %s: %s", vm.id, vm.describeExit())
+}
+
+// describeExit tells how QEMU exited, with its last output.
+func (vm *VM) describeExit() string {
+	vm.mu.Lock()
+	waitErr, shutdown := vm.waitErr, vm.shutdown
+	vm.mu.Unlock()
+	var b strings.Builder
+	fmt.Fprintf(&b, "%v: %s", errExited, describeWait(waitErr))
+	if shutdown != "" {
+		fmt.Fprintf(&b, " (shutdown: %s)", shutdown)
+	}
+	lines := vm.output.lines()
+	if len(lines) == 0 {
+		b.WriteString("; no output")
+	} else {
+		b.WriteString("; last output:\n" + strings.Join(lines, "\n"))
+	}
+	return b.String()
+}
+
+func describeWait(err error) string {
+	if err == nil {
+		return "exit status 0"
+	}
+	return err.Error()
+}
+
+func driverFiles(dir string) []string {
+	return []string{
+		filepath.Join(dir, QMPSocket),
+		filepath.Join(dir, AgentSocket),
+		filepath.Join(dir, PidFile),
+	}
+}
+
+// lastLines keeps the last keptLines lines.
+type lastLines struct {
+	mu  sync.Mutex
+	buf []string
+}
+
+func (l *lastLines) add(line string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.buf) == keptLines {
+		copy(l.buf, l.buf[1:])
+		l.buf = l.buf[:keptLines-1]
+	}
+	l.buf = append(l.buf, line)
+}
+
+func (l *lastLines) lines() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.buf...)
+}

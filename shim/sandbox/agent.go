@@ -1,0 +1,173 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+
+	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/hypervisor"
+)
+
+const (
+	// checkTimeout bounds the first readiness Check; each Check that times
+	// out doubles it, up to maxCheckTimeout. Over virtio-serial a request
+	// sent before the guest opened its port waits in the socket and is
+	// answered once the agent runs (ttrpc then logs the late answers to
+	// abandoned calls); a fresh Check covers one that got lost.
+	checkTimeout    = time.Second
+	maxCheckTimeout = 8 * time.Second
+	// dialRetry is the pause between failed dials (vsock refuses until the
+	// guest listens).
+	dialRetry = 20 * time.Millisecond
+)
+
+// vhostVsockDevice is what QEMU needs for a vsock device.
+const vhostVsockDevice = "/dev/vhost-vsock"
+
+// agentChannel resolves the agent.channel setting.
+func agentChannel(setting string) hypervisor.AgentChannel {
+	switch setting {
+	case "vsock":
+		return hypervisor.ChannelVsock
+	case "serial":
+		return hypervisor.ChannelSerial
+	}
+	if _, err := os.Stat(vhostVsockDevice); err == nil {
+		return hypervisor.ChannelVsock
+	}
+	return hypervisor.ChannelSerial
+}
+
+// agentConn is the one ttrpc connection to a VM's agent, kept for the VM's
+// life: over virtio-serial the guest cannot tell a reconnect from the old
+// session and stream IDs clash.
+type agentConn struct {
+	conn   net.Conn
+	client *ttrpc.Client
+	agentproto.AgentService
+}
+
+func newAgentConn(conn net.Conn) *agentConn {
+	client := ttrpc.NewClient(conn)
+	return &agentConn{conn: conn, client: client, AgentService: agentproto.NewAgentClient(client)}
+}
+
+func (a *agentConn) Close() error { return a.client.Close() }
+
+// connectAgent dials the agent and waits until it answers Check. deadline
+// is the whole boot deadline, counted from the VM's launch. A VM that exits
+// meanwhile ends the wait at once with its error.
+func connectAgent(ctx context.Context, vm hypervisor.VM, channel hypervisor.AgentChannel, bootTimeout time.Duration, deadline time.Time) (_ *agentConn, _ *agentproto.CheckResponse, retErr error) {
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+
+	var (
+		a       *agentConn
+		lastErr error
+		timeout = checkTimeout
+	)
+	defer func() {
+		if retErr != nil && a != nil {
+			a.Close()
+		}
+	}()
+	fail := func() error {
+		select {
+		case <-vm.Done():
+			return fmt.Errorf("VM exited before its agent answered (agent channel %s): %w", channel, vm.Err())
+		default:
+		}
+		if ctx.Err() != nil {
+			msg := fmt.Sprintf("VM did not answer within %s (agent channel %s)", bootTimeout, channel)
+			if lastErr != nil {
+				msg += fmt.Sprintf("; last error: %v", lastErr)
+			}
+			if errors.Is(ctx.Err(), context.Canceled) {
+				return fmt.Errorf("waiting for the agent (agent channel %s): %w", channel, ctx.Err())
+			}
+			return errdefs.ErrUnavailable.WithMessage(msg)
+		}
+		return nil
+	}
+	pause := func(d time.Duration) {
+		select {
+		case <-vm.Done():
+		case <-ctx.Done():
+		case <-time.After(d):
+		}
+	}
+	for {
+		if err := fail(); err != nil {
+			return nil, nil, err
+		}
+		if a == nil {
+			conn, err := vm.DialAgent(ctx)
+			if err != nil {
+				lastErr = err
+				pause(dialRetry)
+				continue
+			}
+			a = newAgentConn(conn)
+		}
+		callCtx, callCancel := context.WithTimeout(ctx, timeout)
+		resp, err := a.Check(callCtx, &agentproto.CheckRequest{})
+		callCancel()
+		if err == nil {
+			if v := resp.GetProtocolVersion(); v != agentproto.ProtocolVersion {
+				return nil, nil, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf(
+					"agent %s speaks protocol version %d, this shim speaks %d", resp.GetAgentVersion(), v, agentproto.ProtocolVersion))
+			}
+			return a, resp, nil
+		}
+		lastErr = err
+		switch {
+		case errors.Is(err, ttrpc.ErrClosed):
+			// The channel went away (vsock: the guest was not
+			// listening yet). Dial again.
+			a.Close()
+			a = nil
+			pause(dialRetry)
+		case errors.Is(err, context.DeadlineExceeded):
+			// Unanswered: ask again on the same connection.
+			timeout = min(2*timeout, maxCheckTimeout)
+		default:
+			// Answered, but not ready.
+			pause(dialRetry)
+		}
+	}
+}
+
+// agentError turns an error of an agent call into a containerd error that
+// says which call failed.
+func agentError(call string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, ttrpc.ErrClosed) {
+		return fmt.Errorf("agent %s: connection to the guest closed: %w", call, errdefs.ErrUnavailable)
+	}
+	return fmt.Errorf("agent %s: %w", call, errgrpc.ToNative(err))
+}
+
+// stage logs the time a start stage was reached; a benchmark reads these
+// lines (msg "start stage", field stage).
+func stage(ctx context.Context, name string, since time.Time, fields log.Fields) {
+	e := log.G(ctx).WithFields(log.Fields{
+		"stage":   name,
+		"at":      time.Now().UTC().Format(time.RFC3339Nano),
+		"elapsed": time.Since(since).String(),
+	})
+	if fields != nil {
+		e = e.WithFields(fields)
+	}
+	e.Info("start stage")
+}

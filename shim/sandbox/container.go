@@ -1,0 +1,310 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/storage"
+)
+
+// outputDrainTimeout bounds how long an exit waits for the process's output
+// to be copied out. Output can only outlast the process if something else in
+// the guest holds its pipes, or if nobody reads the fifos.
+const outputDrainTimeout = 5 * time.Second
+
+// Status of a process.
+type Status string
+
+const (
+	StatusCreated Status = "created"
+	StatusRunning Status = "running"
+	StatusStopped Status = "stopped"
+)
+
+// ProcessState is a snapshot of a process.
+type ProcessState struct {
+	Status     Status
+	ExitStatus uint32
+	ExitedAt   time.Time
+}
+
+// Container is a container in a sandbox.
+type Container struct {
+	sb     *Sandbox
+	id     string
+	bundle string
+	stdio  Stdio
+	spec   *specs.Spec
+	init   *process
+
+	removeMu sync.Mutex
+	removed  bool // gone from the guest
+}
+
+// process is a process of a container: for now only its init.
+type process struct {
+	sb          *Sandbox
+	containerID string
+	execID      string
+	io          *pipes
+
+	mu      sync.Mutex
+	state   ProcessState
+	waiting bool // a WaitProcess is running for it
+	done    chan struct{}
+}
+
+// prepareContainer does the host side of a new container: open its stdio
+// and mount its rootfs in the shared directory.
+func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ *Container, retErr error) {
+	if err := checkName("container id", cfg.ID); err != nil {
+		return nil, err
+	}
+	io, err := openPipes(ctx, cfg.Stdio)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			io.close()
+		}
+	}()
+	mounts := cfg.Rootfs
+	if len(mounts) == 0 {
+		root := cfg.Spec.Root.Path
+		if !filepath.IsAbs(root) {
+			root = filepath.Join(cfg.Bundle, root)
+		}
+		mounts = []mount.Mount{{Type: "bind", Source: root, Options: []string{"rbind", "rw"}}}
+	}
+	target := filepath.Join(s.dir, sharedDir, cfg.ID, "rootfs")
+	if err := storage.MountRootfs(ctx, mounts, target); err != nil {
+		return nil, err
+	}
+	c := &Container{
+		sb:     s,
+		id:     cfg.ID,
+		bundle: cfg.Bundle,
+		stdio:  cfg.Stdio,
+		spec:   cfg.Spec,
+	}
+	c.init = &process{
+		sb:          s,
+		containerID: cfg.ID,
+		io:          io,
+		state:       ProcessState{Status: StatusCreated},
+		done:        make(chan struct{}),
+	}
+	return c, nil
+}
+
+// createInGuest creates the container in the guest and adds it to the
+// sandbox.
+func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
+	g, err := GuestSpec(ctx, c.spec, c.id)
+	if err != nil {
+		return err
+	}
+	b, err := json.Marshal(g)
+	if err != nil {
+		return fmt.Errorf("encode OCI spec: %w", err)
+	}
+	callCtx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Hypervisor.BootTimeout))
+	defer cancel()
+	_, err = s.agent.CreateContainer(callCtx, &agentproto.CreateContainerRequest{
+		ContainerId: c.id,
+		OciSpec:     b,
+		Stdin:       c.stdio.Stdin != "",
+		Stdout:      c.stdio.Stdout != "",
+		Stderr:      c.stdio.Stderr != "",
+		Terminal:    c.stdio.Terminal,
+	})
+	if err != nil {
+		return agentError("CreateContainer", err)
+	}
+	s.mu.Lock()
+	s.containers[c.id] = c
+	s.mu.Unlock()
+	stage(ctx, "container-created", s.created, log.Fields{"container": c.id})
+	return nil
+}
+
+// ID of the container.
+func (c *Container) ID() string { return c.id }
+
+// Bundle of the container.
+func (c *Container) Bundle() string { return c.bundle }
+
+// Stdio of the container's init process.
+func (c *Container) Stdio() Stdio { return c.stdio }
+
+// State of the container's init process.
+func (c *Container) State() ProcessState { return c.init.State() }
+
+// Start starts the container's init process.
+func (c *Container) Start(ctx context.Context) error {
+	started := time.Now()
+	p := c.init
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state.Status != StatusCreated {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s is %s, not created", c.id, p.state.Status))
+	}
+	if !c.sb.alive() {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
+	}
+	resp, err := c.sb.agent.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: c.id})
+	if err != nil {
+		return agentError("StartContainer", err)
+	}
+	p.state.Status = StatusRunning
+	p.io.start(c.sb.ctx, c.sb.agent, c.id, "")
+	p.startWaitLocked()
+	stage(ctx, "process-started", c.sb.created, log.Fields{
+		"container":   c.id,
+		"guest_pid":   resp.GetPid(),
+		"start_taken": time.Since(started).String(),
+	})
+	return nil
+}
+
+// Kill signals the container's init process, or all its processes.
+func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
+	p := c.init
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state.Status == StatusStopped {
+		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: process already finished", c.id))
+	}
+	if !c.sb.alive() {
+		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
+	}
+	_, err := c.sb.agent.SignalProcess(ctx, &agentproto.SignalProcessRequest{
+		ContainerId: c.id,
+		Signal:      signal,
+		All:         all,
+	})
+	if err != nil {
+		return agentError("SignalProcess", err)
+	}
+	// A created container's init can die of a signal too; only a wait
+	// notices.
+	p.startWaitLocked()
+	return nil
+}
+
+// Wait blocks until the container's init process has exited (and its
+// output has been copied out) or ctx is done.
+func (c *Container) Wait(ctx context.Context) (ProcessState, error) {
+	select {
+	case <-c.init.done:
+		return c.init.State(), nil
+	case <-ctx.Done():
+		return ProcessState{}, ctx.Err()
+	}
+}
+
+// CloseStdin closes the init process's stdin once what was written is
+// through.
+func (c *Container) CloseStdin(ctx context.Context) error {
+	return c.init.io.closeStdin()
+}
+
+// remove removes the container from the guest, once.
+func (c *Container) remove(ctx context.Context) error {
+	c.removeMu.Lock()
+	defer c.removeMu.Unlock()
+	if c.removed {
+		return nil
+	}
+	if c.sb.alive() {
+		callCtx, cancel := context.WithTimeout(ctx, time.Duration(c.sb.cfg.Hypervisor.ShutdownTimeout))
+		_, err := c.sb.agent.RemoveContainer(callCtx, &agentproto.RemoveContainerRequest{ContainerId: c.id})
+		cancel()
+		if err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+			return agentError("RemoveContainer", err)
+		}
+	}
+	c.removed = true
+	c.init.io.close()
+	return nil
+}
+
+// State of the process.
+func (p *process) State() ProcessState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state
+}
+
+// startWaitLocked starts waiting for the process in the guest, once.
+func (p *process) startWaitLocked() {
+	if p.waiting {
+		return
+	}
+	p.waiting = true
+	go p.wait()
+}
+
+func (p *process) wait() {
+	ctx := p.sb.ctx
+	resp, err := p.sb.agent.WaitProcess(ctx, &agentproto.WaitProcessRequest{ContainerId: p.containerID, ExecId: p.execID})
+	status, at := uint32(VMExitStatus), time.Now()
+	if err != nil {
+		select {
+		case <-p.sb.stopping:
+		default:
+			log.G(ctx).WithError(agentError("WaitProcess", err)).WithField("container", p.containerID).Error("lost the process in the guest")
+		}
+	} else {
+		status = resp.GetExitStatus()
+		if resp.GetExitedAt() != nil {
+			at = resp.GetExitedAt().AsTime()
+		}
+	}
+	p.mu.Lock()
+	running := p.state.Status == StatusRunning
+	p.mu.Unlock()
+	if running {
+		select {
+		case <-p.io.drained:
+		case <-time.After(outputDrainTimeout):
+			log.G(ctx).WithField("container", p.containerID).Warnf("output not drained %s after exit; reporting the exit anyway", outputDrainTimeout)
+		}
+	}
+	p.setExited(status, at)
+}
+
+// vmDied ends a process that no wait will end: one never started.
+func (p *process) vmDied() {
+	p.mu.Lock()
+	waiting := p.waiting
+	p.mu.Unlock()
+	if !waiting {
+		p.setExited(VMExitStatus, time.Now())
+	}
+}
+
+// setExited records the exit, once, and reports it.
+func (p *process) setExited(status uint32, at time.Time) {
+	p.mu.Lock()
+	if p.state.Status == StatusStopped {
+		p.mu.Unlock()
+		return
+	}
+	p.state = ProcessState{Status: StatusStopped, ExitStatus: status, ExitedAt: at}
+	close(p.done)
+	p.mu.Unlock()
+	p.sb.onExit(Exit{ContainerID: p.containerID, ExecID: p.execID, Pid: uint32(p.sb.Pid()), Status: status, ExitedAt: at})
+}

@@ -1,0 +1,537 @@
+// Package sandbox runs one VM with its helpers and the containers in it:
+// the sandbox directory and state file, the shared filesystem, the VM, the
+// one connection to its agent, and teardown, also after a crashed shim
+// (Cleanup).
+//
+// A Sandbox holds many containers; for now the task service makes one
+// sandbox per task.
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/storage"
+)
+
+// unixPathMax is the longest unix socket path the kernel accepts.
+const unixPathMax = 107
+
+// virtiofsdStopTimeout bounds a graceful virtiofsd stop before SIGKILL.
+const virtiofsdStopTimeout = 5 * time.Second
+
+// VMExitStatus is the exit status reported for processes whose VM died.
+const VMExitStatus = 255
+
+// NewDriver makes the hypervisor driver a configuration names
+// (hypervisor/driver.New).
+type NewDriver func(config.Hypervisor) (hypervisor.Driver, error)
+
+// Options configure a new sandbox.
+type Options struct {
+	// ID names the sandbox directory; for now it is the first
+	// container's ID.
+	ID string
+	// Namespace is the containerd namespace.
+	Namespace string
+	Config    config.Config
+	Driver    hypervisor.Driver
+	// OnExit is called once for every process that exits, after its
+	// output has been copied out. It must not call back into the sandbox.
+	OnExit func(Exit)
+}
+
+// Exit is a process's exit.
+type Exit struct {
+	ContainerID string
+	ExecID      string
+	// Pid is the hypervisor's (see Sandbox.Pid).
+	Pid      uint32
+	Status   uint32
+	ExitedAt time.Time
+}
+
+// ContainerConfig describes a container to create in a sandbox.
+type ContainerConfig struct {
+	ID     string
+	Bundle string
+	Spec   *specs.Spec
+	// Rootfs are containerd's mounts for the rootfs; empty means the
+	// bundle's root.path is the rootfs already.
+	Rootfs []mount.Mount
+	Stdio  Stdio
+}
+
+// Sandbox is one VM with its helpers and containers.
+type Sandbox struct {
+	id      string
+	dir     string
+	cfg     config.Config
+	driver  hypervisor.Driver
+	onExit  func(Exit)
+	created time.Time
+	// ctx outlives requests: background copies and waits use it.
+	ctx context.Context
+
+	// Set while booting, before the sandbox is shared.
+	vm        hypervisor.VM
+	virtiofsd *storage.Virtiofsd
+	agent     *agentConn
+	state     State
+
+	mu         sync.Mutex
+	containers map[string]*Container
+
+	stopOnce sync.Once
+	stopping chan struct{} // closed once teardown begins: the VM's exit is expected
+
+	teardownMu sync.Mutex
+	vmStopped  bool
+	bundleFile string // <bundle>/colo-sandbox, removed last
+	torn       bool
+}
+
+// Create makes a sandbox and its first container: the sandbox directory,
+// state file and bundle file, the shared directory with the rootfs, the
+// virtio-fs daemon, the VM, the agent connection, and the container in the
+// guest. Any failure undoes all of it.
+func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbox, _ *Container, retErr error) {
+	start := time.Now()
+	if err := ValidateSpec(first.Spec); err != nil {
+		return nil, nil, err
+	}
+	if err := first.Stdio.Validate(); err != nil {
+		return nil, nil, err
+	}
+	if err := checkName("namespace", opts.Namespace); err != nil {
+		return nil, nil, err
+	}
+	if err := checkName("sandbox id", opts.ID); err != nil {
+		return nil, nil, err
+	}
+	if opts.Driver == nil {
+		return nil, nil, errors.New("sandbox: no hypervisor driver")
+	}
+	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, opts.ID)
+	if err := checkSocketPaths(dir); err != nil {
+		return nil, nil, err
+	}
+	onExit := opts.OnExit
+	if onExit == nil {
+		onExit = func(Exit) {}
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
+	s := &Sandbox{
+		id:         opts.ID,
+		dir:        dir,
+		cfg:        opts.Config,
+		driver:     opts.Driver,
+		onExit:     onExit,
+		created:    start,
+		ctx:        context.WithoutCancel(ctx),
+		containers: make(map[string]*Container),
+		stopping:   make(chan struct{}),
+		state:      State{Dir: dir, ID: opts.ID, Hypervisor: opts.Config.Hypervisor},
+	}
+
+	if err := os.MkdirAll(filepath.Dir(dir), 0o711); err != nil {
+		return nil, nil, fmt.Errorf("create state dir: %w", err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil, nil, errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf(
+				"sandbox dir %s exists (a running sandbox, or one a crashed shim left: `shim delete` removes it)", dir))
+		}
+		return nil, nil, fmt.Errorf("create sandbox dir: %w", err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := s.teardown(context.WithoutCancel(ctx)); err != nil {
+				log.G(ctx).WithError(err).Error("clean up after a failed create")
+			}
+		}
+	}()
+	if err := writeState(dir, s.state); err != nil {
+		return nil, nil, err
+	}
+	s.bundleFile = filepath.Join(first.Bundle, BundleFile)
+	if err := os.WriteFile(s.bundleFile, []byte(dir+"\n"), 0o600); err != nil {
+		return nil, nil, fmt.Errorf("write %s: %w", s.bundleFile, err)
+	}
+	if err := storage.SetupShared(filepath.Join(dir, sharedDir)); err != nil {
+		return nil, nil, err
+	}
+	c, err := s.prepareContainer(ctx, first)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			c.init.io.close()
+		}
+	}()
+	if err := s.boot(ctx, first.Spec.Hostname); err != nil {
+		return nil, nil, err
+	}
+	if err := s.createInGuest(ctx, c); err != nil {
+		return nil, nil, err
+	}
+	go s.watchVM()
+	return s, c, nil
+}
+
+func checkName(what, v string) error {
+	if v == "" || v == "." || v == ".." || strings.ContainsAny(v, "/\x00") {
+		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("%s %q cannot name a directory", what, v))
+	}
+	return nil
+}
+
+// checkSocketPaths fails early when the sockets in the sandbox dir would
+// exceed the unix socket path limit.
+func checkSocketPaths(dir string) error {
+	for _, p := range []string{
+		filepath.Join(dir, virtiofsdSocket),
+		filepath.Join(dir, vmDir, "agent.sock"), // the driver's longest name
+	} {
+		if len(p) > unixPathMax {
+			return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(
+				"socket path %s is longer than %d bytes: use a shorter runtime.state_dir", p, unixPathMax))
+		}
+	}
+	return nil
+}
+
+// Dir is the sandbox directory.
+func (s *Sandbox) Dir() string { return s.dir }
+
+// Pid is the hypervisor process: containerd is told it as every process's
+// pid, since guest pids mean nothing on the host.
+func (s *Sandbox) Pid() int {
+	if s.vm == nil {
+		return 0
+	}
+	return s.vm.Pid()
+}
+
+// boot starts the shared filesystem server, the VM and the agent session.
+func (s *Sandbox) boot(ctx context.Context, hostname string) error {
+	shared := filepath.Join(s.dir, sharedDir)
+	share := hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.Share9P, Path: shared}
+	storages := []*agentproto.Storage{{
+		Driver:     "9p",
+		Source:     agentproto.SharedTag,
+		Fstype:     "9p",
+		Options:    []string{"trans=virtio", "version=9p2000.L", "msize=262144"},
+		MountPoint: agentproto.SharedMountPoint,
+	}}
+	if s.cfg.Storage.SharedFS == string(hypervisor.ShareVirtioFS) {
+		v, err := storage.StartVirtiofsd(ctx, storage.VirtiofsdConfig{
+			Binary:     s.cfg.Storage.Virtiofsd,
+			SocketPath: filepath.Join(s.dir, virtiofsdSocket),
+			SharedDir:  shared,
+		})
+		if err != nil {
+			return err
+		}
+		s.virtiofsd = v
+		s.state.VirtiofsdPid = v.Pid()
+		if err := writeState(s.dir, s.state); err != nil {
+			return err
+		}
+		share = hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.ShareVirtioFS, Path: filepath.Join(s.dir, virtiofsdSocket)}
+		storages = []*agentproto.Storage{{
+			Driver:     "virtiofs",
+			Source:     agentproto.SharedTag,
+			Fstype:     "virtiofs",
+			MountPoint: agentproto.SharedMountPoint,
+		}}
+	}
+
+	vmcfg := s.vmConfig(share)
+	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("create VM dir: %w", err)
+	}
+	launched := time.Now()
+	// The VM lives on after this request: its life must not hang on ctx.
+	vm, err := s.driver.Start(context.WithoutCancel(ctx), vmcfg)
+	if err != nil {
+		return fmt.Errorf("start VM: %w", err)
+	}
+	s.vm = vm
+	s.state.HypervisorPid = vm.Pid()
+	if err := writeState(s.dir, s.state); err != nil {
+		return err
+	}
+	stage(ctx, "vm-launched", s.created, log.Fields{"pid": vm.Pid(), "channel": vmcfg.Channel})
+
+	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
+	a, check, err := connectAgent(ctx, vm, vmcfg.Channel, bootTimeout, launched.Add(bootTimeout))
+	if err != nil {
+		return err
+	}
+	s.agent = a
+	stage(ctx, "agent-reachable", s.created, log.Fields{
+		"since_launch":  time.Since(launched).String(),
+		"agent_version": check.GetAgentVersion(),
+		"boot_id":       check.GetBootId(),
+	})
+
+	callCtx, cancel := context.WithTimeout(ctx, bootTimeout)
+	defer cancel()
+	_, err = s.agent.CreateSandbox(callCtx, &agentproto.CreateSandboxRequest{
+		SandboxId: s.id,
+		Hostname:  hostname,
+		Storages:  storages,
+		HostTime:  timestamppb.Now(),
+	})
+	return agentError("CreateSandbox", err)
+}
+
+func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
+	h := s.cfg.Hypervisor
+	channel := agentChannel(s.cfg.Agent.Channel)
+	return hypervisor.VMConfig{
+		ID:       s.id,
+		Dir:      filepath.Join(s.dir, vmDir),
+		VCPUs:    h.VCPUs,
+		MemoryMB: h.MemoryMB,
+		Kernel:   h.Kernel,
+		Initrd:   h.Initrd,
+		// The driver adds colo.channel and hypervisor.kernel_params
+		// itself (driver.New gets the hypervisor configuration).
+		KernelParams: []string{"colo.log=" + s.cfg.Agent.LogLevel},
+		Shares:       []hypervisor.Share{share},
+		Channel:      channel,
+	}
+}
+
+// watchVM turns an unexpected VM exit into exits of all its processes and
+// a teardown.
+func (s *Sandbox) watchVM() {
+	select {
+	case <-s.stopping:
+		return
+	case <-s.vm.Done():
+	}
+	select {
+	case <-s.stopping:
+		return
+	default:
+	}
+	ctx := s.ctx
+	log.G(ctx).WithError(s.vm.Err()).Error("VM exited unexpectedly")
+	s.stopOnce.Do(func() { close(s.stopping) })
+	// Pending agent calls (waits, stdio) fail now; their processes exit
+	// with VMExitStatus.
+	s.agent.Close()
+	s.mu.Lock()
+	var created []*process
+	for _, c := range s.containers {
+		created = append(created, c.init)
+	}
+	s.mu.Unlock()
+	for _, p := range created {
+		p.vmDied()
+	}
+	if err := s.teardown(ctx); err != nil {
+		log.G(ctx).WithError(err).Error("tear down sandbox after its VM exited")
+	}
+}
+
+// Container returns a container of the sandbox.
+func (s *Sandbox) Container(id string) (*Container, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.containers[id]
+	if !ok {
+		return nil, errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s not found", id))
+	}
+	return c, nil
+}
+
+// DeleteContainer removes a stopped (or never started) container. Deleting
+// the last container shuts the sandbox down. A failed delete can be tried
+// again.
+func (s *Sandbox) DeleteContainer(ctx context.Context, id string) (ProcessState, error) {
+	c, err := s.Container(id)
+	if err != nil {
+		return ProcessState{}, err
+	}
+	p := c.init
+	if st := p.State(); st.Status == StatusRunning {
+		return st, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s is running: kill it first", id))
+	}
+	if err := c.remove(ctx); err != nil {
+		return p.State(), err
+	}
+	// A container deleted before it started never exits by itself.
+	p.setExited(0, time.Now())
+
+	s.mu.Lock()
+	last := len(s.containers) == 1
+	s.mu.Unlock()
+	if last {
+		if err := s.Shutdown(ctx); err != nil {
+			return p.State(), err
+		}
+	} else if err := s.unmountRootfs(ctx, id); err != nil {
+		return p.State(), err
+	}
+	s.mu.Lock()
+	delete(s.containers, id)
+	s.mu.Unlock()
+	return p.State(), nil
+}
+
+func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {
+	dir := filepath.Join(s.dir, sharedDir, id)
+	if err := storage.UnmountAll(ctx, dir); err != nil {
+		return err
+	}
+	return storage.RemoveDir(dir)
+}
+
+// Shutdown destroys the sandbox: the guest is told first, then the VM is
+// stopped (graceful up to hypervisor.shutdown_timeout or ctx's deadline,
+// whichever comes first, then killed), then virtiofsd, mounts and the
+// sandbox directory go. A canceled ctx makes it harsher, never partial. It
+// can be called again after a failure, and after the VM died.
+func (s *Sandbox) Shutdown(ctx context.Context) error {
+	if s.alive() {
+		callCtx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Hypervisor.ShutdownTimeout))
+		_, err := s.agent.DestroySandbox(callCtx, &agentproto.DestroySandboxRequest{})
+		cancel()
+		if err != nil {
+			log.G(ctx).WithError(agentError("DestroySandbox", err)).Warn("guest did not destroy the sandbox; stopping the VM anyway")
+		}
+	}
+	return s.teardown(ctx)
+}
+
+// alive reports whether the guest is still there to talk to.
+func (s *Sandbox) alive() bool {
+	if s.vm == nil || s.agent == nil {
+		return false
+	}
+	select {
+	case <-s.stopping:
+		return false
+	case <-s.vm.Done():
+		return false
+	default:
+		return true
+	}
+}
+
+// teardown undoes Create, in reverse, as far as it got. Each step is done
+// once; a failed step is tried again by the next call. The bundle file goes
+// last, and only when everything else is gone, so that `shim delete` can
+// still find what is left.
+func (s *Sandbox) teardown(ctx context.Context) error {
+	s.teardownMu.Lock()
+	defer s.teardownMu.Unlock()
+	if s.torn {
+		return nil
+	}
+	s.stopOnce.Do(func() { close(s.stopping) })
+	var errs []error
+	if s.vm != nil && !s.vmStopped {
+		stopCtx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Hypervisor.ShutdownTimeout))
+		err := s.vm.Stop(stopCtx)
+		cancel()
+		select {
+		case <-s.vm.Done():
+			s.vmStopped = true
+		default:
+			errs = append(errs, fmt.Errorf("stop VM: %w", err))
+		}
+	}
+	if s.agent != nil {
+		s.agent.Close()
+	}
+	if s.virtiofsd != nil {
+		stopCtx, cancel := context.WithTimeout(ctx, virtiofsdStopTimeout)
+		if err := s.virtiofsd.Stop(stopCtx); err != nil {
+			errs = append(errs, err)
+		}
+		cancel()
+	}
+	s.mu.Lock()
+	for _, c := range s.containers {
+		c.init.io.close()
+	}
+	s.mu.Unlock()
+	if len(errs) == 0 {
+		if err := storage.UnmountAll(ctx, s.dir); err != nil {
+			errs = append(errs, err)
+		} else if err := storage.RemoveDir(s.dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 && s.bundleFile != "" {
+		if err := os.Remove(s.bundleFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tear down sandbox %s: %w", s.id, err)
+	}
+	s.torn = true
+	log.G(ctx).WithField("sandbox", s.id).Info("sandbox torn down")
+	return nil
+}
+
+// Cleanup removes what a crashed shim left of the sandbox in dir: the VM
+// (through the driver recorded in the state file), virtiofsd, the mounts
+// and the directory. It is a no-op for a directory that is gone, and
+// refuses one that has no matching state file beyond removing it if empty.
+func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error) {
+	st, err := ReadState(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		// Created the directory, crashed before the state file: nothing
+		// was started. Only an empty directory is ours to remove.
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return st, fmt.Errorf("sandbox dir %s has no %s; not removing it: %w", dir, stateFile, err)
+		}
+		return st, nil
+	}
+	if err != nil {
+		return st, err
+	}
+	var errs []error
+	if st.Hypervisor.Name != "" {
+		d, err := newDriver(st.Hypervisor)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("hypervisor driver %q: %w", st.Hypervisor.Name, err))
+		} else if err := d.Cleanup(ctx, filepath.Join(dir, vmDir)); err != nil {
+			errs = append(errs, fmt.Errorf("clean up VM: %w", err))
+		}
+	}
+	if err := storage.CleanupVirtiofsd(ctx, st.VirtiofsdPid, filepath.Join(dir, virtiofsdSocket)); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) == 0 {
+		if err := storage.UnmountAll(ctx, dir); err != nil {
+			errs = append(errs, err)
+		} else if err := storage.RemoveDir(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return st, errors.Join(errs...)
+}

@@ -1,0 +1,732 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/fifo"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/storage"
+)
+
+const virtiofsdBinary = "/usr/lib/qemu/virtiofsd"
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mounts)")
+	}
+}
+
+// env is one test's state dir, bundle and stdio fifos, with containerd's
+// ends of the fifos open. At the end it checks that nothing is left.
+type env struct {
+	t        *testing.T
+	stateDir string
+	bundle   string
+	stdio    Stdio
+	stdout   io.ReadCloser
+	stderr   io.ReadCloser
+	stdin    io.WriteCloser
+	drv      *fakeDriver
+	exits    chan Exit
+}
+
+func newEnv(t *testing.T, withStdin bool) *env {
+	t.Helper()
+	requireRoot(t)
+	root, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{
+		t:        t,
+		stateDir: filepath.Join(root, "state"),
+		bundle:   filepath.Join(root, "bundle"),
+		drv:      newFakeDriver(),
+		exits:    make(chan Exit, 16),
+	}
+	if err := os.MkdirAll(filepath.Join(e.bundle, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(e.bundle, "rootfs", "hello"), []byte("hi"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	fifos := filepath.Join(root, "fifos")
+	if err := os.Mkdir(fifos, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	e.stdio.Stdout = filepath.Join(fifos, "stdout")
+	e.stdio.Stderr = filepath.Join(fifos, "stderr")
+	// As containerd's cio does: create the fifos and open our ends.
+	if e.stdout, err = fifo.OpenFifo(ctx, e.stdio.Stdout, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if e.stderr, err = fifo.OpenFifo(ctx, e.stdio.Stderr, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if withStdin {
+		e.stdio.Stdin = filepath.Join(fifos, "stdin")
+		if e.stdin, err = fifo.OpenFifo(ctx, e.stdio.Stdin, syscall.O_WRONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, c := range []io.Closer{e.stdout, e.stderr, e.stdin} {
+			if c != nil {
+				c.Close()
+			}
+		}
+		e.assertClean()
+	})
+	return e
+}
+
+func (e *env) config(sharedFS string) config.Config {
+	if sharedFS == "virtio-fs" {
+		if _, err := os.Stat(virtiofsdBinary); err != nil {
+			e.t.Skipf("no virtiofsd: %v", err)
+		}
+	}
+	return testConfig(e.stateDir, sharedFS)
+}
+
+func (e *env) options(cfg config.Config) Options {
+	return Options{
+		ID:        "c1",
+		Namespace: "testns",
+		Config:    cfg,
+		Driver:    e.drv,
+		OnExit:    func(x Exit) { e.exits <- x },
+	}
+}
+
+func (e *env) container(args ...string) ContainerConfig {
+	return ContainerConfig{
+		ID:     "c1",
+		Bundle: e.bundle,
+		Spec:   testSpec(args...),
+		Stdio:  e.stdio,
+	}
+}
+
+func (e *env) sandboxDir() string { return filepath.Join(e.stateDir, "testns", "c1") }
+
+func testSpec(args ...string) *specs.Spec {
+	return &specs.Spec{
+		Version: specs.Version,
+		Process: &specs.Process{Args: args, Cwd: "/"},
+		Root:    &specs.Root{Path: "rootfs"},
+		Linux:   &specs.Linux{},
+	}
+}
+
+// assertClean checks that no VM, virtiofsd, mount, sandbox dir or bundle
+// file is left.
+func (e *env) assertClean() {
+	t := e.t
+	t.Helper()
+	for _, vm := range e.drv.vms {
+		select {
+		case <-vm.Done():
+		case <-time.After(10 * time.Second):
+			t.Errorf("fake VM %d still running", vm.Pid())
+			_ = vm.Stop(context.Background())
+		}
+	}
+	if left, err := storage.MountsUnder(filepath.Dir(e.stateDir)); err != nil || len(left) > 0 {
+		t.Errorf("mounts left: %v %v", left, err)
+		for _, m := range left {
+			_ = unix.Unmount(m, unix.MNT_DETACH)
+		}
+	}
+	if _, err := os.Stat(e.sandboxDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("sandbox dir left: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.bundle, BundleFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("bundle file left: %v", err)
+	}
+	if pids := processesMentioning(e.stateDir); len(pids) > 0 {
+		t.Errorf("processes left that mention %s: %v", e.stateDir, pids)
+	}
+}
+
+// processesMentioning lists live processes with s in their command line.
+func processesMentioning(s string) []string {
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	var out []string
+	for _, f := range cmdlines {
+		b, err := os.ReadFile(f)
+		if err != nil || !bytes.Contains(b, []byte(s)) {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join(filepath.Dir(f), "stat"))
+		if err == nil && strings.Contains(string(st), ") Z ") {
+			continue // a zombie holds nothing
+		}
+		out = append(out, filepath.Base(filepath.Dir(f)))
+	}
+	return out
+}
+
+func readAll(t *testing.T, r io.Reader) <-chan string {
+	ch := make(chan string, 1)
+	go func() {
+		b, err := io.ReadAll(r)
+		if err != nil {
+			t.Errorf("read output: %v", err)
+		}
+		ch <- string(b)
+	}()
+	return ch
+}
+
+// pending is the number of bytes waiting in a fifo.
+func pending(t *testing.T, r io.Reader) int {
+	t.Helper()
+	sc, ok := r.(syscall.Conn)
+	if !ok {
+		t.Fatalf("%T has no fd", r)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	var ierr error
+	if err := raw.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }); err != nil {
+		t.Fatal(err)
+	}
+	if ierr != nil {
+		t.Fatal(ierr)
+	}
+	return n
+}
+
+func waitExit(t *testing.T, exits <-chan Exit) Exit {
+	t.Helper()
+	select {
+	case x := <-exits:
+		return x
+	case <-time.After(30 * time.Second):
+		t.Fatal("no exit reported")
+		return Exit{}
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	for _, fs := range []string{"9p", "virtio-fs"} {
+		t.Run(fs, func(t *testing.T) {
+			e := newEnv(t, false)
+			ctx := context.Background()
+			cfg := e.config(fs)
+			cc := e.container("echo", "hello")
+			cc.Spec.Root.Readonly = true
+			cc.Spec.Annotations = map[string]string{"test.exit": "3"}
+			cc.Spec.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/bin/true"}}}
+			cc.Spec.Linux.Namespaces = []specs.LinuxNamespace{
+				{Type: specs.NetworkNamespace, Path: "/proc/1/ns/net"},
+				{Type: specs.PIDNamespace},
+				{Type: specs.IPCNamespace, Path: "/proc/1/ns/ipc"},
+			}
+
+			sb, c, err := Create(ctx, e.options(cfg), cc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dir := e.sandboxDir()
+			if sb.Dir() != dir {
+				t.Errorf("Dir = %s, want %s", sb.Dir(), dir)
+			}
+			if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 {
+				t.Errorf("sandbox dir: %v %v", st, err)
+			}
+			st, err := ReadState(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.HypervisorPid != sb.Pid() || sb.Pid() == 0 {
+				t.Errorf("state hypervisor pid %d, VM pid %d", st.HypervisorPid, sb.Pid())
+			}
+			if st.Hypervisor.Name != "qemu" {
+				t.Errorf("state hypervisor = %+v", st.Hypervisor)
+			}
+			if (fs == "virtio-fs") != (st.VirtiofsdPid != 0) {
+				t.Errorf("state virtiofsd pid = %d with %s", st.VirtiofsdPid, fs)
+			}
+			if got, err := ReadBundleFile(e.bundle); err != nil || got != dir {
+				t.Errorf("bundle file = %q, %v; want %q", got, err, dir)
+			}
+			if b, err := os.ReadFile(filepath.Join(dir, "shared", "c1", "rootfs", "hello")); err != nil || string(b) != "hi" {
+				t.Errorf("rootfs not mounted in the shared dir: %q %v", b, err)
+			}
+
+			vmcfg := e.drv.lastCfg
+			wantParams := []string{"colo.log=warn"}
+			if !slices.Equal(vmcfg.KernelParams, wantParams) {
+				t.Errorf("kernel params = %q, want %q", vmcfg.KernelParams, wantParams)
+			}
+			if vmcfg.Dir != filepath.Join(dir, "vm") || vmcfg.Channel != hypervisor.ChannelSerial {
+				t.Errorf("VM config = %+v", vmcfg)
+			}
+			share := vmcfg.Shares[0]
+			wantDriver := map[string]string{"9p": "9p", "virtio-fs": "virtiofs"}[fs]
+			wantPath := map[string]string{"9p": filepath.Join(dir, "shared"), "virtio-fs": filepath.Join(dir, "virtiofsd.sock")}[fs]
+			if share.Tag != agentproto.SharedTag || string(share.Kind) != fs || share.Path != wantPath {
+				t.Errorf("share = %+v", share)
+			}
+			if s := e.drv.agent.storages; len(s) != 1 || s[0].GetDriver() != wantDriver || s[0].GetMountPoint() != agentproto.SharedMountPoint {
+				t.Errorf("sandbox storages = %v", s)
+			}
+
+			g := e.drv.agent.spec("c1")
+			if g.Root.Path != "/run/colo/shared/c1/rootfs" || !g.Root.Readonly {
+				t.Errorf("guest root = %+v", g.Root)
+			}
+			if g.Hooks != nil {
+				t.Errorf("hooks reached the guest: %+v", g.Hooks)
+			}
+			wantNS := []specs.LinuxNamespace{{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace}}
+			if !slices.Equal(g.Linux.Namespaces, wantNS) {
+				t.Errorf("guest namespaces = %+v, want %+v", g.Linux.Namespaces, wantNS)
+			}
+
+			if s := c.State(); s.Status != StatusCreated {
+				t.Errorf("state after create = %+v", s)
+			}
+			// Nothing reads the fifos until the exit is reported: what
+			// the fifos hold then shows the output was copied first.
+			if err := c.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			x := waitExit(t, e.exits)
+			if x.ContainerID != "c1" || x.ExecID != "" || x.Status != 3 {
+				t.Errorf("exit = %+v", x)
+			}
+			if n := pending(t, e.stdout); n != len("echo hello\n") {
+				t.Errorf("stdout fifo holds %d bytes when the exit is reported", n)
+			}
+			stdout, stderr := readAll(t, e.stdout), readAll(t, e.stderr)
+			if out := <-stdout; out != "echo hello\n" {
+				t.Errorf("stdout = %q", out)
+			}
+			if out := <-stderr; out != "err\n" {
+				t.Errorf("stderr = %q", out)
+			}
+			ws, err := c.Wait(ctx)
+			if err != nil || ws.Status != StatusStopped || ws.ExitStatus != 3 {
+				t.Errorf("Wait = %+v, %v", ws, err)
+			}
+			if err := c.Start(ctx); !errdefs.IsFailedPrecondition(err) {
+				t.Errorf("second Start: %v, want failed precondition", err)
+			}
+			if err := c.Kill(ctx, 9, false); !errdefs.IsNotFound(err) {
+				t.Errorf("Kill after exit: %v, want not found", err)
+			}
+
+			ds, err := sb.DeleteContainer(ctx, "c1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ds.ExitStatus != 3 {
+				t.Errorf("delete state = %+v", ds)
+			}
+			if !e.drv.agent.destroyed || !slices.Equal(e.drv.agent.removed, []string{"c1"}) {
+				t.Errorf("guest not told: destroyed=%v removed=%v", e.drv.agent.destroyed, e.drv.agent.removed)
+			}
+			if _, err := sb.Container("c1"); !errdefs.IsNotFound(err) {
+				t.Errorf("container after delete: %v", err)
+			}
+			if _, err := os.Stat(filepath.Join(e.bundle, "rootfs", "hello")); err != nil {
+				t.Errorf("the bundle's rootfs lost its file: %v", err)
+			}
+		})
+	}
+}
+
+func TestStdin(t *testing.T) {
+	for _, closeBy := range []string{"client", "CloseStdin"} {
+		t.Run(closeBy, func(t *testing.T) {
+			e := newEnv(t, true)
+			ctx := context.Background()
+			sb, c, err := Create(ctx, e.options(e.config("9p")), e.container("cat"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			stdout := readAll(t, e.stdout)
+			go io.Copy(io.Discard, e.stderr)
+			if err := c.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.stdin.Write([]byte("abc")); err != nil {
+				t.Fatal(err)
+			}
+			if closeBy == "client" {
+				e.stdin.Close()
+			} else {
+				// What was written goes through first.
+				deadline := time.Now().Add(10 * time.Second)
+				for e.drv.agent.stdinSeen("c1") != "abc" && time.Now().Before(deadline) {
+					time.Sleep(5 * time.Millisecond)
+				}
+				if err := c.CloseStdin(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if x := waitExit(t, e.exits); x.Status != 0 {
+				t.Errorf("exit = %+v", x)
+			}
+			if out := <-stdout; out != "abc" {
+				t.Errorf("stdout = %q, want the stdin echoed", out)
+			}
+			if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func TestKillBeforeStart(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	sb, c, err := Create(ctx, e.options(e.config("9p")), e.container("sleep", "1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Kill(ctx, 9, false); err != nil {
+		t.Fatal(err)
+	}
+	if x := waitExit(t, e.exits); x.Status != 137 {
+		t.Errorf("exit = %+v, want 137", x)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDeleteBeforeStart(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	sb, c, err := Create(ctx, e.options(e.config("virtio-fs")), e.container("true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if s := c.State(); s.Status != StatusStopped {
+		t.Errorf("state after delete = %+v", s)
+	}
+	waitExit(t, e.exits)
+}
+
+func TestDeleteRunning(t *testing.T) {
+	e := newEnv(t, true)
+	ctx := context.Background()
+	sb, c, err := Create(ctx, e.options(e.config("9p")), e.container("cat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("delete of a running container: %v, want failed precondition", err)
+	}
+	if err := c.Kill(ctx, 15, false); err != nil {
+		t.Fatal(err)
+	}
+	if x := waitExit(t, e.exits); x.Status != 128+15 {
+		t.Errorf("exit = %+v", x)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestReadinessRetries(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	e.drv.dialFailures = 3
+	e.drv.agent.checkErrors = 2
+	sb, _, err := Create(ctx, e.options(e.config("9p")), e.container("true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := e.drv.agent.checkCalls; n != 3 {
+		t.Errorf("Check calls = %d, want 3", n)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCreateFailure(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		sharedFS string
+		setup    func(*env, *ContainerConfig, *config.Config)
+		is       func(error) bool
+		msg      string
+		noVM     bool
+	}{
+		{
+			name:  "no args",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Spec.Process.Args = nil },
+			is:    errdefs.IsInvalidArgument, msg: "process.args is empty", noVM: true,
+		},
+		{
+			name:  "terminal",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Terminal = true },
+			is:    errdefs.IsNotImplemented, msg: "terminal", noVM: true,
+		},
+		{
+			name:  "binary logger",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Stdout = "binary:///usr/bin/logger?x=1" },
+			is:    errdefs.IsNotImplemented, msg: "binary:// stdio is not supported yet", noVM: true,
+		},
+		{
+			name:  "bad rootfs mount",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Spec.Root.Path = "/does/not/exist" },
+			is:    func(error) bool { return true }, msg: "mount rootfs", noVM: true,
+		},
+		{
+			name:     "virtiofsd fails",
+			sharedFS: "virtio-fs",
+			setup:    func(e *env, c *ContainerConfig, cfg *config.Config) { cfg.Storage.Virtiofsd = "/bin/false" },
+			is:       func(error) bool { return true }, msg: "virtiofsd exited before listening", noVM: true,
+		},
+		{
+			name:  "driver fails",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { e.drv.startErr = errors.New("no qemu") },
+			is:    func(error) bool { return true }, msg: "start VM: no qemu",
+		},
+		{
+			name: "agent never answers",
+			setup: func(e *env, c *ContainerConfig, cfg *config.Config) {
+				e.drv.agent.checkHang = true
+				cfg.Hypervisor.BootTimeout = config.Duration(2 * time.Second)
+			},
+			is: errdefs.IsUnavailable, msg: "VM did not answer within 2s (agent channel serial)",
+		},
+		{
+			name:     "agent protocol mismatch",
+			sharedFS: "virtio-fs",
+			setup:    func(e *env, c *ContainerConfig, _ *config.Config) { e.drv.agent.protocolVersion = 99 },
+			is:       errdefs.IsFailedPrecondition, msg: "protocol version 99",
+		},
+		{
+			name: "guest rejects the container",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) {
+				e.drv.agent.createErr = errdefs.ErrInvalidArgument.WithMessage("no such user")
+			},
+			is: errdefs.IsInvalidArgument, msg: "agent CreateContainer: no such user",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, true)
+			fs := tc.sharedFS
+			if fs == "" {
+				fs = "9p"
+			}
+			cfg := e.config(fs)
+			cc := e.container("true")
+			tc.setup(e, &cc, &cfg)
+			_, _, err := Create(context.Background(), e.options(cfg), cc)
+			if err == nil {
+				t.Fatal("Create succeeded")
+			}
+			if !tc.is(err) || !strings.Contains(err.Error(), tc.msg) {
+				t.Errorf("error = %v (%T), want one containing %q", err, err, tc.msg)
+			}
+			if tc.noVM && len(e.drv.vms) > 0 {
+				t.Error("a VM was started")
+			}
+			// env's cleanup checks that nothing is left.
+		})
+	}
+}
+
+func TestVMExitDuringBoot(t *testing.T) {
+	e := newEnv(t, false)
+	e.drv.agent.checkHang = true
+	cfg := e.config("9p")
+	errc := make(chan error, 1)
+	go func() {
+		_, _, err := Create(context.Background(), e.options(cfg), e.container("true"))
+		errc <- err
+	}()
+	for {
+		e.drv.mu.Lock()
+		n := len(e.drv.vms)
+		e.drv.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_ = e.drv.vms[0].cmd.Process.Kill()
+	err := <-errc
+	if err == nil || !strings.Contains(err.Error(), "VM exited before its agent answered") {
+		t.Fatalf("error = %v", err)
+	}
+}
+
+func TestSandboxDirExists(t *testing.T) {
+	e := newEnv(t, false)
+	if err := os.MkdirAll(e.sandboxDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := Create(context.Background(), e.options(e.config("9p")), e.container("true"))
+	if !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("error = %v, want already exists", err)
+	}
+	if _, err := os.Stat(e.sandboxDir()); err != nil {
+		t.Fatalf("Create removed a sandbox dir it did not make: %v", err)
+	}
+	if err := os.Remove(e.sandboxDir()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestVMDies(t *testing.T) {
+	e := newEnv(t, true)
+	ctx := context.Background()
+	sb, c, err := Create(ctx, e.options(e.config("virtio-fs")), e.container("cat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, e.stdout)
+	go io.Copy(io.Discard, e.stderr)
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_ = e.drv.vms[0].cmd.Process.Kill()
+	if x := waitExit(t, e.exits); x.Status != VMExitStatus {
+		t.Errorf("exit = %+v, want %d", x, VMExitStatus)
+	}
+	if err := c.Kill(ctx, 9, false); !errdefs.IsNotFound(err) {
+		t.Errorf("Kill after the VM died: %v", err)
+	}
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCleanupAfterCrash(t *testing.T) {
+	e := newEnv(t, true)
+	ctx := context.Background()
+	_, c, err := Create(ctx, e.options(e.config("virtio-fs")), e.container("cat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, e.stdout)
+	go io.Copy(io.Discard, e.stderr)
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// What `shim delete` does after the shim died: only the bundle and
+	// the disk are left to go by.
+	dir, err := ReadBundleFile(e.bundle)
+	if err != nil || dir != e.sandboxDir() {
+		t.Fatalf("bundle file: %q %v", dir, err)
+	}
+	st, err := Cleanup(ctx, dir, func(h config.Hypervisor) (hypervisor.Driver, error) {
+		if h.Name != "qemu" {
+			return nil, fmt.Errorf("driver %q", h.Name)
+		}
+		return e.drv, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.HypervisorPid == 0 || st.VirtiofsdPid == 0 {
+		t.Errorf("state = %+v", st)
+	}
+	if !slices.Equal(e.drv.cleanups, []string{filepath.Join(dir, "vm")}) {
+		t.Errorf("driver cleanups = %v", e.drv.cleanups)
+	}
+	// The living Sandbox object sees its VM die; let it settle.
+	waitExit(t, e.exits)
+	if err := os.Remove(filepath.Join(e.bundle, BundleFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	// Again: nothing left, nothing to do.
+	if _, err := Cleanup(ctx, dir, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCleanupRefusesForeignDir(t *testing.T) {
+	dir := t.TempDir()
+	keep := filepath.Join(dir, "precious")
+	if err := os.WriteFile(keep, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Cleanup(context.Background(), dir, nil); err == nil {
+		t.Fatal("Cleanup accepted a directory without state")
+	}
+	// A state file naming another directory.
+	if err := writeState(dir, State{Dir: "/somewhere/else"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Cleanup(context.Background(), dir, nil); err == nil {
+		t.Fatal("Cleanup accepted a state file naming another directory")
+	}
+	if _, err := os.Stat(keep); err != nil {
+		t.Fatalf("Cleanup removed a file it does not own: %v", err)
+	}
+}
+
+func TestReadBundleFile(t *testing.T) {
+	for _, tc := range []struct {
+		name, content, want string
+		wantErr             bool
+	}{
+		{"missing", "", "", false},
+		{"dir", "/run/colo/default/c1\n", "/run/colo/default/c1", false},
+		{"root", "/", "", true},
+		{"relative", "run/colo", "", true},
+		{"unclean", "/run/colo/../etc", "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bundle := t.TempDir()
+			if tc.name != "missing" {
+				if err := os.WriteFile(filepath.Join(bundle, BundleFile), []byte(tc.content), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := ReadBundleFile(bundle)
+			if (err != nil) != tc.wantErr || got != tc.want {
+				t.Errorf("ReadBundleFile = %q, %v; want %q, error %v", got, err, tc.want, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestSocketPathLimit(t *testing.T) {
+	e := newEnv(t, false)
+	cfg := e.config("9p")
+	cfg.Runtime.StateDir = "/run/" + strings.Repeat("x", 100)
+	_, _, err := Create(context.Background(), e.options(cfg), e.container("true"))
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "runtime.state_dir") {
+		t.Fatalf("error = %v", err)
+	}
+}

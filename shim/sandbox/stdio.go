@@ -1,0 +1,228 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"sync"
+	"syscall"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/fifo"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// streamChunk is the most one ReadStdout/ReadStderr/WriteStdin call moves.
+const streamChunk = 32 << 10
+
+// Stdio are the stdio paths containerd gives for a process.
+type Stdio struct {
+	Stdin    string
+	Stdout   string
+	Stderr   string
+	Terminal bool
+}
+
+// Validate tells whether colo can serve these stdio paths.
+func (s Stdio) Validate() error {
+	if s.Terminal {
+		return errdefs.ErrNotImplemented.WithMessage("terminal: a TTY for the container is not supported yet")
+	}
+	for _, p := range []struct{ name, path string }{{"stdin", s.Stdin}, {"stdout", s.Stdout}, {"stderr", s.Stderr}} {
+		if p.path == "" {
+			continue
+		}
+		u, err := url.Parse(p.path)
+		if err != nil {
+			return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("%s %q: %v", p.name, p.path, err))
+		}
+		if u.Scheme != "" {
+			return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
+				"%s %q: %s:// stdio is not supported yet, only fifo paths", p.name, p.path, u.Scheme))
+		}
+	}
+	return nil
+}
+
+// pipes connects one process's stdio fifos to its streams in the guest.
+type pipes struct {
+	stdin          io.ReadCloser
+	stdout, stderr io.WriteCloser
+	// Our own read ends of the output fifos: with them open, a client that
+	// goes away and comes back (containerd restart, attach) never makes
+	// our writes fail with EPIPE.
+	keep []io.Closer
+
+	outputs   sync.WaitGroup
+	drained   chan struct{}
+	closeOnce sync.Once
+}
+
+// openPipes opens the fifos. containerd has opened the other ends already,
+// so this does not block long; ctx bounds it anyway.
+func openPipes(ctx context.Context, s Stdio) (_ *pipes, retErr error) {
+	p := &pipes{drained: make(chan struct{})}
+	defer func() {
+		if retErr != nil {
+			p.close()
+		}
+	}()
+	if s.Stdin != "" {
+		f, err := fifo.OpenFifo(ctx, s.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
+		}
+		p.stdin = f
+	}
+	var err error
+	if p.stdout, err = p.openOutput(ctx, s.Stdout); err != nil {
+		return nil, fmt.Errorf("open stdout %s: %w", s.Stdout, err)
+	}
+	if p.stderr, err = p.openOutput(ctx, s.Stderr); err != nil {
+		return nil, fmt.Errorf("open stderr %s: %w", s.Stderr, err)
+	}
+	return p, nil
+}
+
+func (p *pipes) openOutput(ctx context.Context, path string) (io.WriteCloser, error) {
+	if path == "" {
+		return nil, nil
+	}
+	isFifo, err := fifo.IsFifo(path)
+	if err != nil {
+		return nil, err
+	}
+	if !isFifo {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return nil, err
+		}
+		return f, nil
+	}
+	w, err := fifo.OpenFifo(ctx, path, syscall.O_WRONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	r, err := fifo.OpenFifo(ctx, path, syscall.O_RDONLY, 0)
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	p.keep = append(p.keep, r)
+	return w, nil
+}
+
+// start copies between the fifos and the agent until the output streams
+// end; ctx must outlive the process.
+func (p *pipes) start(ctx context.Context, agent agentproto.AgentService, containerID, execID string) {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"container": containerID, "exec": execID}))
+	if p.stdout != nil {
+		p.outputs.Add(1)
+		go func() {
+			defer p.outputs.Done()
+			copyOutput(ctx, "stdout", agent.ReadStdout, containerID, execID, p.stdout)
+		}()
+	}
+	if p.stderr != nil {
+		p.outputs.Add(1)
+		go func() {
+			defer p.outputs.Done()
+			copyOutput(ctx, "stderr", agent.ReadStderr, containerID, execID, p.stderr)
+		}()
+	}
+	go func() {
+		p.outputs.Wait()
+		close(p.drained)
+	}()
+	if p.stdin != nil {
+		go copyInput(ctx, agent, containerID, execID, p.stdin)
+	}
+}
+
+type readStream func(context.Context, *agentproto.ReadStreamRequest) (*agentproto.ReadStreamResponse, error)
+
+func copyOutput(ctx context.Context, name string, read readStream, containerID, execID string, w io.WriteCloser) {
+	defer func() { w.Close() }()
+	req := &agentproto.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Len: streamChunk}
+	for {
+		resp, err := read(ctx, req)
+		if err != nil {
+			if !errors.Is(err, ttrpc.ErrClosed) {
+				log.G(ctx).WithError(err).Warnf("read %s from the guest", name)
+			}
+			return
+		}
+		if len(resp.GetData()) > 0 && w != nil {
+			if _, err := w.Write(resp.GetData()); err != nil {
+				// Keep reading so the process in the guest never
+				// blocks on a full pipe; the output is lost.
+				log.G(ctx).WithError(err).Warnf("write %s; discarding the rest", name)
+				w.Close()
+				w = nopCloser{}
+			}
+		}
+		if resp.GetEof() {
+			return
+		}
+	}
+}
+
+type nopCloser struct{}
+
+func (nopCloser) Write(b []byte) (int, error) { return len(b), nil }
+func (nopCloser) Close() error                { return nil }
+
+func copyInput(ctx context.Context, agent agentproto.AgentService, containerID, execID string, r io.Reader) {
+	buf := make([]byte, streamChunk)
+	for {
+		n, rerr := r.Read(buf)
+		data := buf[:n]
+		for len(data) > 0 {
+			resp, err := agent.WriteStdin(ctx, &agentproto.WriteStreamRequest{ContainerId: containerID, ExecId: execID, Data: data})
+			if err != nil {
+				log.G(ctx).WithError(err).Debug("write stdin to the guest")
+				return
+			}
+			if resp.GetLen() == 0 || int(resp.GetLen()) > len(data) {
+				log.G(ctx).Warnf("guest accepted %d of %d stdin bytes; stopping stdin", resp.GetLen(), len(data))
+				return
+			}
+			data = data[resp.GetLen():]
+		}
+		if rerr != nil {
+			break
+		}
+	}
+	if _, err := agent.CloseStdin(ctx, &agentproto.CloseStdinRequest{ContainerId: containerID, ExecId: execID}); err != nil {
+		log.G(ctx).WithError(err).Debug("close stdin in the guest")
+	}
+}
+
+// closeStdin ends the stdin stream: the copy loop sees EOF and closes
+// stdin in the guest.
+func (p *pipes) closeStdin() error {
+	if p.stdin == nil {
+		return nil
+	}
+	return p.stdin.Close()
+}
+
+// close closes every fifo; the copy loops end with it.
+func (p *pipes) close() {
+	p.closeOnce.Do(func() {
+		for _, c := range []io.Closer{p.stdin, p.stdout, p.stderr} {
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+		for _, c := range p.keep {
+			_ = c.Close()
+		}
+	})
+}

@@ -1,0 +1,464 @@
+// Package task is the containerd task service (task API v3 over ttrpc) of
+// the colo shim. It maps tasks onto sandboxes: for now every task gets a
+// sandbox (a VM) of its own.
+//
+// containerd is told the hypervisor's pid as the pid of every process, as
+// Kata does: guest pids mean nothing on the host.
+package task
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/colo-runtime/colo/shim/sandbox"
+)
+
+var _ shim.TTRPCService = (*service)(nil)
+
+// NewTaskService returns the task service. Events go out through
+// publisher; sd ends the shim. newDriver makes the hypervisor driver a
+// configuration names (hypervisor/driver.New).
+func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, newDriver sandbox.NewDriver) (taskAPI.TTRPCTaskService, error) {
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s := &service{
+		ctx:        ctx,
+		namespace:  ns,
+		newDriver:  newDriver,
+		shutdown:   sd,
+		events:     make(chan any, 128),
+		containers: make(map[string]*entry),
+	}
+	go s.forward(publisher)
+	// The shim may be told to go (SIGTERM, or Shutdown) with sandboxes
+	// still up: nothing may outlive it.
+	sd.RegisterCallback(s.destroyAll)
+	return s, nil
+}
+
+type service struct {
+	ctx       context.Context
+	namespace string
+	newDriver sandbox.NewDriver
+	shutdown  shutdown.Service
+	events    chan any
+
+	mu         sync.Mutex
+	containers map[string]*entry
+
+	// lifecycleMu orders a TaskStart before the TaskExit of the same
+	// process: Start holds it from starting until the event is queued.
+	lifecycleMu sync.Mutex
+}
+
+// entry is a task: a container and the sandbox it runs in. c is nil while
+// the task is being created.
+type entry struct {
+	sb *sandbox.Sandbox
+	c  *sandbox.Container
+}
+
+func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
+	taskAPI.RegisterTTRPCTaskService(server, s)
+	return nil
+}
+
+func (s *service) get(id string) (*entry, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.containers[id]
+	if !ok || e.c == nil {
+		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(fmt.Sprintf("task %s not found", id)))
+	}
+	return e, nil
+}
+
+// noExec answers requests for exec processes, which colo does not run yet.
+func noExec(execID string) error {
+	if execID == "" {
+		return nil
+	}
+	return errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(fmt.Sprintf("exec %s not found: exec is not supported yet", execID)))
+}
+
+func notImplemented(what string) error {
+	return errgrpc.ToGRPC(errdefs.ErrNotImplemented.WithMessage(what + " is not supported by colo yet"))
+}
+
+// Create makes a sandbox for the task and creates the container in it.
+func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID))
+	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
+		return nil, notImplemented("restoring from a checkpoint")
+	}
+	s.mu.Lock()
+	if _, ok := s.containers[r.ID]; ok {
+		s.mu.Unlock()
+		return nil, errgrpc.ToGRPC(errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf("task %s already exists", r.ID)))
+	}
+	s.containers[r.ID] = &entry{} // reserved while creating
+	s.mu.Unlock()
+	defer func() {
+		if retErr != nil {
+			s.mu.Lock()
+			delete(s.containers, r.ID)
+			s.mu.Unlock()
+			log.G(ctx).WithError(retErr).Error("create task")
+		}
+	}()
+
+	cfg, err := sandbox.LoadConfig(r.Options)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	spec, err := sandbox.ReadSpec(r.Bundle)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	stdio := sandbox.Stdio{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	// Fail on what colo cannot run before a driver is even made.
+	if err := sandbox.ValidateSpec(spec); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if err := stdio.Validate(); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	drv, err := s.newDriver(cfg.Hypervisor)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Name, err))
+	}
+	sb, c, err := sandbox.Create(ctx, sandbox.Options{
+		ID:        r.ID,
+		Namespace: s.namespace,
+		Config:    cfg,
+		Driver:    drv,
+		OnExit:    s.exited,
+	}, sandbox.ContainerConfig{
+		ID:     r.ID,
+		Bundle: r.Bundle,
+		Spec:   spec,
+		Rootfs: mount.FromProto(r.Rootfs),
+		Stdio:  stdio,
+	})
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.mu.Lock()
+	s.containers[r.ID] = &entry{sb: sb, c: c}
+	s.mu.Unlock()
+
+	pid := uint32(sb.Pid())
+	s.send(&eventstypes.TaskCreate{
+		ContainerID: r.ID,
+		Bundle:      r.Bundle,
+		Rootfs:      r.Rootfs,
+		IO: &eventstypes.TaskIO{
+			Stdin:    r.Stdin,
+			Stdout:   r.Stdout,
+			Stderr:   r.Stderr,
+			Terminal: r.Terminal,
+		},
+		Checkpoint: r.Checkpoint,
+		Pid:        pid,
+	})
+	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
+}
+
+// Start starts the task's init process.
+func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	s.lifecycleMu.Lock()
+	defer s.lifecycleMu.Unlock()
+	if err := e.c.Start(log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID))); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	pid := uint32(e.sb.Pid())
+	s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
+	return &taskAPI.StartResponse{Pid: pid}, nil
+}
+
+// exited publishes a process exit; the sandbox calls it once the output is
+// copied out.
+func (s *service) exited(x sandbox.Exit) {
+	s.lifecycleMu.Lock()
+	defer s.lifecycleMu.Unlock()
+	id := x.ExecID
+	if id == "" {
+		id = x.ContainerID
+	}
+	s.send(&eventstypes.TaskExit{
+		ContainerID: x.ContainerID,
+		ID:          id,
+		Pid:         x.Pid,
+		ExitStatus:  x.Status,
+		ExitedAt:    protobuf.ToTimestamp(x.ExitedAt),
+	})
+}
+
+// Delete removes the task; the last one takes its sandbox down.
+func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	st, err := e.sb.DeleteContainer(log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID)), r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.mu.Lock()
+	delete(s.containers, r.ID)
+	s.mu.Unlock()
+	pid := uint32(e.sb.Pid())
+	s.send(&eventstypes.TaskDelete{
+		ContainerID: r.ID,
+		Pid:         pid,
+		ExitStatus:  st.ExitStatus,
+		ExitedAt:    protobuf.ToTimestamp(st.ExitedAt),
+	})
+	return &taskAPI.DeleteResponse{
+		Pid:        pid,
+		ExitStatus: st.ExitStatus,
+		ExitedAt:   protobuf.ToTimestamp(st.ExitedAt),
+	}, nil
+}
+
+// State reports the task's init process.
+func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	st := e.c.State()
+	status := task.Status_UNKNOWN
+	switch st.Status {
+	case sandbox.StatusCreated:
+		status = task.Status_CREATED
+	case sandbox.StatusRunning:
+		status = task.Status_RUNNING
+	case sandbox.StatusStopped:
+		status = task.Status_STOPPED
+	}
+	stdio := e.c.Stdio()
+	resp := &taskAPI.StateResponse{
+		ID:         r.ID,
+		Bundle:     e.c.Bundle(),
+		Pid:        uint32(e.sb.Pid()),
+		Status:     status,
+		Stdin:      stdio.Stdin,
+		Stdout:     stdio.Stdout,
+		Stderr:     stdio.Stderr,
+		Terminal:   stdio.Terminal,
+		ExitStatus: st.ExitStatus,
+	}
+	if st.Status == sandbox.StatusStopped {
+		resp.ExitedAt = protobuf.ToTimestamp(st.ExitedAt)
+	}
+	return resp, nil
+}
+
+// Kill signals the task's init process (or all its processes).
+func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.c.Kill(ctx, r.Signal, r.All); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// Wait blocks until the task's init process has exited.
+func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	st, err := e.c.Wait(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &taskAPI.WaitResponse{
+		ExitStatus: st.ExitStatus,
+		ExitedAt:   protobuf.ToTimestamp(st.ExitedAt),
+	}, nil
+}
+
+// CloseIO closes the init process's stdin.
+func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
+	if err := noExec(r.ExecID); err != nil {
+		return nil, err
+	}
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if r.Stdin {
+		if err := e.c.CloseStdin(ctx); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// Pids lists the hypervisor process, as Kata does: the only host process
+// of the task.
+func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	return &taskAPI.PidsResponse{Processes: []*task.ProcessInfo{{Pid: uint32(e.sb.Pid())}}}, nil
+}
+
+// Connect tells containerd the shim's and the task's pids.
+func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
+	var pid uint32
+	if e, err := s.get(r.ID); err == nil {
+		pid = uint32(e.sb.Pid())
+	}
+	return &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), TaskPid: pid}, nil
+}
+
+// Shutdown ends the shim once it has no tasks left.
+func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
+	s.mu.Lock()
+	n := len(s.containers)
+	s.mu.Unlock()
+	if n > 0 {
+		return &emptypb.Empty{}, nil
+	}
+	s.shutdown.Shutdown()
+	return &emptypb.Empty{}, nil
+}
+
+func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("exec")
+}
+
+func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("a terminal")
+}
+
+func (s *service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("pause")
+}
+
+func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("resume")
+}
+
+func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
+	return nil, notImplemented("stats")
+}
+
+func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("update")
+}
+
+func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*emptypb.Empty, error) {
+	return nil, notImplemented("checkpoint")
+}
+
+// destroyTimeout bounds destroyAll: pkg/shim gives the shutdown callbacks
+// 5s in all before it exits regardless.
+const destroyTimeout = 4 * time.Second
+
+// destroyAll shuts down every sandbox still up; it runs as the shim exits.
+func (s *service) destroyAll(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, destroyTimeout)
+	defer cancel()
+	s.mu.Lock()
+	seen := make(map[*sandbox.Sandbox]bool)
+	var sbs []*sandbox.Sandbox
+	for _, e := range s.containers {
+		if e.sb != nil && !seen[e.sb] {
+			seen[e.sb] = true
+			sbs = append(sbs, e.sb)
+		}
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, sb := range sbs {
+		log.G(ctx).WithField("sandbox", sb.Dir()).Warn("shim exiting with a sandbox up: destroying it")
+		if err := sb.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("destroy sandboxes: %v", errs)
+	}
+	return nil
+}
+
+func (s *service) send(evt any) {
+	select {
+	case s.events <- evt:
+	case <-s.shutdown.Done():
+	}
+}
+
+// forward publishes events in order; after shutdown it flushes what is
+// queued.
+func (s *service) forward(publisher shim.Publisher) {
+	ctx := namespaces.WithNamespace(context.Background(), s.namespace)
+	defer publisher.Close()
+	publish := func(e any) {
+		if err := publisher.Publish(ctx, runtime.GetTopic(e), e); err != nil {
+			log.G(ctx).WithError(err).Error("post event")
+		}
+	}
+	for {
+		select {
+		case e := <-s.events:
+			publish(e)
+		case <-s.shutdown.Done():
+			for {
+				select {
+				case e := <-s.events:
+					publish(e)
+				default:
+					return
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,277 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const virtiofsdBinary = "/usr/lib/qemu/virtiofsd"
+
+func requireVirtiofsd(t *testing.T) {
+	t.Helper()
+	requireRoot(t)
+	if _, err := os.Stat(virtiofsdBinary); err != nil {
+		t.Skipf("no virtiofsd: %v", err)
+	}
+}
+
+// startVirtiofsd starts virtiofsd on a fresh shared dir and checks at the
+// end of the test that nothing of it is left.
+func startVirtiofsd(t *testing.T) (*Virtiofsd, VirtiofsdConfig) {
+	t.Helper()
+	dir := tempDir(t)
+	cfg := VirtiofsdConfig{
+		Binary:     virtiofsdBinary,
+		SocketPath: filepath.Join(dir, "virtiofsd.sock"),
+		SharedDir:  filepath.Join(dir, "shared"),
+	}
+	if err := SetupShared(cfg.SharedDir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := UnmountAll(context.Background(), dir); err != nil {
+			t.Error(err)
+		}
+	})
+	v, err := StartVirtiofsd(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = v.Stop(context.Background())
+		assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
+	})
+	return v, cfg
+}
+
+func assertVirtiofsdGone(t *testing.T, pid int, socket string) {
+	t.Helper()
+	if p := procOf(pid); !p.gone() {
+		t.Errorf("virtiofsd %d still running", pid)
+	}
+	for _, f := range []string{socket, virtiofsdPidFile(socket)} {
+		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind (%v)", f, err)
+		}
+	}
+}
+
+func TestVirtiofsdStartStop(t *testing.T) {
+	requireVirtiofsd(t)
+	v, cfg := startVirtiofsd(t)
+
+	if ok, err := unixListening(cfg.SocketPath); !ok || err != nil {
+		t.Fatalf("socket not listening after start: %v %v", ok, err)
+	}
+	if !cmdlineHas(v.Pid(), "--socket-path="+cfg.SocketPath) {
+		t.Fatalf("pid %d is not our virtiofsd", v.Pid())
+	}
+	if err := v.Err(); err != nil {
+		t.Fatalf("Err before exit = %v", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-v.Done():
+	default:
+		t.Fatal("Done not closed after Stop")
+	}
+	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
+	// A second Stop is harmless.
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestVirtiofsdStartFailure(t *testing.T) {
+	requireVirtiofsd(t)
+	dir := tempDir(t)
+	cfg := VirtiofsdConfig{
+		Binary:     virtiofsdBinary,
+		SocketPath: filepath.Join(dir, "virtiofsd.sock"),
+		SharedDir:  filepath.Join(dir, "does-not-exist"),
+	}
+	v, err := StartVirtiofsd(context.Background(), cfg)
+	if err == nil {
+		_ = v.Stop(context.Background())
+		t.Fatal("StartVirtiofsd succeeded on a missing directory")
+	}
+	t.Log(err)
+	if _, err := os.Stat(cfg.SocketPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left behind: %v", err)
+	}
+	if _, err := os.Stat(virtiofsdPidFile(cfg.SocketPath)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pid file left behind: %v", err)
+	}
+
+	cfg.Binary = filepath.Join(dir, "no-such-virtiofsd")
+	if _, err := StartVirtiofsd(context.Background(), cfg); err == nil {
+		t.Fatal("StartVirtiofsd succeeded with a missing binary")
+	}
+}
+
+// TestVirtiofsdConnected has QEMU connect to virtiofsd, which then forks its
+// namespace sandbox. Mounts made below the shared dir afterwards must reach
+// that sandbox, and Stop must take the forked child down too.
+func TestVirtiofsdConnected(t *testing.T) {
+	requireVirtiofsd(t)
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skip("no qemu-system-x86_64")
+	}
+	v, cfg := startVirtiofsd(t)
+
+	vm := exec.Command(qemu,
+		"-machine", "q35,accel=tcg", "-m", "64M", "-S",
+		"-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-numa", "node,memdev=mem",
+		"-chardev", "socket,id=vfs,path="+cfg.SocketPath,
+		"-device", "vhost-user-fs-pci,chardev=vfs,tag=test",
+		"-nodefaults", "-display", "none", "-nographic")
+	if err := vm.Start(); err != nil {
+		t.Fatal(err)
+	}
+	vmDone := make(chan error, 1)
+	go func() { vmDone <- vm.Wait() }()
+	t.Cleanup(func() {
+		_ = vm.Process.Kill()
+		<-vmDone
+	})
+
+	var children []proc
+	deadline := time.Now().Add(30 * time.Second)
+	for len(children) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("virtiofsd did not fork its sandbox after QEMU connected")
+		}
+		select {
+		case err := <-vmDone:
+			t.Fatalf("qemu exited: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+		children = childPids(v.Pid())
+	}
+	child := children[0]
+
+	// Mount something below the shared dir now, and look for it from
+	// inside virtiofsd's mount namespace (rooted at the shared dir).
+	sub := filepath.Join(cfg.SharedDir, "c1", "rootfs")
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", child.pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(mi), "/c1/rootfs") {
+		t.Errorf("mount below the shared dir did not reach virtiofsd's namespace:\n%s", mi)
+	}
+	if err := unix.Unmount(sub, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !child.gone() {
+		t.Errorf("virtiofsd's sandbox child %d still running", child.pid)
+	}
+	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
+}
+
+func TestCleanupVirtiofsd(t *testing.T) {
+	requireVirtiofsd(t)
+	dir := tempDir(t)
+	shared := filepath.Join(dir, "shared")
+	if err := os.Mkdir(shared, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(dir, "virtiofsd.sock")
+
+	// A virtiofsd whose shim died: started outside of Virtiofsd.
+	cmd := exec.Command(virtiofsdBinary, VirtiofsdConfig{SocketPath: socket, SharedDir: shared}.args()...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-done
+		_ = removeVirtiofsdFiles(socket)
+	})
+	for {
+		ok, err := unixListening(socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	// An unrelated process with a pid we might have recorded: the guard
+	// must leave it alone.
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = other.Process.Kill(); _ = other.Wait() }()
+	if err := CleanupVirtiofsd(context.Background(), other.Process.Pid, filepath.Join(dir, "other.sock")); err != nil {
+		t.Fatal(err)
+	}
+	if procOf(other.Process.Pid).gone() {
+		t.Fatal("CleanupVirtiofsd killed a process that is not virtiofsd")
+	}
+
+	// Found by the recorded pid, and again (pid 0) through virtiofsd's
+	// own pid file.
+	for _, pid := range []int{cmd.Process.Pid, 0} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := CleanupVirtiofsd(ctx, pid, socket)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("virtiofsd still running after CleanupVirtiofsd")
+	}
+	assertVirtiofsdGone(t, cmd.Process.Pid, socket)
+}
+
+func TestProcStat(t *testing.T) {
+	st, err := procStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.state != "R" && st.state != "S" {
+		t.Errorf("state of the test process = %q", st.state)
+	}
+	if st.start == "" {
+		t.Error("no start time")
+	}
+	if _, err := procStat(-1); err == nil {
+		t.Error("procStat(-1) succeeded")
+	}
+}

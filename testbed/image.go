@@ -1,0 +1,200 @@
+package testbed
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	_ "crypto/sha256" // go-digest needs the hash registered
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	specs "github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// BusyboxImage is the name the local busybox image is imported under.
+const BusyboxImage = "localhost/colo/busybox:latest"
+
+// BusyboxMarker is a file only the busybox image has, so a test can tell
+// that a container sees the image's rootfs.
+const BusyboxMarker = "/etc/colo-image"
+
+// busyboxApplets are linked to /bin/busybox in the image.
+var busyboxApplets = []string{
+	"sh", "cat", "echo", "env", "hostname", "id", "ls", "mkdir", "pwd",
+	"readlink", "rm", "sleep", "stat", "test", "touch", "true", "false",
+	"uname", "wc", "grep", "head", "ps", "kill", "dd", "sync", "ip", "ping",
+	"nc", "wget", "date", "printf", "seq", "tr", "md5sum", "mount", "df",
+}
+
+// ImportBusybox builds an OCI image from the host's static busybox
+// (Debian's busybox-static) and imports it as BusyboxImage.
+func (c *Containerd) ImportBusybox(ctx context.Context) error {
+	archive := filepath.Join(c.Dir, "busybox.oci.tar")
+	if err := WriteBusyboxImage(archive, BusyboxImage); err != nil {
+		return err
+	}
+	defer os.Remove(archive)
+	r, err := c.Ctr(ctx, "image", "import", archive)
+	if err != nil {
+		return err
+	}
+	if r.ExitCode != 0 {
+		return fmt.Errorf("ctr image import: %s", r)
+	}
+	return nil
+}
+
+// WriteBusyboxImage writes an OCI image-layout archive holding one layer
+// with /bin/busybox, its applet links, a passwd with root and user 1000,
+// and BusyboxMarker.
+func WriteBusyboxImage(path, name string) error {
+	busybox, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		return fmt.Errorf("busybox-static: %w", err)
+	}
+	var layer bytes.Buffer
+	tw := tar.NewWriter(&layer)
+	epoch := time.Unix(0, 0)
+	add := func(h *tar.Header, body []byte) error {
+		h.ModTime, h.Format = epoch, tar.FormatPAX
+		h.Size = int64(len(body))
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		_, err := tw.Write(body)
+		return err
+	}
+	for _, d := range []string{"bin", "dev", "etc", "home", "home/user", "proc", "root", "sys", "tmp", "var"} {
+		mode := int64(0o755)
+		if d == "tmp" {
+			mode = 0o1777
+		}
+		h := &tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: mode}
+		if d == "home/user" {
+			h.Uid, h.Gid = 1000, 1000
+		}
+		if err := add(h, nil); err != nil {
+			return err
+		}
+	}
+	files := []struct {
+		name string
+		mode int64
+		body []byte
+	}{
+		{"bin/busybox", 0o755, busybox},
+		{"etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n")},
+		{"etc/group", 0o644, []byte("root:x:0:\nuser:x:1000:\n")},
+		{BusyboxMarker[1:], 0o644, []byte("colo busybox test image\n")},
+	}
+	for _, f := range files {
+		if err := add(&tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: f.mode}, f.body); err != nil {
+			return err
+		}
+	}
+	for _, a := range busyboxApplets {
+		if err := add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + a, Linkname: "busybox", Mode: 0o777}, nil); err != nil {
+			return err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return err
+	}
+	diffID := digest.FromBytes(layer.Bytes())
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz) // no name or time in the header: reproducible
+	if _, err := zw.Write(layer.Bytes()); err != nil {
+		return err
+	}
+	if err := zw.Close(); err != nil {
+		return err
+	}
+
+	config := ocispec.Image{
+		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
+		Config: ocispec.ImageConfig{
+			Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+			Cmd: []string{"sh"},
+		},
+		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{diffID}},
+	}
+	type blobData struct {
+		digest digest.Digest
+		data   []byte
+	}
+	var blobs []blobData
+	blob := func(mediaType string, v any) (ocispec.Descriptor, error) {
+		b, ok := v.([]byte)
+		if !ok {
+			var err error
+			if b, err = json.Marshal(v); err != nil {
+				return ocispec.Descriptor{}, err
+			}
+		}
+		d := digest.FromBytes(b)
+		blobs = append(blobs, blobData{d, b})
+		return ocispec.Descriptor{MediaType: mediaType, Digest: d, Size: int64(len(b))}, nil
+	}
+	layerDesc, err := blob(ocispec.MediaTypeImageLayerGzip, gz.Bytes())
+	if err != nil {
+		return err
+	}
+	configDesc, err := blob(ocispec.MediaTypeImageConfig, config)
+	if err != nil {
+		return err
+	}
+	manifestDesc, err := blob(ocispec.MediaTypeImageManifest, ocispec.Manifest{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: ocispec.MediaTypeImageManifest,
+		Config:    configDesc,
+		Layers:    []ocispec.Descriptor{layerDesc},
+	})
+	if err != nil {
+		return err
+	}
+	manifestDesc.Platform = &config.Platform
+	manifestDesc.Annotations = map[string]string{"io.containerd.image.name": name}
+	index, err := json.Marshal(ocispec.Index{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: ocispec.MediaTypeImageIndex,
+		Manifests: []ocispec.Descriptor{manifestDesc},
+	})
+	if err != nil {
+		return err
+	}
+
+	out, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	aw := tar.NewWriter(out)
+	write := func(name string, b []byte) error {
+		if err := aw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(b)), ModTime: epoch}); err != nil {
+			return err
+		}
+		_, err := aw.Write(b)
+		return err
+	}
+	if err := write(ocispec.ImageLayoutFile, []byte(`{"imageLayoutVersion":"1.0.0"}`)); err != nil {
+		return err
+	}
+	if err := write(ocispec.ImageIndexFile, index); err != nil {
+		return err
+	}
+	for _, b := range blobs {
+		if err := write("blobs/sha256/"+b.digest.Encoded(), b.data); err != nil {
+			return err
+		}
+	}
+	if err := aw.Close(); err != nil {
+		return err
+	}
+	return out.Close()
+}

@@ -1,0 +1,161 @@
+package testbed
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Leaks lists what colo left behind for this containerd: processes whose
+// command line names its directory (shims, QEMU, virtiofsd), mounts
+// below it, files in the colo state dir, and host cgroups named after any
+// of the given container ids. Empty means clean.
+func (c *Containerd) Leaks(ids ...string) []string {
+	var leaks []string
+	self := os.Getpid()
+	daemon := -1
+	if c.cmd != nil && c.cmd.Process != nil {
+		daemon = c.cmd.Process.Pid
+	}
+	for _, p := range processesMentioning(c.Dir) {
+		if p.pid != self && p.pid != daemon {
+			leaks = append(leaks, fmt.Sprintf("process %d: %s", p.pid, p.cmdline))
+		}
+	}
+	for _, m := range mountsUnder(c.StateDir) {
+		leaks = append(leaks, "mount "+m)
+	}
+	_ = filepath.WalkDir(c.StateDir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || path == c.StateDir {
+			return nil
+		}
+		if !d.IsDir() {
+			leaks = append(leaks, "file "+path)
+		}
+		return nil
+	})
+	for _, cg := range cgroupsNamed(ids) {
+		leaks = append(leaks, "cgroup "+cg)
+	}
+	return leaks
+}
+
+// WaitNoLeaks polls Leaks until it is empty or ctx ends, for cleanup that
+// happens asynchronously (containerd reacting to a dead shim), and returns
+// what was still there.
+func (c *Containerd) WaitNoLeaks(ctx context.Context, ids ...string) []string {
+	for {
+		leaks := c.Leaks(ids...)
+		if len(leaks) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return leaks
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+type process struct {
+	pid     int
+	cmdline string
+}
+
+func processesMentioning(s string) []process {
+	entries, _ := os.ReadDir("/proc")
+	var out []process
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		cmdline := string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte{' '}))
+		if strings.Contains(cmdline, s) {
+			out = append(out, process{pid, cmdline})
+		}
+	}
+	return out
+}
+
+// mountsUnder lists mount points at or below dir.
+func mountsUnder(dir string) []string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(fields[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	return out
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for space) of mountinfo.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// cgroupsNamed finds cgroup directories whose name contains one of ids, in
+// every mounted hierarchy (v1 and v2), a few levels deep.
+func cgroupsNamed(ids []string) []string {
+	if len(ids) == 0 {
+		return nil
+	}
+	var out []string
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		roots = []string{"/sys/fs/cgroup"}
+	}
+	for _, root := range roots {
+		_ = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() {
+				return nil
+			}
+			if strings.Count(strings.TrimPrefix(path, root), "/") > 4 {
+				return fs.SkipDir
+			}
+			for _, id := range ids {
+				if strings.Contains(d.Name(), id) {
+					out = append(out, path)
+				}
+			}
+			return nil
+		})
+	}
+	return out
+}
