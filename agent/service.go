@@ -444,6 +444,10 @@ func (s *Service) StatsContainer(context.Context, *agentproto.StatsContainerRequ
 	return nil, unimplemented("StatsContainer")
 }
 
+func (s *Service) RemoveProcess(context.Context, *agentproto.RemoveProcessRequest) (*emptypb.Empty, error) {
+	return nil, unimplemented("RemoveProcess")
+}
+
 func (s *Service) TtyWinResize(context.Context, *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {
 	return nil, unimplemented("TtyWinResize")
 }

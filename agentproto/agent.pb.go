@@ -1615,6 +1615,58 @@ func (x *WaitProcessResponse) GetOomKilled() bool {
 	return false
 }
 
+type RemoveProcessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	ExecId        string                 `protobuf:"bytes,2,opt,name=exec_id,json=execId,proto3" json:"exec_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveProcessRequest) Reset() {
+	*x = RemoveProcessRequest{}
+	mi := &file_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveProcessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveProcessRequest) ProtoMessage() {}
+
+func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveProcessRequest.ProtoReflect.Descriptor instead.
+func (*RemoveProcessRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RemoveProcessRequest) GetContainerId() string {
+	if x != nil {
+		return x.ContainerId
+	}
+	return ""
+}
+
+func (x *RemoveProcessRequest) GetExecId() string {
+	if x != nil {
+		return x.ExecId
+	}
+	return ""
+}
+
 type WriteStreamRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ContainerId   string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
@@ -1626,7 +1678,7 @@ type WriteStreamRequest struct {
 
 func (x *WriteStreamRequest) Reset() {
 	*x = WriteStreamRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +1690,7 @@ func (x *WriteStreamRequest) String() string {
 func (*WriteStreamRequest) ProtoMessage() {}
 
 func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +1703,7 @@ func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WriteStreamRequest) GetContainerId() string {
@@ -1684,7 +1736,7 @@ type WriteStreamResponse struct {
 
 func (x *WriteStreamResponse) Reset() {
 	*x = WriteStreamResponse{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1696,7 +1748,7 @@ func (x *WriteStreamResponse) String() string {
 func (*WriteStreamResponse) ProtoMessage() {}
 
 func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1709,7 +1761,7 @@ func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamResponse.ProtoReflect.Descriptor instead.
 func (*WriteStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *WriteStreamResponse) GetLen() uint32 {
@@ -1729,7 +1781,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1741,7 +1793,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1754,7 +1806,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -1783,7 +1835,7 @@ type ReadStreamRequest struct {
 
 func (x *ReadStreamRequest) Reset() {
 	*x = ReadStreamRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1795,7 +1847,7 @@ func (x *ReadStreamRequest) String() string {
 func (*ReadStreamRequest) ProtoMessage() {}
 
 func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1808,7 +1860,7 @@ func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamRequest.ProtoReflect.Descriptor instead.
 func (*ReadStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadStreamRequest) GetContainerId() string {
@@ -1842,7 +1894,7 @@ type ReadStreamResponse struct {
 
 func (x *ReadStreamResponse) Reset() {
 	*x = ReadStreamResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1854,7 +1906,7 @@ func (x *ReadStreamResponse) String() string {
 func (*ReadStreamResponse) ProtoMessage() {}
 
 func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1867,7 +1919,7 @@ func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamResponse.ProtoReflect.Descriptor instead.
 func (*ReadStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReadStreamResponse) GetData() []byte {
@@ -1896,7 +1948,7 @@ type TtyWinResizeRequest struct {
 
 func (x *TtyWinResizeRequest) Reset() {
 	*x = TtyWinResizeRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1908,7 +1960,7 @@ func (x *TtyWinResizeRequest) String() string {
 func (*TtyWinResizeRequest) ProtoMessage() {}
 
 func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1921,7 +1973,7 @@ func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtyWinResizeRequest.ProtoReflect.Descriptor instead.
 func (*TtyWinResizeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *TtyWinResizeRequest) GetContainerId() string {
@@ -1963,7 +2015,7 @@ type IPAddress struct {
 
 func (x *IPAddress) Reset() {
 	*x = IPAddress{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1975,7 +2027,7 @@ func (x *IPAddress) String() string {
 func (*IPAddress) ProtoMessage() {}
 
 func (x *IPAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1988,7 +2040,7 @@ func (x *IPAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IPAddress.ProtoReflect.Descriptor instead.
 func (*IPAddress) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *IPAddress) GetAddress() string {
@@ -2020,7 +2072,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2084,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2097,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Interface) GetName() string {
@@ -2098,7 +2150,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2110,7 +2162,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2123,7 +2175,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Route) GetDest() string {
@@ -2180,7 +2232,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2192,7 +2244,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2257,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Neighbor) GetIpAddress() string {
@@ -2245,7 +2297,7 @@ type UpdateInterfaceRequest struct {
 
 func (x *UpdateInterfaceRequest) Reset() {
 	*x = UpdateInterfaceRequest{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2257,7 +2309,7 @@ func (x *UpdateInterfaceRequest) String() string {
 func (*UpdateInterfaceRequest) ProtoMessage() {}
 
 func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2270,7 +2322,7 @@ func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateInterfaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateInterfaceRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *UpdateInterfaceRequest) GetInterface() *Interface {
@@ -2289,7 +2341,7 @@ type UpdateRoutesRequest struct {
 
 func (x *UpdateRoutesRequest) Reset() {
 	*x = UpdateRoutesRequest{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2301,7 +2353,7 @@ func (x *UpdateRoutesRequest) String() string {
 func (*UpdateRoutesRequest) ProtoMessage() {}
 
 func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2314,7 +2366,7 @@ func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UpdateRoutesRequest) GetRoutes() []*Route {
@@ -2333,7 +2385,7 @@ type UpdateRoutesResponse struct {
 
 func (x *UpdateRoutesResponse) Reset() {
 	*x = UpdateRoutesResponse{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2345,7 +2397,7 @@ func (x *UpdateRoutesResponse) String() string {
 func (*UpdateRoutesResponse) ProtoMessage() {}
 
 func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2358,7 +2410,7 @@ func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UpdateRoutesResponse) GetRoutes() []*Route {
@@ -2377,7 +2429,7 @@ type AddARPNeighborsRequest struct {
 
 func (x *AddARPNeighborsRequest) Reset() {
 	*x = AddARPNeighborsRequest{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2389,7 +2441,7 @@ func (x *AddARPNeighborsRequest) String() string {
 func (*AddARPNeighborsRequest) ProtoMessage() {}
 
 func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2402,7 +2454,7 @@ func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddARPNeighborsRequest.ProtoReflect.Descriptor instead.
 func (*AddARPNeighborsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AddARPNeighborsRequest) GetNeighbors() []*Neighbor {
@@ -2420,7 +2472,7 @@ type ListInterfacesRequest struct {
 
 func (x *ListInterfacesRequest) Reset() {
 	*x = ListInterfacesRequest{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2432,7 +2484,7 @@ func (x *ListInterfacesRequest) String() string {
 func (*ListInterfacesRequest) ProtoMessage() {}
 
 func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2445,7 +2497,7 @@ func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesRequest.ProtoReflect.Descriptor instead.
 func (*ListInterfacesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 type ListInterfacesResponse struct {
@@ -2457,7 +2509,7 @@ type ListInterfacesResponse struct {
 
 func (x *ListInterfacesResponse) Reset() {
 	*x = ListInterfacesResponse{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2521,7 @@ func (x *ListInterfacesResponse) String() string {
 func (*ListInterfacesResponse) ProtoMessage() {}
 
 func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2534,7 @@ func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesResponse.ProtoReflect.Descriptor instead.
 func (*ListInterfacesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListInterfacesResponse) GetInterfaces() []*Interface {
@@ -2591,7 +2643,10 @@ const file_agent_proto_rawDesc = "" +
 	"exitStatus\x127\n" +
 	"\texited_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bexitedAt\x12\x1d\n" +
 	"\n" +
-	"oom_killed\x18\x03 \x01(\bR\toomKilled\"d\n" +
+	"oom_killed\x18\x03 \x01(\bR\toomKilled\"R\n" +
+	"\x14RemoveProcessRequest\x12!\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
+	"\aexec_id\x18\x02 \x01(\tR\x06execId\"d\n" +
 	"\x12WriteStreamRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x17\n" +
 	"\aexec_id\x18\x02 \x01(\tR\x06execId\x12\x12\n" +
@@ -2648,7 +2703,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x16ListInterfacesResponse\x128\n" +
 	"\n" +
 	"interfaces\x18\x01 \x03(\v2\x18.colo.agent.v1.InterfaceR\n" +
-	"interfaces2\xa5\x12\n" +
+	"interfaces2\xf3\x12\n" +
 	"\x05Agent\x12B\n" +
 	"\x05Check\x12\x1b.colo.agent.v1.CheckRequest\x1a\x1c.colo.agent.v1.CheckResponse\x12L\n" +
 	"\rCreateSandbox\x12#.colo.agent.v1.CreateSandboxRequest\x1a\x16.google.protobuf.Empty\x12N\n" +
@@ -2669,7 +2724,8 @@ const file_agent_proto_rawDesc = "" +
 	"\rListProcesses\x12#.colo.agent.v1.ListProcessesRequest\x1a$.colo.agent.v1.ListProcessesResponse\x12T\n" +
 	"\vExecProcess\x12!.colo.agent.v1.ExecProcessRequest\x1a\".colo.agent.v1.ExecProcessResponse\x12L\n" +
 	"\rSignalProcess\x12#.colo.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12T\n" +
-	"\vWaitProcess\x12!.colo.agent.v1.WaitProcessRequest\x1a\".colo.agent.v1.WaitProcessResponse\x12S\n" +
+	"\vWaitProcess\x12!.colo.agent.v1.WaitProcessRequest\x1a\".colo.agent.v1.WaitProcessResponse\x12L\n" +
+	"\rRemoveProcess\x12#.colo.agent.v1.RemoveProcessRequest\x1a\x16.google.protobuf.Empty\x12S\n" +
 	"\n" +
 	"WriteStdin\x12!.colo.agent.v1.WriteStreamRequest\x1a\".colo.agent.v1.WriteStreamResponse\x12F\n" +
 	"\n" +
@@ -2696,7 +2752,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_agent_proto_goTypes = []any{
 	(*CheckRequest)(nil),            // 0: colo.agent.v1.CheckRequest
 	(*CheckResponse)(nil),           // 1: colo.agent.v1.CheckResponse
@@ -2728,40 +2784,41 @@ var file_agent_proto_goTypes = []any{
 	(*SignalProcessRequest)(nil),    // 27: colo.agent.v1.SignalProcessRequest
 	(*WaitProcessRequest)(nil),      // 28: colo.agent.v1.WaitProcessRequest
 	(*WaitProcessResponse)(nil),     // 29: colo.agent.v1.WaitProcessResponse
-	(*WriteStreamRequest)(nil),      // 30: colo.agent.v1.WriteStreamRequest
-	(*WriteStreamResponse)(nil),     // 31: colo.agent.v1.WriteStreamResponse
-	(*CloseStdinRequest)(nil),       // 32: colo.agent.v1.CloseStdinRequest
-	(*ReadStreamRequest)(nil),       // 33: colo.agent.v1.ReadStreamRequest
-	(*ReadStreamResponse)(nil),      // 34: colo.agent.v1.ReadStreamResponse
-	(*TtyWinResizeRequest)(nil),     // 35: colo.agent.v1.TtyWinResizeRequest
-	(*IPAddress)(nil),               // 36: colo.agent.v1.IPAddress
-	(*Interface)(nil),               // 37: colo.agent.v1.Interface
-	(*Route)(nil),                   // 38: colo.agent.v1.Route
-	(*Neighbor)(nil),                // 39: colo.agent.v1.Neighbor
-	(*UpdateInterfaceRequest)(nil),  // 40: colo.agent.v1.UpdateInterfaceRequest
-	(*UpdateRoutesRequest)(nil),     // 41: colo.agent.v1.UpdateRoutesRequest
-	(*UpdateRoutesResponse)(nil),    // 42: colo.agent.v1.UpdateRoutesResponse
-	(*AddARPNeighborsRequest)(nil),  // 43: colo.agent.v1.AddARPNeighborsRequest
-	(*ListInterfacesRequest)(nil),   // 44: colo.agent.v1.ListInterfacesRequest
-	(*ListInterfacesResponse)(nil),  // 45: colo.agent.v1.ListInterfacesResponse
-	(*timestamppb.Timestamp)(nil),   // 46: google.protobuf.Timestamp
-	(*anypb.Any)(nil),               // 47: google.protobuf.Any
-	(*emptypb.Empty)(nil),           // 48: google.protobuf.Empty
+	(*RemoveProcessRequest)(nil),    // 30: colo.agent.v1.RemoveProcessRequest
+	(*WriteStreamRequest)(nil),      // 31: colo.agent.v1.WriteStreamRequest
+	(*WriteStreamResponse)(nil),     // 32: colo.agent.v1.WriteStreamResponse
+	(*CloseStdinRequest)(nil),       // 33: colo.agent.v1.CloseStdinRequest
+	(*ReadStreamRequest)(nil),       // 34: colo.agent.v1.ReadStreamRequest
+	(*ReadStreamResponse)(nil),      // 35: colo.agent.v1.ReadStreamResponse
+	(*TtyWinResizeRequest)(nil),     // 36: colo.agent.v1.TtyWinResizeRequest
+	(*IPAddress)(nil),               // 37: colo.agent.v1.IPAddress
+	(*Interface)(nil),               // 38: colo.agent.v1.Interface
+	(*Route)(nil),                   // 39: colo.agent.v1.Route
+	(*Neighbor)(nil),                // 40: colo.agent.v1.Neighbor
+	(*UpdateInterfaceRequest)(nil),  // 41: colo.agent.v1.UpdateInterfaceRequest
+	(*UpdateRoutesRequest)(nil),     // 42: colo.agent.v1.UpdateRoutesRequest
+	(*UpdateRoutesResponse)(nil),    // 43: colo.agent.v1.UpdateRoutesResponse
+	(*AddARPNeighborsRequest)(nil),  // 44: colo.agent.v1.AddARPNeighborsRequest
+	(*ListInterfacesRequest)(nil),   // 45: colo.agent.v1.ListInterfacesRequest
+	(*ListInterfacesResponse)(nil),  // 46: colo.agent.v1.ListInterfacesResponse
+	(*timestamppb.Timestamp)(nil),   // 47: google.protobuf.Timestamp
+	(*anypb.Any)(nil),               // 48: google.protobuf.Any
+	(*emptypb.Empty)(nil),           // 49: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
 	2,  // 0: colo.agent.v1.CreateSandboxRequest.storages:type_name -> colo.agent.v1.Storage
-	46, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
-	46, // 2: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
+	47, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
+	47, // 2: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
 	2,  // 3: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
-	47, // 4: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
+	48, // 4: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
 	23, // 5: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
-	46, // 6: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	36, // 7: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
-	37, // 8: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
-	38, // 9: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
-	38, // 10: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
-	39, // 11: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
-	37, // 12: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
+	47, // 6: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	37, // 7: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
+	38, // 8: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
+	39, // 9: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
+	39, // 10: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
+	40, // 11: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
+	38, // 12: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
 	0,  // 13: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
 	3,  // 14: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
 	4,  // 15: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
@@ -2781,45 +2838,47 @@ var file_agent_proto_depIdxs = []int32{
 	25, // 29: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
 	27, // 30: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
 	28, // 31: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
-	30, // 32: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
-	32, // 33: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
-	33, // 34: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
-	33, // 35: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
-	35, // 36: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
-	40, // 37: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
-	41, // 38: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
-	43, // 39: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
-	44, // 40: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
-	1,  // 41: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
-	48, // 42: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
-	48, // 43: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
-	6,  // 44: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
-	48, // 45: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
-	48, // 46: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
-	10, // 47: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
-	12, // 48: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
-	48, // 49: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
-	15, // 50: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
-	48, // 51: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
-	48, // 52: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
-	48, // 53: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
-	48, // 54: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
-	21, // 55: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
-	24, // 56: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
-	26, // 57: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
-	48, // 58: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	29, // 59: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
-	31, // 60: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
-	48, // 61: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	34, // 62: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
-	34, // 63: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
-	48, // 64: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
-	37, // 65: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
-	42, // 66: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
-	48, // 67: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
-	45, // 68: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
-	41, // [41:69] is the sub-list for method output_type
-	13, // [13:41] is the sub-list for method input_type
+	30, // 32: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
+	31, // 33: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
+	33, // 34: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
+	34, // 35: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
+	34, // 36: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
+	36, // 37: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
+	41, // 38: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
+	42, // 39: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
+	44, // 40: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
+	45, // 41: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
+	1,  // 42: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
+	49, // 43: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
+	49, // 44: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
+	6,  // 45: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
+	49, // 46: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
+	49, // 47: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
+	10, // 48: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
+	12, // 49: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
+	49, // 50: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
+	15, // 51: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
+	49, // 52: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
+	49, // 53: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
+	49, // 54: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
+	49, // 55: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
+	21, // 56: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
+	24, // 57: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
+	26, // 58: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
+	49, // 59: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	29, // 60: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
+	49, // 61: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
+	32, // 62: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
+	49, // 63: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	35, // 64: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
+	35, // 65: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
+	49, // 66: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
+	38, // 67: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
+	43, // 68: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
+	49, // 69: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
+	46, // 70: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
+	42, // [42:71] is the sub-list for method output_type
+	13, // [13:42] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
 	13, // [13:13] is the sub-list for extension extendee
 	0,  // [0:13] is the sub-list for field type_name
@@ -2836,7 +2895,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   46,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

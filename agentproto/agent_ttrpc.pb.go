@@ -28,6 +28,7 @@ type AgentService interface {
 	ExecProcess(context.Context, *ExecProcessRequest) (*ExecProcessResponse, error)
 	SignalProcess(context.Context, *SignalProcessRequest) (*emptypb.Empty, error)
 	WaitProcess(context.Context, *WaitProcessRequest) (*WaitProcessResponse, error)
+	RemoveProcess(context.Context, *RemoveProcessRequest) (*emptypb.Empty, error)
 	WriteStdin(context.Context, *WriteStreamRequest) (*WriteStreamResponse, error)
 	CloseStdin(context.Context, *CloseStdinRequest) (*emptypb.Empty, error)
 	ReadStdout(context.Context, *ReadStreamRequest) (*ReadStreamResponse, error)
@@ -174,6 +175,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.WaitProcess(ctx, &req)
+			},
+			"RemoveProcess": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req RemoveProcessRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.RemoveProcess(ctx, &req)
 			},
 			"WriteStdin": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req WriteStreamRequest
@@ -399,6 +407,14 @@ func (c *agentClient) SignalProcess(ctx context.Context, req *SignalProcessReque
 func (c *agentClient) WaitProcess(ctx context.Context, req *WaitProcessRequest) (*WaitProcessResponse, error) {
 	var resp WaitProcessResponse
 	if err := c.client.Call(ctx, "colo.agent.v1.Agent", "WaitProcess", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) RemoveProcess(ctx context.Context, req *RemoveProcessRequest) (*emptypb.Empty, error) {
+	var resp emptypb.Empty
+	if err := c.client.Call(ctx, "colo.agent.v1.Agent", "RemoveProcess", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
