@@ -15,7 +15,7 @@ GO_SRC := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
 export PATH := $(BIN):$(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: all setup build guest generate check-generated lint test unit e2e demo clean
+.PHONY: all setup build guest generate check-generated lint test unit e2e demo bench clean
 
 all: build guest
 
@@ -78,6 +78,11 @@ test: check-generated lint build guest
 
 demo: build guest
 	$(GO) run ./testbed/demo
+
+# Measures colo beside runc; writes docs/benchmarks.{md,json,png}.
+BENCH_FLAGS ?= -n 5 -pods 10
+bench: build guest
+	$(GO) run ./bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BUILD)

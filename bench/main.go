@@ -1,0 +1,499 @@
+// Command bench measures what users compare between runtimes, colo beside
+// runc in the same run on the same private containerd: cold start to the
+// first byte of output, colo's start stages, host memory per pod, parallel
+// starts and exec latency. `make bench` runs it and writes
+// docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks.png.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/colo-runtime/colo/testbed"
+)
+
+const runcRuntime = "io.containerd.runc.v2"
+
+func main() {
+	var o options
+	flag.IntVar(&o.runs, "n", 5, "runs of each sequential measurement, per runtime")
+	flag.IntVar(&o.pods, "pods", 10, "pods for the memory and parallel-start measurements")
+	flag.StringVar(&o.out, "out", "docs", "directory for benchmarks.{md,json,png}")
+	flag.Parse()
+	if err := run(o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	runs, pods int
+	out        string
+}
+
+// Stats summarises samples in milliseconds.
+type Stats struct {
+	N      int       `json:"n"`
+	Median float64   `json:"median_ms"`
+	Min    float64   `json:"min_ms"`
+	Max    float64   `json:"max_ms"`
+	P99    float64   `json:"p99_ms"`
+	All    []float64 `json:"samples_ms"`
+}
+
+func summarize(d []time.Duration) Stats {
+	ms := make([]float64, len(d))
+	for i, v := range d {
+		ms[i] = float64(v.Microseconds()) / 1000
+	}
+	sort.Float64s(ms)
+	s := Stats{N: len(ms), All: ms}
+	if len(ms) == 0 {
+		return s
+	}
+	s.Min, s.Max = ms[0], ms[len(ms)-1]
+	s.Median = percentile(ms, 50)
+	s.P99 = percentile(ms, 99)
+	return s
+}
+
+// percentile of sorted samples, nearest rank.
+func percentile(sorted []float64, p float64) float64 {
+	rank := int(p/100*float64(len(sorted))+0.999999) - 1
+	rank = max(0, min(rank, len(sorted)-1))
+	return sorted[rank]
+}
+
+// Report is everything bench measured.
+type Report struct {
+	Date     string            `json:"date"`
+	Machine  map[string]string `json:"machine"`
+	Runs     int               `json:"runs"`
+	Pods     int               `json:"pods"`
+	Cold     map[string]Stats  `json:"cold_start"`
+	Ratio    float64           `json:"cold_start_ratio_colo_runc"`
+	Stages   map[string]Stats  `json:"colo_start_stages"`
+	Memory   Memory            `json:"memory"`
+	Parallel map[string]Stats  `json:"parallel_start"`
+	Exec     map[string]Stats  `json:"exec_latency"`
+	// NotMeasured says which measurements failed, and why.
+	NotMeasured []string `json:"not_measured,omitempty"`
+}
+
+// Memory per pod, in MiB.
+type Memory struct {
+	IdlePodPSS      float64  `json:"idle_pod_pss_mib"`
+	ShimPSS         float64  `json:"shim_pss_mib"`
+	ShimRSS         float64  `json:"shim_rss_mib"`
+	HypervisorPSS   float64  `json:"hypervisor_pss_mib"`
+	HelpersPSS      float64  `json:"helpers_pss_mib"`
+	PerPodPSSAtN    float64  `json:"per_pod_pss_mib_with_n_pods"`
+	RuncShimPSS     float64  `json:"runc_shim_pss_mib"`
+	GuestMemoryMiB  int      `json:"guest_memory_mib"`
+	MeasuredProcess []string `json:"measured_processes"`
+}
+
+func run(o options) (err error) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cd, err := testbed.Start(ctx, testbed.Options{Namespace: "bench"})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		leaks := cd.WaitNoLeaks(ctx)
+		if stopErr := cd.Stop(); err == nil {
+			err = stopErr
+		}
+		if err == nil && len(leaks) > 0 {
+			err = fmt.Errorf("left behind: %s", strings.Join(leaks, "; "))
+		}
+	}()
+	if err := cd.ImportBusybox(ctx); err != nil {
+		return err
+	}
+	rep := Report{
+		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Runs: o.runs, Pods: o.pods,
+		Cold: map[string]Stats{}, Stages: map[string]Stats{}, Parallel: map[string]Stats{}, Exec: map[string]Stats{},
+	}
+	rts := map[string]string{"runc": runcRuntime, "colo": testbed.Runtime}
+
+	// Cold start, alternating so that drift on the machine hits both.
+	fmt.Println("cold start ...")
+	cold := map[string][]time.Duration{}
+	var coloIDs []string
+	for i := range o.runs {
+		for _, name := range []string{"runc", "colo"} {
+			id := fmt.Sprintf("cold-%s-%d", name, i)
+			d, err := firstOutput(ctx, cd, rts[name], id)
+			if err != nil {
+				return err
+			}
+			cold[name] = append(cold[name], d)
+			if name == "colo" {
+				coloIDs = append(coloIDs, id)
+			}
+		}
+	}
+	for name, d := range cold {
+		rep.Cold[name] = summarize(d)
+	}
+	if rep.Cold["runc"].Median > 0 {
+		rep.Ratio = rep.Cold["colo"].Median / rep.Cold["runc"].Median
+	}
+	for stage, d := range stages(cd.Logs(), coloIDs) {
+		rep.Stages[stage] = summarize(d)
+	}
+
+	fmt.Println("exec latency ...")
+	for name, rt := range rts {
+		d, err := execLatency(ctx, cd, rt, "exec-"+name, o.runs)
+		if err != nil {
+			rep.NotMeasured = append(rep.NotMeasured, fmt.Sprintf("exec latency (%s): %v", name, err))
+			continue
+		}
+		rep.Exec[name] = summarize(d)
+	}
+
+	fmt.Println("memory ...")
+	if rep.Memory, err = memory(ctx, cd, o.pods); err != nil {
+		return err
+	}
+
+	fmt.Println("parallel start ...")
+	for name, rt := range rts {
+		d, err := parallelStart(ctx, cd, rt, name, o.pods)
+		if err != nil {
+			return err
+		}
+		rep.Parallel[name] = summarize(d)
+	}
+	return write(o.out, rep)
+}
+
+// firstOutput times `ctr run --rm` from the call to the first byte the
+// container prints, then waits for the run to finish.
+func firstOutput(ctx context.Context, cd *testbed.Containerd, rt, id string) (time.Duration, error) {
+	cmd := cd.CtrCmd(ctx, "run", "--rm", "--runtime", rt, testbed.BusyboxImage, id, "echo", "ready")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	var first time.Duration
+	b := make([]byte, 1)
+	if n, _ := out.Read(b); n == 1 {
+		first = time.Since(start)
+	}
+	io.Copy(io.Discard, out)
+	if err := cmd.Wait(); err != nil || first == 0 {
+		return 0, fmt.Errorf("ctr run %s (%s): %v: %s", id, rt, err, stderr.String())
+	}
+	return first, nil
+}
+
+// stageLine matches the shim's "start stage" log lines.
+var stageLine = regexp.MustCompile(`msg="start stage".*?elapsed=([0-9.]+[a-zµ]+).*?sandbox=(\S+).*?stage=(\S+)`)
+
+// stages reads the shim's start stage timestamps for the given sandboxes
+// from containerd's log: time since Create began, per stage.
+func stages(logs string, ids []string) map[string][]time.Duration {
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	out := map[string][]time.Duration{}
+	for _, line := range strings.Split(logs, "\n") {
+		m := stageLine.FindStringSubmatch(line)
+		if m == nil || !want[m[2]] {
+			continue
+		}
+		if d, err := time.ParseDuration(m[1]); err == nil {
+			out[m[3]] = append(out[m[3]], d)
+		}
+	}
+	return out
+}
+
+func execLatency(ctx context.Context, cd *testbed.Containerd, rt, id string, n int) ([]time.Duration, error) {
+	if r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", rt, testbed.BusyboxImage, id, "sleep", "100000"); err != nil || r.ExitCode != 0 {
+		return nil, fmt.Errorf("start %s: %v %s", id, err, r)
+	}
+	defer remove(ctx, cd, id)
+	var d []time.Duration
+	for i := range n {
+		start := time.Now()
+		r, err := cd.Ctr(ctx, "task", "exec", "--exec-id", "e"+strconv.Itoa(i), id, "true")
+		if err != nil || r.ExitCode != 0 {
+			return nil, fmt.Errorf("exec in %s: %v %s", id, err, r)
+		}
+		d = append(d, time.Since(start))
+	}
+	return d, nil
+}
+
+func remove(ctx context.Context, cd *testbed.Containerd, ids ...string) {
+	for _, id := range ids {
+		cd.Ctr(ctx, "task", "rm", "-f", id)
+		cd.Ctr(ctx, "container", "rm", id)
+	}
+}
+
+func parallelStart(ctx context.Context, cd *testbed.Containerd, rt, name string, n int) ([]time.Duration, error) {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		d    []time.Duration
+		errs []error
+	)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v, err := firstOutput(ctx, cd, rt, fmt.Sprintf("par-%s-%d", name, i))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			d = append(d, v)
+		}()
+	}
+	wg.Wait()
+	return d, errors.Join(errs...)
+}
+
+// memory measures host memory of idle pods: one pod alone, then n at once.
+func memory(ctx context.Context, cd *testbed.Containerd, n int) (Memory, error) {
+	var m Memory
+	m.GuestMemoryMiB = 256
+	one := "mem-0"
+	if r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", testbed.Runtime, testbed.BusyboxImage, one, "sleep", "100000"); err != nil || r.ExitCode != 0 {
+		return m, fmt.Errorf("start %s: %v %s", one, err, r)
+	}
+	ids := []string{one}
+	defer func() { remove(ctx, cd, ids...) }()
+	time.Sleep(2 * time.Second) // let the guest settle after boot
+	procs := podProcesses(cd, one)
+	for _, p := range procs {
+		pss, rss := smaps(p.pid)
+		m.IdlePodPSS += pss
+		m.MeasuredProcess = append(m.MeasuredProcess, p.kind)
+		switch p.kind {
+		case "shim":
+			m.ShimPSS, m.ShimRSS = pss, rss
+		case "qemu":
+			m.HypervisorPSS += pss
+		default:
+			m.HelpersPSS += pss
+		}
+	}
+	runcID := "mem-runc"
+	if r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", runcRuntime, testbed.BusyboxImage, runcID, "sleep", "100000"); err == nil && r.ExitCode == 0 {
+		ids = append(ids, runcID)
+		for _, pid := range shimPids(cd, runcID, "containerd-shim-runc-v2") {
+			pss, _ := smaps(pid)
+			m.RuncShimPSS += pss
+		}
+	}
+	for i := 1; i < n; i++ {
+		id := fmt.Sprintf("mem-%d", i)
+		if r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", testbed.Runtime, testbed.BusyboxImage, id, "sleep", "100000"); err != nil || r.ExitCode != 0 {
+			return m, fmt.Errorf("start %s: %v %s", id, err, r)
+		}
+		ids = append(ids, id)
+	}
+	time.Sleep(2 * time.Second)
+	var total float64
+	for i := range n {
+		for _, p := range podProcesses(cd, fmt.Sprintf("mem-%d", i)) {
+			pss, _ := smaps(p.pid)
+			total += pss
+		}
+	}
+	m.PerPodPSSAtN = total / float64(n)
+	return m, nil
+}
+
+type podProcess struct {
+	pid  int
+	kind string
+}
+
+// podProcesses finds the shim, QEMU and helpers of one colo pod.
+func podProcesses(cd *testbed.Containerd, id string) []podProcess {
+	var out []podProcess
+	for _, pid := range cd.ShimPids(id) {
+		out = append(out, podProcess{pid, "shim"})
+	}
+	sandbox := filepath.Join(cd.StateDir, cd.Namespace, id) + "/"
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		cmdline := string(b)
+		if !strings.Contains(cmdline, sandbox) {
+			continue
+		}
+		kind := "helper"
+		if strings.Contains(cmdline, "qemu-system") {
+			kind = "qemu"
+		} else if strings.Contains(cmdline, "virtiofsd") {
+			kind = "virtiofsd"
+		}
+		out = append(out, podProcess{pid, kind})
+	}
+	return out
+}
+
+func shimPids(cd *testbed.Containerd, id, binary string) []int {
+	var pids []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 0 && strings.HasSuffix(args[0], binary) && strings.Contains(string(b), "\x00"+id+"\x00") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// smaps returns a process's PSS and RSS in MiB.
+func smaps(pid int) (pss, rss float64) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0, 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 2 {
+			continue
+		}
+		kb, _ := strconv.ParseFloat(fields[1], 64)
+		switch fields[0] {
+		case "Pss:":
+			pss = kb / 1024
+		case "Rss:":
+			rss = kb / 1024
+		}
+	}
+	return pss, rss
+}
+
+func machine() map[string]string {
+	m := map[string]string{"go": runtime.Version(), "cpus": strconv.Itoa(runtime.NumCPU())}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m["cpu"] = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	for name, args := range map[string][]string{
+		"kernel": {"uname", "-r"}, "qemu": {"qemu-system-x86_64", "--version"},
+	} {
+		if out, err := exec.Command(args[0], args[1:]...).Output(); err == nil {
+			m[name] = strings.SplitN(strings.TrimSpace(string(out)), "\n", 2)[0]
+		}
+	}
+	return m
+}
+
+func write(dir string, rep Report) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "benchmarks.json"), append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	md := markdown(rep)
+	fmt.Print(md)
+	if err := os.WriteFile(filepath.Join(dir, "benchmarks.md"), []byte(md), 0o644); err != nil {
+		return err
+	}
+	return chart(filepath.Join(dir, "benchmarks.png"), rep)
+}
+
+func markdown(r Report) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# colo benchmarks\n\nWritten by `make bench` on %s. Machine: %s, %s CPUs, host kernel %s, %s, %s.\n",
+		r.Date, r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"], r.Machine["qemu"], r.Machine["go"])
+	b.WriteString("Every figure is colo beside runc measured in the same run on the same private containerd. ")
+	b.WriteString("On this machine guests run under TCG (no usable KVM), so absolute VM times are TCG times.\n\n")
+	fmt.Fprintf(&b, "## Cold start: `ctr run --rm` to the first byte of output (%d runs each, alternating)\n\n", r.Runs)
+	b.WriteString("| runtime | median ms | min ms | max ms |\n|---|---|---|---|\n")
+	for _, name := range []string{"runc", "colo"} {
+		s := r.Cold[name]
+		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f |\n", name, s.Median, s.Min, s.Max)
+	}
+	fmt.Fprintf(&b, "\ncolo/runc median ratio: **%.1f**\n\n", r.Ratio)
+	b.WriteString("## colo start stages (time since the shim's Create began)\n\n| stage | median ms | min ms | max ms |\n|---|---|---|---|\n")
+	var names []string
+	for k := range r.Stages {
+		names = append(names, k)
+	}
+	sort.Slice(names, func(i, j int) bool { return r.Stages[names[i]].Median < r.Stages[names[j]].Median })
+	for _, k := range names {
+		s := r.Stages[k]
+		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f |\n", k, s.Median, s.Min, s.Max)
+	}
+	m := r.Memory
+	fmt.Fprintf(&b, "\n## Host memory per idle pod (guest memory %d MiB)\n\n| what | MiB |\n|---|---|\n", m.GuestMemoryMiB)
+	fmt.Fprintf(&b, "| one idle pod, PSS of shim + QEMU + helpers | %.1f |\n| QEMU PSS | %.1f |\n| helpers (virtiofsd) PSS | %.1f |\n", m.IdlePodPSS, m.HypervisorPSS, m.HelpersPSS)
+	fmt.Fprintf(&b, "| colo shim PSS (RSS) | %.1f (%.1f) |\n| runc shim PSS, for comparison | %.1f |\n", m.ShimPSS, m.ShimRSS, m.RuncShimPSS)
+	fmt.Fprintf(&b, "| per pod with %d pods running, PSS | %.1f |\n", r.Pods, m.PerPodPSSAtN)
+	b.WriteString("\nThe agent's memory inside the guest is not measured yet.\n")
+	fmt.Fprintf(&b, "\n## Parallel start: %d pods at once, time to first output\n\n| runtime | p50 ms | p99 ms | max ms |\n|---|---|---|---|\n", r.Pods)
+	for _, name := range []string{"runc", "colo"} {
+		s := r.Parallel[name]
+		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f |\n", name, s.Median, s.P99, s.Max)
+	}
+	fmt.Fprintf(&b, "\n## Exec latency: `ctr task exec ... true` (%d runs)\n\n| runtime | median ms | min ms | max ms |\n|---|---|---|---|\n", r.Runs)
+	for _, name := range []string{"runc", "colo"} {
+		s := r.Exec[name]
+		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f |\n", name, s.Median, s.Min, s.Max)
+	}
+	for _, n := range r.NotMeasured {
+		fmt.Fprintf(&b, "\nNot measured: %s\n", n)
+	}
+	b.WriteString("\n![benchmarks](benchmarks.png)\n")
+	return b.String()
+}
