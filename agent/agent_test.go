@@ -621,6 +621,18 @@ func TestCreateStartExec(t *testing.T) {
 	if _, err := a.ExecProcess(ctx, &agentproto.ExecProcessRequest{ContainerId: id, ExecId: "e1", Process: []byte(`{"args":["true"],"cwd":"/"}`)}); status.Code(err) != codes.AlreadyExists {
 		t.Errorf("exec with a used id = %v, want AlreadyExists", err)
 	}
+	// RemoveProcess frees an exited exec's id; a running one stays.
+	exec("e3", specs.Process{Args: []string{"sleep", "1000"}, Env: []string{"PATH=/bin"}, Cwd: "/"}, false)
+	if _, err := a.RemoveProcess(ctx, &agentproto.RemoveProcessRequest{ContainerId: id, ExecId: "e3"}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("RemoveProcess of a running exec = %v, want FailedPrecondition", err)
+	}
+	if _, err := a.RemoveProcess(ctx, &agentproto.RemoveProcessRequest{ContainerId: id, ExecId: "e1"}); err != nil {
+		t.Errorf("RemoveProcess(e1): %v", err)
+	}
+	if _, err := a.WaitProcess(ctx, &agentproto.WaitProcessRequest{ContainerId: id, ExecId: "e1"}); status.Code(err) != codes.NotFound {
+		t.Errorf("WaitProcess of a removed exec = %v, want NotFound", err)
+	}
+	exec("e1", specs.Process{Args: []string{"true"}, Env: []string{"PATH=/bin"}, Cwd: "/"}, false)
 
 	// Removing a running container kills it; the waits return.
 	a.remove(t, id)

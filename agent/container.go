@@ -347,6 +347,23 @@ func (c *container) unreserve(execID string) {
 	c.mu.Unlock()
 }
 
+// removeExec frees an exited exec process: its stdio and its id.
+func (c *container) removeExec(execID string) error {
+	if execID == "" {
+		return fmt.Errorf("the init process goes with RemoveContainer: %w", errdefs.ErrInvalidArgument)
+	}
+	p, err := c.process(execID)
+	if err != nil {
+		return err
+	}
+	if !p.hasExited() {
+		return fmt.Errorf("exec %q of container %s is still running: %w", execID, c.id, errdefs.ErrFailedPrecondition)
+	}
+	c.unreserve(execID)
+	p.stdio.Close()
+	return nil
+}
+
 // signal signals one process, or with all every process of the container.
 func (c *container) signal(execID string, sig unix.Signal, all bool) error {
 	if all {

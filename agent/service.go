@@ -444,8 +444,15 @@ func (s *Service) StatsContainer(context.Context, *agentproto.StatsContainerRequ
 	return nil, unimplemented("StatsContainer")
 }
 
-func (s *Service) RemoveProcess(context.Context, *agentproto.RemoveProcessRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("RemoveProcess")
+func (s *Service) RemoveProcess(ctx context.Context, req *agentproto.RemoveProcessRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if err := c.removeExec(req.GetExecId()); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
 }
 
 func (s *Service) TtyWinResize(context.Context, *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {

@@ -29,6 +29,7 @@ type Status string
 const (
 	StatusCreated Status = "created"
 	StatusRunning Status = "running"
+	StatusPaused  Status = "paused"
 	StatusStopped Status = "stopped"
 )
 
@@ -48,16 +49,24 @@ type Container struct {
 	spec   *specs.Spec
 	init   *process
 
+	execMu sync.Mutex
+	execs  map[string]*process
+
+	pausedMu sync.Mutex
+	paused   bool
+
 	removeMu sync.Mutex
 	removed  bool // gone from the guest
 }
 
-// process is a process of a container: for now only its init.
+// process is a process of a container: its init (execID "") or an exec.
 type process struct {
 	sb          *Sandbox
 	containerID string
 	execID      string
 	io          *pipes
+	stdio       Stdio
+	spec        []byte // an exec's OCI process, as JSON
 
 	mu      sync.Mutex
 	state   ProcessState
@@ -98,11 +107,13 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 		bundle: cfg.Bundle,
 		stdio:  cfg.Stdio,
 		spec:   cfg.Spec,
+		execs:  make(map[string]*process),
 	}
 	c.init = &process{
 		sb:          s,
 		containerID: cfg.ID,
 		io:          io,
+		stdio:       cfg.Stdio,
 		state:       ProcessState{Status: StatusCreated},
 		done:        make(chan struct{}),
 	}
@@ -146,11 +157,27 @@ func (c *Container) ID() string { return c.id }
 // Bundle of the container.
 func (c *Container) Bundle() string { return c.bundle }
 
-// Stdio of the container's init process.
-func (c *Container) Stdio() Stdio { return c.stdio }
+// ProcessStdio are the stdio paths of the init process or an exec.
+func (c *Container) ProcessStdio(execID string) (Stdio, error) {
+	p, err := c.process(execID)
+	if err != nil {
+		return Stdio{}, err
+	}
+	return p.stdio, nil
+}
 
-// State of the container's init process.
-func (c *Container) State() ProcessState { return c.init.State() }
+// State of the container's init process (execID "") or of an exec.
+func (c *Container) State(execID string) (ProcessState, error) {
+	p, err := c.process(execID)
+	if err != nil {
+		return ProcessState{}, err
+	}
+	st := p.State()
+	if execID == "" && st.Status == StatusRunning && c.isPaused() {
+		st.Status = StatusPaused
+	}
+	return st, nil
+}
 
 // Start starts the container's init process.
 func (c *Container) Start(ctx context.Context) error {
@@ -179,19 +206,27 @@ func (c *Container) Start(ctx context.Context) error {
 	return nil
 }
 
-// Kill signals the container's init process, or all its processes.
-func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
-	p := c.init
+// Kill signals the container's init process (execID "") or an exec, or
+// with all every process of the container.
+func (c *Container) Kill(ctx context.Context, execID string, signal uint32, all bool) error {
+	p, err := c.process(execID)
+	if err != nil {
+		return err
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.state.Status == StatusStopped {
 		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: process already finished", c.id))
 	}
+	if execID != "" && p.state.Status == StatusCreated {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is not started", execID, c.id))
+	}
 	if !c.sb.alive() {
 		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
 	}
-	_, err := c.sb.agent.SignalProcess(ctx, &agentproto.SignalProcessRequest{
+	_, err = c.sb.agent.SignalProcess(ctx, &agentproto.SignalProcessRequest{
 		ContainerId: c.id,
+		ExecId:      execID,
 		Signal:      signal,
 		All:         all,
 	})
@@ -204,21 +239,28 @@ func (c *Container) Kill(ctx context.Context, signal uint32, all bool) error {
 	return nil
 }
 
-// Wait blocks until the container's init process has exited (and its
-// output has been copied out) or ctx is done.
-func (c *Container) Wait(ctx context.Context) (ProcessState, error) {
+// Wait blocks until the process has exited (and its output has been
+// copied out) or ctx is done.
+func (c *Container) Wait(ctx context.Context, execID string) (ProcessState, error) {
+	p, err := c.process(execID)
+	if err != nil {
+		return ProcessState{}, err
+	}
 	select {
-	case <-c.init.done:
-		return c.init.State(), nil
+	case <-p.done:
+		return p.State(), nil
 	case <-ctx.Done():
 		return ProcessState{}, ctx.Err()
 	}
 }
 
-// CloseStdin closes the init process's stdin once what was written is
-// through.
-func (c *Container) CloseStdin(ctx context.Context) error {
-	return c.init.io.closeStdin()
+// CloseStdin closes the process's stdin once what was written is through.
+func (c *Container) CloseStdin(ctx context.Context, execID string) error {
+	p, err := c.process(execID)
+	if err != nil {
+		return err
+	}
+	return p.io.closeStdin()
 }
 
 // remove removes the container from the guest, once.
@@ -238,6 +280,14 @@ func (c *Container) remove(ctx context.Context) error {
 	}
 	c.removed = true
 	c.init.io.close()
+	c.execMu.Lock()
+	for _, p := range c.execs {
+		if p != nil {
+			p.io.close()
+			p.vmDied()
+		}
+	}
+	c.execMu.Unlock()
 	return nil
 }
 

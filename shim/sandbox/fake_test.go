@@ -208,6 +208,10 @@ func (a *fakeAgent) Check(ctx context.Context, _ *agentproto.CheckRequest) (*age
 	return &agentproto.CheckResponse{AgentVersion: "fake", ProtocolVersion: a.protocolVersion, BootId: "boot"}, nil
 }
 
+func (a *fakeAgent) GetGuestDetails(ctx context.Context, _ *agentproto.GetGuestDetailsRequest) (*agentproto.GetGuestDetailsResponse, error) {
+	return &agentproto.GetGuestDetailsResponse{KernelRelease: "fake", AgentVersion: "fake"}, nil
+}
+
 func (a *fakeAgent) CreateSandbox(ctx context.Context, r *agentproto.CreateSandboxRequest) (*emptypb.Empty, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -300,7 +300,21 @@ func (s *Sandbox) boot(ctx context.Context, hostname string) error {
 		Storages:  storages,
 		HostTime:  timestamppb.Now(),
 	})
-	return agentError("CreateSandbox", err)
+	if err != nil {
+		return agentError("CreateSandbox", err)
+	}
+	// What runs in the guest, for whoever reads the log after a problem.
+	if d, err := s.agent.GetGuestDetails(callCtx, &agentproto.GetGuestDetailsRequest{}); err != nil {
+		log.G(ctx).WithError(err).Warn("guest details")
+	} else {
+		log.G(ctx).WithFields(log.Fields{
+			"agent_version":  d.GetAgentVersion(),
+			"kernel_release": d.GetKernelRelease(),
+			"online_cpus":    d.GetOnlineCpus(),
+			"mem_total":      d.GetMemTotalBytes(),
+		}).Info("guest")
+	}
+	return nil
 }
 
 func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {

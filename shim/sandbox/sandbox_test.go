@@ -308,7 +308,7 @@ func TestLifecycle(t *testing.T) {
 				t.Errorf("guest namespaces = %+v, want %+v", g.Linux.Namespaces, wantNS)
 			}
 
-			if s := c.State(); s.Status != StatusCreated {
+			if s := c.initState(); s.Status != StatusCreated {
 				t.Errorf("state after create = %+v", s)
 			}
 			// Nothing reads the fifos until the exit is reported: what
@@ -330,14 +330,14 @@ func TestLifecycle(t *testing.T) {
 			if out := <-stderr; out != "err\n" {
 				t.Errorf("stderr = %q", out)
 			}
-			ws, err := c.Wait(ctx)
+			ws, err := c.Wait(ctx, "")
 			if err != nil || ws.Status != StatusStopped || ws.ExitStatus != 3 {
 				t.Errorf("Wait = %+v, %v", ws, err)
 			}
 			if err := c.Start(ctx); !errdefs.IsFailedPrecondition(err) {
 				t.Errorf("second Start: %v, want failed precondition", err)
 			}
-			if err := c.Kill(ctx, 9, false); !errdefs.IsNotFound(err) {
+			if err := c.Kill(ctx, "", 9, false); !errdefs.IsNotFound(err) {
 				t.Errorf("Kill after exit: %v, want not found", err)
 			}
 
@@ -386,7 +386,7 @@ func TestStdin(t *testing.T) {
 				for e.drv.agent.stdinSeen("c1") != "abc" && time.Now().Before(deadline) {
 					time.Sleep(5 * time.Millisecond)
 				}
-				if err := c.CloseStdin(ctx); err != nil {
+				if err := c.CloseStdin(ctx, ""); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -410,7 +410,7 @@ func TestKillBeforeStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Kill(ctx, 9, false); err != nil {
+	if err := c.Kill(ctx, "", 9, false); err != nil {
 		t.Fatal(err)
 	}
 	if x := waitExit(t, e.exits); x.Status != 137 {
@@ -431,7 +431,7 @@ func TestDeleteBeforeStart(t *testing.T) {
 	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
 		t.Fatal(err)
 	}
-	if s := c.State(); s.Status != StatusStopped {
+	if s := c.initState(); s.Status != StatusStopped {
 		t.Errorf("state after delete = %+v", s)
 	}
 	waitExit(t, e.exits)
@@ -450,7 +450,7 @@ func TestDeleteRunning(t *testing.T) {
 	if _, err := sb.DeleteContainer(ctx, "c1"); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("delete of a running container: %v, want failed precondition", err)
 	}
-	if err := c.Kill(ctx, 15, false); err != nil {
+	if err := c.Kill(ctx, "", 15, false); err != nil {
 		t.Fatal(err)
 	}
 	if x := waitExit(t, e.exits); x.Status != 128+15 {
@@ -622,7 +622,7 @@ func TestVMDies(t *testing.T) {
 	if x := waitExit(t, e.exits); x.Status != VMExitStatus {
 		t.Errorf("exit = %+v, want %d", x, VMExitStatus)
 	}
-	if err := c.Kill(ctx, 9, false); !errdefs.IsNotFound(err) {
+	if err := c.Kill(ctx, "", 9, false); !errdefs.IsNotFound(err) {
 		t.Errorf("Kill after the VM died: %v", err)
 	}
 	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
@@ -730,3 +730,6 @@ func TestSocketPathLimit(t *testing.T) {
 		t.Fatalf("error = %v", err)
 	}
 }
+
+// initState is the init process's state, for tests.
+func (c *Container) initState() ProcessState { return c.init.State() }

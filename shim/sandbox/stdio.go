@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/fifo"
@@ -62,7 +63,16 @@ type pipes struct {
 	outputs   sync.WaitGroup
 	drained   chan struct{}
 	closeOnce sync.Once
+
+	// stdinCopied is closed when the stdin copy loop has ended; nil until
+	// it starts.
+	stdinMu     sync.Mutex
+	stdinCopied chan struct{}
 }
+
+// stdinDrainTimeout bounds how long CloseIO waits for what the client
+// already wrote to stdin to reach the guest.
+const stdinDrainTimeout = 2 * time.Second
 
 // openPipes opens the fifos. containerd has opened the other ends already,
 // so this does not block long; ctx bounds it anyway.
@@ -141,7 +151,14 @@ func (p *pipes) start(ctx context.Context, agent agentproto.AgentService, contai
 		close(p.drained)
 	}()
 	if p.stdin != nil {
-		go copyInput(ctx, agent, containerID, execID, p.stdin)
+		done := make(chan struct{})
+		p.stdinMu.Lock()
+		p.stdinCopied = done
+		p.stdinMu.Unlock()
+		go func() {
+			defer close(done)
+			copyInput(ctx, agent, containerID, execID, p.stdin)
+		}()
 	}
 }
 
@@ -204,11 +221,24 @@ func copyInput(ctx context.Context, agent agentproto.AgentService, containerID, 
 	}
 }
 
-// closeStdin ends the stdin stream: the copy loop sees EOF and closes
-// stdin in the guest.
+// closeStdin ends the stdin stream. Clients (ctr) call CloseIO as their
+// own input ends, just before they close the fifo: closing our end at once
+// would lose what they wrote and we had not read yet. So it waits for the
+// copy loop to reach the fifo's EOF, and only then, or after
+// stdinDrainTimeout, closes the fifo; the loop then closes stdin in the
+// guest.
 func (p *pipes) closeStdin() error {
 	if p.stdin == nil {
 		return nil
+	}
+	p.stdinMu.Lock()
+	copied := p.stdinCopied
+	p.stdinMu.Unlock()
+	if copied != nil {
+		select {
+		case <-copied:
+		case <-time.After(stdinDrainTimeout):
+		}
 	}
 	return p.stdin.Close()
 }

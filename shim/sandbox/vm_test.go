@@ -154,7 +154,7 @@ func TestRealVMKill(t *testing.T) {
 	if _, err := io.ReadFull(e.stdout, buf); err != nil || string(buf) != "started\n" {
 		t.Fatalf("stdout = %q, %v", buf, err)
 	}
-	if err := c.Kill(ctx, 9, false); err != nil {
+	if err := c.Kill(ctx, "", 9, false); err != nil {
 		t.Fatal(err)
 	}
 	if x := waitExit(t, e.exits); x.Status != 137 {

@@ -8,6 +8,7 @@ package task
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"sync"
@@ -26,6 +27,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/colo-runtime/colo/shim/sandbox"
@@ -91,14 +93,6 @@ func (s *service) get(id string) (*entry, error) {
 		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(fmt.Sprintf("task %s not found", id)))
 	}
 	return e, nil
-}
-
-// noExec answers requests for exec processes, which colo does not run yet.
-func noExec(execID string) error {
-	if execID == "" {
-		return nil
-	}
-	return errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(fmt.Sprintf("exec %s not found: exec is not supported yet", execID)))
 }
 
 func notImplemented(what string) error {
@@ -184,21 +178,26 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
 }
 
-// Start starts the task's init process.
+// Start starts the task's init process or one of its execs.
 func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"id": r.ID, "exec": r.ExecID}))
 	s.lifecycleMu.Lock()
 	defer s.lifecycleMu.Unlock()
-	if err := e.c.Start(log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID))); err != nil {
+	pid := uint32(e.sb.Pid())
+	if r.ExecID != "" {
+		if err := e.c.StartExec(ctx, r.ExecID); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+		s.send(&eventstypes.TaskExecStarted{ContainerID: r.ID, ExecID: r.ExecID, Pid: pid})
+		return &taskAPI.StartResponse{Pid: pid}, nil
+	}
+	if err := e.c.Start(ctx); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	pid := uint32(e.sb.Pid())
 	s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
 	return &taskAPI.StartResponse{Pid: pid}, nil
 }
@@ -221,14 +220,23 @@ func (s *service) exited(x sandbox.Exit) {
 	})
 }
 
-// Delete removes the task; the last one takes its sandbox down.
+// Delete removes an exec, or the task; the last task takes its sandbox
+// down.
 func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
+	}
+	if r.ExecID != "" {
+		st, err := e.c.DeleteExec(ctx, r.ExecID)
+		if err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+		return &taskAPI.DeleteResponse{
+			Pid:        uint32(e.sb.Pid()),
+			ExitStatus: st.ExitStatus,
+			ExitedAt:   protobuf.ToTimestamp(st.ExitedAt),
+		}, nil
 	}
 	st, err := e.sb.DeleteContainer(log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID)), r.ID)
 	if err != nil {
@@ -251,28 +259,34 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}, nil
 }
 
-// State reports the task's init process.
+// State reports the task's init process or one of its execs.
 func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
-	st := e.c.State()
+	st, err := e.c.State(r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
 	status := task.Status_UNKNOWN
 	switch st.Status {
 	case sandbox.StatusCreated:
 		status = task.Status_CREATED
 	case sandbox.StatusRunning:
 		status = task.Status_RUNNING
+	case sandbox.StatusPaused:
+		status = task.Status_PAUSED
 	case sandbox.StatusStopped:
 		status = task.Status_STOPPED
 	}
-	stdio := e.c.Stdio()
+	stdio, err := e.c.ProcessStdio(r.ExecID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
 	resp := &taskAPI.StateResponse{
 		ID:         r.ID,
+		ExecID:     r.ExecID,
 		Bundle:     e.c.Bundle(),
 		Pid:        uint32(e.sb.Pid()),
 		Status:     status,
@@ -288,31 +302,25 @@ func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 	return resp, nil
 }
 
-// Kill signals the task's init process (or all its processes).
+// Kill signals the task's init process or an exec (or all its processes).
 func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
-	if err := e.c.Kill(ctx, r.Signal, r.All); err != nil {
+	if err := e.c.Kill(ctx, r.ExecID, r.Signal, r.All); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	return &emptypb.Empty{}, nil
 }
 
-// Wait blocks until the task's init process has exited.
+// Wait blocks until the task's init process or an exec has exited.
 func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
-	st, err := e.c.Wait(ctx)
+	st, err := e.c.Wait(ctx, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
@@ -322,31 +330,36 @@ func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.Wa
 	}, nil
 }
 
-// CloseIO closes the init process's stdin.
+// CloseIO closes the stdin of the init process or an exec.
 func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
-	if err := noExec(r.ExecID); err != nil {
-		return nil, err
-	}
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
 	if r.Stdin {
-		if err := e.c.CloseStdin(ctx); err != nil {
+		if err := e.c.CloseStdin(ctx, r.ExecID); err != nil {
 			return nil, errgrpc.ToGRPC(err)
 		}
 	}
 	return &emptypb.Empty{}, nil
 }
 
-// Pids lists the hypervisor process, as Kata does: the only host process
-// of the task.
+// Pids lists the container's processes with their pids in the guest, as
+// `ctr task ps` shows them.
 func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
 	e, err := s.get(r.ID)
 	if err != nil {
 		return nil, err
 	}
-	return &taskAPI.PidsResponse{Processes: []*task.ProcessInfo{{Pid: uint32(e.sb.Pid())}}}, nil
+	ps, err := e.c.Pids(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	resp := &taskAPI.PidsResponse{}
+	for _, p := range ps {
+		resp.Processes = append(resp.Processes, &task.ProcessInfo{Pid: p.Pid})
+	}
+	return resp, nil
 }
 
 // Connect tells containerd the shim's and the task's pids.
@@ -370,20 +383,52 @@ func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*em
 	return &emptypb.Empty{}, nil
 }
 
+// Exec registers an exec process of the task; Start runs it.
 func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("exec")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	var spec specs.Process
+	if err := json.Unmarshal(r.Spec.GetValue(), &spec); err != nil {
+		return nil, errgrpc.ToGRPC(errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("exec %s: process spec: %v", r.ExecID, err)))
+	}
+	stdio := sandbox.Stdio{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal}
+	if err := e.c.Exec(ctx, r.ExecID, &spec, stdio); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.send(&eventstypes.TaskExecAdded{ContainerID: r.ID, ExecID: r.ExecID})
+	return &emptypb.Empty{}, nil
 }
 
 func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
 	return nil, notImplemented("a terminal")
 }
 
+// Pause freezes the task's processes in the guest.
 func (s *service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("pause")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.c.Pause(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.send(&eventstypes.TaskPaused{ContainerID: r.ID})
+	return &emptypb.Empty{}, nil
 }
 
+// Resume thaws the task's processes.
 func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("resume")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.c.Resume(ctx); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	s.send(&eventstypes.TaskResumed{ContainerID: r.ID})
+	return &emptypb.Empty{}, nil
 }
 
 func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
@@ -394,8 +439,10 @@ func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 	return nil, notImplemented("update")
 }
 
+// Checkpoint is not supported: a VM's container cannot be handed to CRIU
+// on the host.
 func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("checkpoint")
+	return nil, errgrpc.ToGRPC(errdefs.ErrNotImplemented.WithMessage("checkpoint is not supported by colo"))
 }
 
 // destroyTimeout bounds destroyAll: pkg/shim gives the shutdown callbacks

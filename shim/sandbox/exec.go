@@ -1,0 +1,190 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// process finds the init process (execID "") or an exec.
+func (c *Container) process(execID string) (*process, error) {
+	if execID == "" {
+		return c.init, nil
+	}
+	c.execMu.Lock()
+	defer c.execMu.Unlock()
+	p, ok := c.execs[execID]
+	if !ok {
+		return nil, errdefs.ErrNotFound.WithMessage(fmt.Sprintf("exec %s of container %s not found", execID, c.id))
+	}
+	if p == nil {
+		return nil, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is still being created", execID, c.id))
+	}
+	return p, nil
+}
+
+// Exec registers an exec process; StartExec runs it in the guest.
+func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (retErr error) {
+	if err := checkName("exec id", execID); err != nil {
+		return err
+	}
+	if err := stdio.Validate(); err != nil {
+		return err
+	}
+	if spec == nil || len(spec.Args) == 0 {
+		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("exec %s: process.args is empty", execID))
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return fmt.Errorf("encode exec process: %w", err)
+	}
+	c.execMu.Lock()
+	_, exists := c.execs[execID]
+	if !exists {
+		c.execs[execID] = nil // reserved while its fifos open
+	}
+	c.execMu.Unlock()
+	if exists {
+		return errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf("exec %s of container %s already exists", execID, c.id))
+	}
+	defer func() {
+		if retErr != nil {
+			c.execMu.Lock()
+			delete(c.execs, execID)
+			c.execMu.Unlock()
+		}
+	}()
+	io, err := openPipes(ctx, stdio)
+	if err != nil {
+		return err
+	}
+	c.execMu.Lock()
+	c.execs[execID] = &process{
+		sb:          c.sb,
+		containerID: c.id,
+		execID:      execID,
+		io:          io,
+		stdio:       stdio,
+		spec:        b,
+		state:       ProcessState{Status: StatusCreated},
+		done:        make(chan struct{}),
+	}
+	c.execMu.Unlock()
+	return nil
+}
+
+// StartExec starts a registered exec process in the guest.
+func (c *Container) StartExec(ctx context.Context, execID string) error {
+	p, err := c.process(execID)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state.Status != StatusCreated {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is %s, not created", execID, c.id, p.state.Status))
+	}
+	if !c.sb.alive() {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
+	}
+	_, err = c.sb.agent.ExecProcess(ctx, &agentproto.ExecProcessRequest{
+		ContainerId: c.id,
+		ExecId:      execID,
+		Process:     p.spec,
+		Stdin:       p.stdio.Stdin != "",
+		Stdout:      p.stdio.Stdout != "",
+		Stderr:      p.stdio.Stderr != "",
+		Terminal:    p.stdio.Terminal,
+	})
+	if err != nil {
+		return agentError("ExecProcess", err)
+	}
+	p.state.Status = StatusRunning
+	p.io.start(c.sb.ctx, c.sb.agent, c.id, execID)
+	p.startWaitLocked()
+	return nil
+}
+
+// DeleteExec forgets an exec process that has exited or never started.
+func (c *Container) DeleteExec(ctx context.Context, execID string) (ProcessState, error) {
+	p, err := c.process(execID)
+	if err != nil {
+		return ProcessState{}, err
+	}
+	p.mu.Lock()
+	st, started := p.state, p.waiting
+	p.mu.Unlock()
+	if st.Status == StatusRunning {
+		return st, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is still running", execID, c.id))
+	}
+	if started && c.sb.alive() {
+		_, err := c.sb.agent.RemoveProcess(ctx, &agentproto.RemoveProcessRequest{ContainerId: c.id, ExecId: execID})
+		if err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+			return st, agentError("RemoveProcess", err)
+		}
+	}
+	p.io.close()
+	c.execMu.Lock()
+	delete(c.execs, execID)
+	c.execMu.Unlock()
+	return st, nil
+}
+
+// Pause freezes every process of the container.
+func (c *Container) Pause(ctx context.Context) error {
+	if _, err := c.sb.agent.PauseContainer(ctx, &agentproto.PauseContainerRequest{ContainerId: c.id}); err != nil {
+		return agentError("PauseContainer", err)
+	}
+	c.pausedMu.Lock()
+	c.paused = true
+	c.pausedMu.Unlock()
+	return nil
+}
+
+// Resume thaws the container and sets the guest clock, which a long pause
+// of the host side may have left behind.
+func (c *Container) Resume(ctx context.Context) error {
+	if _, err := c.sb.agent.ResumeContainer(ctx, &agentproto.ResumeContainerRequest{ContainerId: c.id}); err != nil {
+		return agentError("ResumeContainer", err)
+	}
+	c.pausedMu.Lock()
+	c.paused = false
+	c.pausedMu.Unlock()
+	if _, err := c.sb.agent.SetGuestTime(ctx, &agentproto.SetGuestTimeRequest{Time: timestamppb.New(time.Now())}); err != nil {
+		return agentError("SetGuestTime", err)
+	}
+	return nil
+}
+
+func (c *Container) isPaused() bool {
+	c.pausedMu.Lock()
+	defer c.pausedMu.Unlock()
+	return c.paused
+}
+
+// GuestProcess is a process of the container as the guest sees it.
+type GuestProcess struct {
+	Pid    uint32
+	ExecID string
+}
+
+// Pids lists the container's processes with their guest pids.
+func (c *Container) Pids(ctx context.Context) ([]GuestProcess, error) {
+	resp, err := c.sb.agent.ListProcesses(ctx, &agentproto.ListProcessesRequest{ContainerId: c.id})
+	if err != nil {
+		return nil, agentError("ListProcesses", err)
+	}
+	var out []GuestProcess
+	for _, p := range resp.GetProcesses() {
+		out = append(out, GuestProcess{Pid: p.GetPid(), ExecID: p.GetExecId()})
+	}
+	return out, nil
+}
