@@ -436,12 +436,31 @@ func (s *Service) GetMetrics(context.Context, *agentproto.GetMetricsRequest) (*a
 	return nil, unimplemented("GetMetrics")
 }
 
-func (s *Service) UpdateContainer(context.Context, *agentproto.UpdateContainerRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("UpdateContainer")
+func (s *Service) UpdateContainer(ctx context.Context, req *agentproto.UpdateContainerRequest) (*emptypb.Empty, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	var r specs.LinuxResources
+	if err := json.Unmarshal(req.GetResources(), &r); err != nil {
+		return nil, fmt.Errorf("update %s: parse resources: %w: %w", c.id, err, errdefs.ErrInvalidArgument)
+	}
+	if err := c.update(&r); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
 }
 
-func (s *Service) StatsContainer(context.Context, *agentproto.StatsContainerRequest) (*agentproto.StatsContainerResponse, error) {
-	return nil, unimplemented("StatsContainer")
+func (s *Service) StatsContainer(ctx context.Context, req *agentproto.StatsContainerRequest) (*agentproto.StatsContainerResponse, error) {
+	c, err := s.container(req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	m, err := c.stats()
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.StatsContainerResponse{Metrics: m}, nil
 }
 
 func (s *Service) RemoveProcess(ctx context.Context, req *agentproto.RemoveProcessRequest) (*emptypb.Empty, error) {

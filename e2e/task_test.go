@@ -414,7 +414,6 @@ func TestPidsStatsUpdate(t *testing.T) {
 				t.Errorf("checkpoint: want a clear not-supported error, got %s", r)
 			}
 
-			notYet(t, rt.name, "stats and update")
 			time.Sleep(time.Second)
 			r = ctr(t, "task", "metrics", "--format", "json", id)
 			if r.ExitCode != 0 {

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/colo-runtime/colo/agentproto"
@@ -168,6 +169,28 @@ func (c *Container) isPaused() bool {
 	c.pausedMu.Lock()
 	defer c.pausedMu.Unlock()
 	return c.paused
+}
+
+// Stats reads the container's cgroup metrics in the guest.
+func (c *Container) Stats(ctx context.Context) (*anypb.Any, error) {
+	resp, err := c.sb.agent.StatsContainer(ctx, &agentproto.StatsContainerRequest{ContainerId: c.id})
+	if err != nil {
+		return nil, agentError("StatsContainer", err)
+	}
+	return resp.GetMetrics(), nil
+}
+
+// Update applies new resource limits to the container's cgroup in the
+// guest.
+func (c *Container) Update(ctx context.Context, r *specs.LinuxResources) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode resources: %w", err)
+	}
+	if _, err := c.sb.agent.UpdateContainer(ctx, &agentproto.UpdateContainerRequest{ContainerId: c.id, Resources: b}); err != nil {
+		return agentError("UpdateContainer", err)
+	}
+	return nil
 }
 
 // GuestProcess is a process of the container as the guest sees it.

@@ -27,6 +27,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -431,12 +432,39 @@ func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptyp
 	return &emptypb.Empty{}, nil
 }
 
+// Stats returns the container's cgroup metrics from the guest, in
+// containerd's cgroup v2 (or v1) metrics types.
 func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	return nil, notImplemented("stats")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	m, err := e.c.Stats(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &taskAPI.StatsResponse{Stats: m}, nil
 }
 
+// Update applies new resource limits to the container's cgroup in the
+// guest. The VM itself keeps its size.
 func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("update")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	v, err := typeurl.UnmarshalAny(r.Resources)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("update %s: resources: %v", r.ID, err)))
+	}
+	res, ok := v.(*specs.LinuxResources)
+	if !ok {
+		return nil, errgrpc.ToGRPC(errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("update %s: resources of type %T, want Linux resources", r.ID, v)))
+	}
+	if err := e.c.Update(ctx, res); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &emptypb.Empty{}, nil
 }
 
 // Checkpoint is not supported: a VM's container cannot be handed to CRIU

@@ -192,6 +192,8 @@ func TestUnknownTask(t *testing.T) {
 		"Exec":    func() error { _, err := h.svc.Exec(ctx, &taskAPI.ExecProcessRequest{ID: "x", ExecID: "e"}); return err },
 		"Pause":   func() error { _, err := h.svc.Pause(ctx, &taskAPI.PauseRequest{ID: "x"}); return err },
 		"Resume":  func() error { _, err := h.svc.Resume(ctx, &taskAPI.ResumeRequest{ID: "x"}); return err },
+		"Stats":   func() error { _, err := h.svc.Stats(ctx, &taskAPI.StatsRequest{ID: "x"}); return err },
+		"Update":  func() error { _, err := h.svc.Update(ctx, &taskAPI.UpdateTaskRequest{ID: "x"}); return err },
 	} {
 		if err := call(); !isCode(errdefs.IsNotFound)(err) {
 			t.Errorf("%s of an unknown task: %v, want not found", name, err)
@@ -199,8 +201,6 @@ func TestUnknownTask(t *testing.T) {
 	}
 	for name, call := range map[string]func() error{
 		"ResizePty":  func() error { _, err := h.svc.ResizePty(ctx, &taskAPI.ResizePtyRequest{ID: "x"}); return err },
-		"Stats":      func() error { _, err := h.svc.Stats(ctx, &taskAPI.StatsRequest{ID: "x"}); return err },
-		"Update":     func() error { _, err := h.svc.Update(ctx, &taskAPI.UpdateTaskRequest{ID: "x"}); return err },
 		"Checkpoint": func() error { _, err := h.svc.Checkpoint(ctx, &taskAPI.CheckpointTaskRequest{ID: "x"}); return err },
 	} {
 		if err := call(); !isCode(errdefs.IsNotImplemented)(err) {

@@ -1,0 +1,67 @@
+package agent_test
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	v1 "github.com/containerd/cgroups/v3/cgroup1/stats"
+	v2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// TestStatsAndUpdate: a busy container's metrics come back as containerd's
+// cgroup types with real values, and an update's memory limit shows in them.
+func TestStatsAndUpdate(t *testing.T) {
+	ctx := context.Background()
+	a := startAgent(t)
+	id := "stats"
+	spec := newSpec(makeRootfs(t), id, "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 1000")
+	a.createContainer(t, id, spec, &agentproto.CreateContainerRequest{})
+	if _, err := a.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	defer a.remove(t, id)
+	time.Sleep(time.Second) // let the loop burn some CPU
+
+	stats := func() (cpu, mem, limit, pids uint64) {
+		t.Helper()
+		resp, err := a.StatsContainer(ctx, &agentproto.StatsContainerRequest{ContainerId: id})
+		if err != nil {
+			t.Fatalf("StatsContainer: %v", err)
+		}
+		m, err := typeurl.UnmarshalAny(resp.Metrics)
+		if err != nil {
+			t.Fatalf("metrics %s: %v", resp.Metrics.GetTypeUrl(), err)
+		}
+		switch m := m.(type) {
+		case *v1.Metrics:
+			return m.CPU.Usage.Total, m.Memory.Usage.Usage, m.Memory.Usage.Limit, m.Pids.Current
+		case *v2.Metrics:
+			return m.CPU.UsageUsec, m.Memory.Usage, m.Memory.UsageLimit, m.Pids.Current
+		default:
+			t.Fatalf("metrics of type %T", m)
+		}
+		return
+	}
+	cpu, mem, _, pids := stats()
+	if cpu == 0 || mem == 0 || pids == 0 {
+		t.Errorf("cpu %d, memory %d, pids %d: want all non-zero", cpu, mem, pids)
+	}
+
+	limit := int64(64 << 20)
+	b, err := json.Marshal(specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.UpdateContainer(ctx, &agentproto.UpdateContainerRequest{ContainerId: id, Resources: b}); err != nil {
+		t.Fatalf("UpdateContainer: %v", err)
+	}
+	if _, _, got, _ := stats(); got != uint64(limit) {
+		t.Errorf("memory limit after update %d, want %d", got, limit)
+	}
+}
