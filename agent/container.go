@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -36,6 +37,8 @@ type container struct {
 	mu      sync.Mutex // guards started and execs
 	started bool
 	execs   map[string]*process
+
+	oomKilled atomic.Bool // the kernel's OOM killer struck in its cgroup
 }
 
 // process is a process of a container: its init (exec id "") or an exec.

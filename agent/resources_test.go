@@ -65,3 +65,29 @@ func TestStatsAndUpdate(t *testing.T) {
 		t.Errorf("memory limit after update %d, want %d", got, limit)
 	}
 }
+
+// TestOOM: a container over its memory limit is OOM-killed; GetOOMEvent
+// names it and its wait says so.
+func TestOOM(t *testing.T) {
+	ctx := context.Background()
+	a := startAgent(t)
+	id := "oom"
+	spec := newSpec(makeRootfs(t), id, "sh", "-c", "exec busybox tail /dev/zero")
+	limit := int64(32 << 20)
+	spec.Linux.Resources = &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}}
+	a.createContainer(t, id, spec, &agentproto.CreateContainerRequest{})
+	defer a.remove(t, id)
+	if _, err := a.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	evCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	ev, err := a.GetOOMEvent(evCtx, &agentproto.GetOOMEventRequest{})
+	if err != nil || ev.ContainerId != id {
+		t.Fatalf("GetOOMEvent = %v, %v; want %s", ev, err, id)
+	}
+	w, err := a.WaitProcess(ctx, &agentproto.WaitProcessRequest{ContainerId: id})
+	if err != nil || w.ExitStatus != 137 || !w.OomKilled {
+		t.Errorf("WaitProcess = %v, %v; want 137, OOM-killed", w, err)
+	}
+}

@@ -44,7 +44,15 @@ type Service struct {
 	containers    map[string]*container
 	sandbox       bool
 	sandboxMounts []string
+
+	// ooms queues the ids of containers that had an OOM kill, for
+	// GetOOMEvent.
+	ooms chan string
 }
+
+// oomQueue bounds the OOM events not yet taken by the shim; more are
+// dropped (and logged): the exit status still shows the kill.
+const oomQueue = 128
 
 var _ agentproto.AgentService = (*Service)(nil)
 
@@ -65,7 +73,28 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		version:    cfg.Version,
 		opts:       containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
 		containers: make(map[string]*container),
+		ooms:       make(chan string, oomQueue),
 	}, nil
+}
+
+// watchOOM queues an event for every OOM kill in the container's cgroup;
+// it ends when the container is destroyed.
+func (s *Service) watchOOM(ctx context.Context, c *container) {
+	ch, err := c.lc.NotifyOOM()
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("container", c.id).Warn("no OOM notifications")
+		return
+	}
+	go func() {
+		for range ch {
+			c.oomKilled.Store(true)
+			select {
+			case s.ooms <- c.id:
+			default:
+				log.G(ctx).WithField("container", c.id).Warn("OOM event queue full: event dropped")
+			}
+		}
+	}()
 }
 
 // Close removes every container and unmounts the sandbox's storages.
@@ -255,6 +284,7 @@ func (s *Service) CreateContainer(ctx context.Context, req *agentproto.CreateCon
 	if err != nil {
 		return nil, err
 	}
+	s.watchOOM(context.WithoutCancel(ctx), c)
 	log.G(ctx).WithField("container", id).Infof("container created, init pid %d", c.init.pid)
 	return &emptypb.Empty{}, nil
 }
@@ -365,9 +395,12 @@ func (s *Service) WaitProcess(ctx context.Context, req *agentproto.WaitProcessRe
 	if err := p.waitExit(ctx); err != nil {
 		return nil, err
 	}
+	c, _ := s.container(req.GetContainerId())
 	return &agentproto.WaitProcessResponse{
 		ExitStatus: p.status,
 		ExitedAt:   timestamppb.New(p.exitedAt),
+		// A SIGKILL in a container that had an OOM kill.
+		OomKilled: p.status == 128+9 && c != nil && c.oomKilled.Load(),
 	}, nil
 }
 
@@ -428,8 +461,14 @@ func (s *Service) OnlineCPUMem(context.Context, *agentproto.OnlineCPUMemRequest)
 	return nil, unimplemented("OnlineCPUMem")
 }
 
-func (s *Service) GetOOMEvent(context.Context, *agentproto.GetOOMEventRequest) (*agentproto.GetOOMEventResponse, error) {
-	return nil, unimplemented("GetOOMEvent")
+// GetOOMEvent waits for the next OOM kill in any container.
+func (s *Service) GetOOMEvent(ctx context.Context, _ *agentproto.GetOOMEventRequest) (*agentproto.GetOOMEventResponse, error) {
+	select {
+	case id := <-s.ooms:
+		return &agentproto.GetOOMEventResponse{ContainerId: id}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func (s *Service) GetMetrics(context.Context, *agentproto.GetMetricsRequest) (*agentproto.GetMetricsResponse, error) {

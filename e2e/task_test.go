@@ -488,7 +488,6 @@ func updateMemoryLimit(t *testing.T, id string, limit int64) {
 func TestOOM(t *testing.T) {
 	for _, rt := range runtimes {
 		t.Run(rt.name, func(t *testing.T) {
-			notYet(t, rt.name, "OOM events")
 			id := "oom-" + rt.name
 			checkNoLeaks(t, id)
 			ev := watchEvents(t)

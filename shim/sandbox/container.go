@@ -319,6 +319,9 @@ func (p *process) wait() {
 		}
 	} else {
 		status = resp.GetExitStatus()
+		if resp.GetOomKilled() {
+			log.G(ctx).WithFields(log.Fields{"container": p.containerID, "exec": p.execID}).Warn("process killed by the OOM killer")
+		}
 		if resp.GetExitedAt() != nil {
 			at = resp.GetExitedAt().AsTime()
 		}

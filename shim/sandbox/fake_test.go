@@ -212,6 +212,12 @@ func (a *fakeAgent) GetGuestDetails(ctx context.Context, _ *agentproto.GetGuestD
 	return &agentproto.GetGuestDetailsResponse{KernelRelease: "fake", AgentVersion: "fake"}, nil
 }
 
+// GetOOMEvent never reports one: the fake guest has no OOM killer.
+func (a *fakeAgent) GetOOMEvent(ctx context.Context, _ *agentproto.GetOOMEventRequest) (*agentproto.GetOOMEventResponse, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
 func (a *fakeAgent) CreateSandbox(ctx context.Context, r *agentproto.CreateSandboxRequest) (*emptypb.Empty, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -54,6 +55,8 @@ type Options struct {
 	// OnExit is called once for every process that exits, after its
 	// output has been copied out. It must not call back into the sandbox.
 	OnExit func(Exit)
+	// OnOOM is called with the id of a container that had an OOM kill.
+	OnOOM func(containerID string)
 }
 
 // Exit is a process's exit.
@@ -84,6 +87,7 @@ type Sandbox struct {
 	cfg     config.Config
 	driver  hypervisor.Driver
 	onExit  func(Exit)
+	onOOM   func(string)
 	created time.Time
 	// ctx outlives requests: background copies and waits use it.
 	ctx context.Context
@@ -135,6 +139,10 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if onExit == nil {
 		onExit = func(Exit) {}
 	}
+	onOOM := opts.OnOOM
+	if onOOM == nil {
+		onOOM = func(string) {}
+	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
 	s := &Sandbox{
 		id:         opts.ID,
@@ -142,6 +150,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 		cfg:        opts.Config,
 		driver:     opts.Driver,
 		onExit:     onExit,
+		onOOM:      onOOM,
 		created:    start,
 		ctx:        context.WithoutCancel(ctx),
 		containers: make(map[string]*Container),
@@ -192,7 +201,34 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 		return nil, nil, err
 	}
 	go s.watchVM()
+	go s.watchOOM()
 	return s, c, nil
+}
+
+// watchOOM relays the guest's OOM kills until the sandbox stops.
+func (s *Sandbox) watchOOM() {
+	for {
+		resp, err := s.agent.GetOOMEvent(s.ctx, &agentproto.GetOOMEventRequest{})
+		if err != nil {
+			select {
+			case <-s.stopping:
+				return
+			default:
+			}
+			if errdefs.IsNotImplemented(errgrpc.ToNative(err)) || !s.alive() {
+				return
+			}
+			log.G(s.ctx).WithError(err).Warn("OOM events from the guest")
+			select {
+			case <-s.stopping:
+				return
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		log.G(s.ctx).WithField("container", resp.GetContainerId()).Warn("OOM kill in the guest")
+		s.onOOM(resp.GetContainerId())
+	}
 }
 
 func checkName(what, v string) error {

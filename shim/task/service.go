@@ -148,6 +148,9 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		Config:    cfg,
 		Driver:    drv,
 		OnExit:    s.exited,
+		OnOOM: func(id string) {
+			s.send(&eventstypes.TaskOOM{ContainerID: id})
+		},
 	}, sandbox.ContainerConfig{
 		ID:     r.ID,
 		Bundle: r.Bundle,
