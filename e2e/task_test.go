@@ -512,7 +512,6 @@ func TestLogURIs(t *testing.T) {
 	}
 	for _, rt := range runtimes {
 		t.Run(rt.name, func(t *testing.T) {
-			notYet(t, rt.name, "log URIs")
 			dir := t.TempDir()
 			for _, tc := range []struct{ scheme, uri, file string }{
 				{"file", "file://" + filepath.Join(dir, "file.log"), filepath.Join(dir, "file.log")},

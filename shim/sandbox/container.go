@@ -80,7 +80,7 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 	if err := checkName("container id", cfg.ID); err != nil {
 		return nil, err
 	}
-	io, err := openPipes(ctx, cfg.Stdio)
+	io, err := openPipes(ctx, cfg.Stdio, owner{cfg.ID, s.namespace})
 	if err != nil {
 		return nil, err
 	}

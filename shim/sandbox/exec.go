@@ -63,7 +63,7 @@ func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process
 			c.execMu.Unlock()
 		}
 	}()
-	io, err := openPipes(ctx, stdio)
+	io, err := openPipes(ctx, stdio, owner{c.id, c.sb.namespace})
 	if err != nil {
 		return err
 	}

@@ -82,13 +82,14 @@ type ContainerConfig struct {
 
 // Sandbox is one VM with its helpers and containers.
 type Sandbox struct {
-	id      string
-	dir     string
-	cfg     config.Config
-	driver  hypervisor.Driver
-	onExit  func(Exit)
-	onOOM   func(string)
-	created time.Time
+	id        string
+	dir       string
+	cfg       config.Config
+	driver    hypervisor.Driver
+	namespace string
+	onExit    func(Exit)
+	onOOM     func(string)
+	created   time.Time
 	// ctx outlives requests: background copies and waits use it.
 	ctx context.Context
 
@@ -149,6 +150,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 		dir:        dir,
 		cfg:        opts.Config,
 		driver:     opts.Driver,
+		namespace:  opts.Namespace,
 		onExit:     onExit,
 		onOOM:      onOOM,
 		created:    start,

@@ -498,9 +498,9 @@ func TestCreateFailure(t *testing.T) {
 			is:    errdefs.IsNotImplemented, msg: "terminal", noVM: true,
 		},
 		{
-			name:  "binary logger",
-			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Stdout = "binary:///usr/bin/logger?x=1" },
-			is:    errdefs.IsNotImplemented, msg: "binary:// stdio is not supported yet", noVM: true,
+			name:  "missing logging binary",
+			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Stdout = "binary:///nonexistent/logger" },
+			is:    func(error) bool { return true }, msg: "start logging binary /nonexistent/logger", noVM: true,
 		},
 		{
 			name:  "bad rootfs mount",

@@ -195,8 +195,8 @@ func TestStdioValidate(t *testing.T) {
 		{"none", Stdio{}, nil},
 		{"fifos", Stdio{Stdin: "/run/containerd/fifo/1/c-stdin", Stdout: "/run/containerd/fifo/1/c-stdout", Stderr: "/x/c-stderr"}, nil},
 		{"terminal", Stdio{Terminal: true}, errdefs.IsNotImplemented},
-		{"binary", Stdio{Stdout: "binary:///usr/bin/logger?id=1"}, errdefs.IsNotImplemented},
-		{"file", Stdio{Stderr: "file:///var/log/c.log"}, errdefs.IsNotImplemented},
+		{"unknown scheme", Stdio{Stdout: "syslog://x"}, errdefs.IsNotImplemented},
+		{"log URI for stdin", Stdio{Stdin: "file:///var/log/c.log"}, errdefs.IsInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.stdio.Validate()

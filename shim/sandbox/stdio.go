@@ -43,9 +43,15 @@ func (s Stdio) Validate() error {
 		if err != nil {
 			return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("%s %q: %v", p.name, p.path, err))
 		}
-		if u.Scheme != "" {
+		switch u.Scheme {
+		case "", "fifo":
+		case "file", "binary":
+			if p.name == "stdin" {
+				return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("stdin %q: a log URI is for output", p.path))
+			}
+		default:
 			return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
-				"%s %q: %s:// stdio is not supported yet, only fifo paths", p.name, p.path, u.Scheme))
+				"%s %q: %s:// stdio is not supported: use a fifo, file:// or binary://", p.name, p.path, u.Scheme))
 		}
 	}
 	return nil
@@ -64,6 +70,9 @@ type pipes struct {
 	drained   chan struct{}
 	closeOnce sync.Once
 
+	// logger is the binary:// logging process, if any.
+	logger *logger
+
 	// stdinCopied is closed when the stdin copy loop has ended; nil until
 	// it starts.
 	stdinMu     sync.Mutex
@@ -76,7 +85,7 @@ const stdinDrainTimeout = 2 * time.Second
 
 // openPipes opens the fifos. containerd has opened the other ends already,
 // so this does not block long; ctx bounds it anyway.
-func openPipes(ctx context.Context, s Stdio) (_ *pipes, retErr error) {
+func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
 	p := &pipes{drained: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
@@ -89,6 +98,19 @@ func openPipes(ctx context.Context, s Stdio) (_ *pipes, retErr error) {
 			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
 		p.stdin = f
+	}
+	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || u.Scheme == "binary") {
+		// A log URI takes both output streams.
+		switch u.Scheme {
+		case "file":
+			p.stdout, p.stderr, err = openLogFile(u)
+		case "binary":
+			p.logger, p.stdout, p.stderr, err = startLogger(ctx, u, o)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("log URI %s: %w", s.Stdout, err)
+		}
+		return p, nil
 	}
 	var err error
 	if p.stdout, err = p.openOutput(ctx, s.Stdout); err != nil {
@@ -253,6 +275,9 @@ func (p *pipes) close() {
 		}
 		for _, c := range p.keep {
 			_ = c.Close()
+		}
+		if p.logger != nil {
+			p.logger.wait()
 		}
 	})
 }
