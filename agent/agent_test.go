@@ -648,10 +648,6 @@ func TestErrors(t *testing.T) {
 	ctx := context.Background()
 	a := startAgent(t)
 	rootfs := makeRootfs(t)
-	spec, err := json.Marshal(newSpec(rootfs, "e", "true"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	tests := []struct {
 		name string
 		call func() error
@@ -685,16 +681,16 @@ func TestErrors(t *testing.T) {
 			_, err = a.CreateContainer(ctx, &agentproto.CreateContainerRequest{ContainerId: "e", OciSpec: b, Stdout: true})
 			return err
 		}, codes.Unknown},
-		{"terminal", func() error {
-			_, err := a.CreateContainer(ctx, &agentproto.CreateContainerRequest{ContainerId: "tty", OciSpec: spec, Terminal: true})
-			return err
-		}, codes.Unimplemented},
 		{"unknown storage driver", func() error {
 			_, err := a.CreateSandbox(ctx, &agentproto.CreateSandboxRequest{Storages: []*agentproto.Storage{{Driver: "nbd", Source: "x", MountPoint: t.TempDir()}}})
 			return err
 		}, codes.Unimplemented},
-		{"not implemented yet", func() error {
+		{"resize a missing container", func() error {
 			_, err := a.TtyWinResize(ctx, &agentproto.TtyWinResizeRequest{ContainerId: "x"})
+			return err
+		}, codes.NotFound},
+		{"not implemented yet", func() error {
+			_, err := a.OnlineCPUMem(ctx, &agentproto.OnlineCPUMemRequest{})
 			return err
 		}, codes.Unimplemented},
 	}

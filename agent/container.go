@@ -68,9 +68,6 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	if spec.Root == nil || !filepath.IsAbs(spec.Root.Path) {
 		return nil, fmt.Errorf("spec root.path must be an absolute guest path: %w", errdefs.ErrInvalidArgument)
 	}
-	if spec.Process.Terminal || want.terminal {
-		return nil, fmt.Errorf("terminal: %w", errdefs.ErrNotImplemented)
-	}
 	mounts, err := mountStorages(ctx, storages)
 	if err != nil {
 		return nil, err
@@ -150,6 +147,7 @@ func startProcess(ctx context.Context, lc *libcontainer.Container, execID string
 	if err != nil {
 		return nil, err
 	}
+	want.terminal = want.terminal || sp.Terminal
 	pio, closeChild, err := pipeStdio(lp, want, rootUID, rootGID)
 	if err != nil {
 		return nil, err
@@ -160,6 +158,13 @@ func startProcess(ctx context.Context, lc *libcontainer.Container, execID string
 		err = lc.Run(lp)
 	}
 	closeChild()
+	if err == nil {
+		err = pio.receiveConsole()
+		if err != nil {
+			_ = lp.Signal(unix.SIGKILL)
+			_, _ = lp.Wait()
+		}
+	}
 	if err != nil {
 		pio.Close()
 		return nil, fmt.Errorf("start process %q of container %s: %w", execID, lc.ID(), err)
@@ -186,9 +191,6 @@ func newProcess(sp *specs.Process) (*libcontainer.Process, error) {
 	if len(sp.Args) == 0 {
 		return nil, fmt.Errorf("process has no args: %w", errdefs.ErrInvalidArgument)
 	}
-	if sp.Terminal {
-		return nil, fmt.Errorf("terminal: %w", errdefs.ErrNotImplemented)
-	}
 	lp := &libcontainer.Process{
 		Args:            sp.Args,
 		Env:             sp.Env,
@@ -200,6 +202,9 @@ func newProcess(sp *specs.Process) (*libcontainer.Process, error) {
 		AppArmorProfile: sp.ApparmorProfile,
 		Scheduler:       sp.Scheduler,
 		IOPriority:      sp.IOPriority,
+	}
+	if sp.ConsoleSize != nil {
+		lp.ConsoleWidth, lp.ConsoleHeight = uint16(sp.ConsoleSize.Width), uint16(sp.ConsoleSize.Height)
 	}
 	for _, g := range sp.User.AdditionalGids {
 		lp.AdditionalGroups = append(lp.AdditionalGroups, int(g))

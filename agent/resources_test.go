@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"testing"
@@ -89,5 +90,46 @@ func TestOOM(t *testing.T) {
 	w, err := a.WaitProcess(ctx, &agentproto.WaitProcessRequest{ContainerId: id})
 	if err != nil || w.ExitStatus != 137 || !w.OomKilled {
 		t.Errorf("WaitProcess = %v, %v; want 137, OOM-killed", w, err)
+	}
+}
+
+// TestTerminal: a process with a terminal gets a pty whose size follows
+// TtyWinResize; stdin and the output both go through it.
+func TestTerminal(t *testing.T) {
+	ctx := context.Background()
+	a := startAgent(t)
+	id := "tty"
+	spec := newSpec(makeRootfs(t), id, "sh", "-c", "tty; read x; busybox stty size; echo got:$x; exit 3")
+	spec.Process.Terminal = true
+	a.createContainer(t, id, spec, &agentproto.CreateContainerRequest{Stdin: true, Stdout: true, Terminal: true})
+	defer a.remove(t, id)
+	if _, err := a.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.TtyWinResize(ctx, &agentproto.TtyWinResizeRequest{ContainerId: id, Rows: 30, Columns: 100}); err != nil {
+		t.Fatalf("TtyWinResize: %v", err)
+	}
+	if _, err := a.WriteStdin(ctx, &agentproto.WriteStreamRequest{ContainerId: id, Data: []byte("hello\n")}); err != nil {
+		t.Fatalf("WriteStdin: %v", err)
+	}
+	var out []byte
+	for {
+		r, err := a.ReadStdout(ctx, &agentproto.ReadStreamRequest{ContainerId: id})
+		if err != nil {
+			t.Fatalf("ReadStdout: %v", err)
+		}
+		out = append(out, r.Data...)
+		if r.Eof {
+			break
+		}
+	}
+	for _, want := range []string{"/dev/pts/", "30 100", "got:hello"} {
+		if !bytes.Contains(out, []byte(want)) {
+			t.Errorf("terminal output %q lacks %q", out, want)
+		}
+	}
+	w, err := a.WaitProcess(ctx, &agentproto.WaitProcessRequest{ContainerId: id})
+	if err != nil || w.ExitStatus != 3 {
+		t.Errorf("WaitProcess = %v, %v; want 3", w, err)
 	}
 }

@@ -513,8 +513,15 @@ func (s *Service) RemoveProcess(ctx context.Context, req *agentproto.RemoveProce
 	return &emptypb.Empty{}, nil
 }
 
-func (s *Service) TtyWinResize(context.Context, *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("TtyWinResize")
+func (s *Service) TtyWinResize(ctx context.Context, req *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {
+	p, err := s.process(req.GetContainerId(), req.GetExecId())
+	if err != nil {
+		return nil, err
+	}
+	if err := p.stdio.resize(req.GetRows(), req.GetColumns()); err != nil {
+		return nil, err
+	}
+	return &emptypb.Empty{}, nil
 }
 
 func (s *Service) UpdateInterface(context.Context, *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/utils"
 	"golang.org/x/sys/unix"
 )
 
@@ -29,12 +30,17 @@ type streams struct {
 
 // stdio holds the agent's ends of a process's standard streams. Streams the
 // host did not ask for are nil and the process gets /dev/null instead.
-// A terminal would fit the same shape: stdin and stdout both the pty
-// master, stderr nil.
+// With a terminal, stdin and stdout are both the pty master (stdout reads
+// a dup of it) and stderr is nil.
 type stdio struct {
 	stdin  *os.File
 	stdout *stream
 	stderr *stream
+
+	// console is the pty master, for resizes; nil without a terminal.
+	console *os.File
+	// consoleSocket receives the master from the container's init.
+	consoleSocket *os.File
 }
 
 // pipeStdio creates a pipe per requested stream and wires the child ends
@@ -42,7 +48,7 @@ type stdio struct {
 // (or failed to), and stdio.Close when done with the process.
 func pipeStdio(p *libcontainer.Process, want streams, rootUID, rootGID int) (_ *stdio, closeChild func(), retErr error) {
 	if want.terminal {
-		return nil, nil, fmt.Errorf("terminal: %w", errdefs.ErrNotImplemented)
+		return consoleStdio(p)
 	}
 	s := &stdio{}
 	var child []*os.File
@@ -109,6 +115,57 @@ func pipeStdio(p *libcontainer.Process, want streams, rootUID, rootGID int) (_ *
 	return s, closeChild, nil
 }
 
+// consoleStdio asks libcontainer for a pty: the container's init creates
+// it and sends the master over a socket; receiveConsole takes it once the
+// process has started.
+func consoleStdio(p *libcontainer.Process) (*stdio, func(), error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("console socket: %w", err)
+	}
+	parent, child := os.NewFile(uintptr(fds[0]), "console-parent"), os.NewFile(uintptr(fds[1]), "console-child")
+	p.ConsoleSocket = child
+	return &stdio{consoleSocket: parent}, func() { child.Close() }, nil
+}
+
+// receiveConsole takes the pty master from a started process; a no-op
+// without a terminal.
+func (s *stdio) receiveConsole() error {
+	if s.consoleSocket == nil {
+		return nil
+	}
+	defer func() {
+		s.consoleSocket.Close()
+		s.consoleSocket = nil
+	}()
+	master, err := utils.RecvFile(s.consoleSocket)
+	if err != nil {
+		return fmt.Errorf("receive the pty master: %w", err)
+	}
+	fd, err := unix.Dup(int(master.Fd()))
+	if err != nil {
+		master.Close()
+		return fmt.Errorf("dup the pty master: %w", err)
+	}
+	unix.CloseOnExec(fd)
+	s.console = master
+	s.stdin = os.NewFile(uintptr(fd), "pty-stdin")
+	s.stdout = newStream(master)
+	return nil
+}
+
+// resize sets the terminal's window size.
+func (s *stdio) resize(rows, cols uint32) error {
+	if s.console == nil {
+		return fmt.Errorf("the process has no terminal: %w", errdefs.ErrFailedPrecondition)
+	}
+	ws := &unix.Winsize{Row: uint16(rows), Col: uint16(cols)}
+	if err := unix.IoctlSetWinsize(int(s.console.Fd()), unix.TIOCSWINSZ, ws); err != nil {
+		return fmt.Errorf("resize terminal: %w", err)
+	}
+	return nil
+}
+
 // Write writes data to the process's stdin.
 func (s *stdio) Write(data []byte) (int, error) {
 	if s.stdin == nil {
@@ -134,6 +191,9 @@ func (s *stdio) CloseStdin() error {
 
 // Close releases every stream; blocked reads return end of stream.
 func (s *stdio) Close() error {
+	if s.consoleSocket != nil {
+		s.consoleSocket.Close()
+	}
 	err := s.CloseStdin()
 	for _, st := range []*stream{s.stdout, s.stderr} {
 		if st != nil {

@@ -109,11 +109,9 @@ func TestExec(t *testing.T) {
 			if r.ExitCode != 0 || r.Stdout != "line one\nline two\neof-seen\n" {
 				t.Errorf("exec with stdin: %s", r)
 			}
-			if rt.name != "colo" { // TODO(issue 3): terminals in colo
-				r = inTerminal(t, "", "CTR task exec -t --exec-id e3 "+id+" sh -c 'tty; exit 4'")
-				if r.ExitCode != 4 || !strings.Contains(r.Stdout, "/dev/pts/") {
-					t.Errorf("exec -t: want a pty and exit 4, got %s", r)
-				}
+			r = inTerminal(t, "", "CTR task exec -t --exec-id e3 "+id+" sh -c 'tty; exit 4'")
+			if r.ExitCode != 4 || !strings.Contains(r.Stdout, "/dev/pts/") {
+				t.Errorf("exec -t: want a pty and exit 4, got %s", r)
 			}
 			if s := taskStatus(t, id); s != "RUNNING" {
 				t.Errorf("after execs the task is %q, want RUNNING", s)
@@ -217,7 +215,6 @@ func TestExecMissingBinary(t *testing.T) {
 func TestTerminal(t *testing.T) {
 	for _, rt := range runtimes {
 		t.Run(rt.name, func(t *testing.T) {
-			notYet(t, rt.name, "terminals")
 			id := "tty-" + rt.name
 			checkNoLeaks(t, id)
 			r := inTerminal(t, "", "stty rows 41 cols 97; CTR run --rm -t --runtime "+rt.runtime+" "+testbed.BusyboxImage+" "+id+
@@ -239,7 +236,6 @@ func TestTerminal(t *testing.T) {
 func TestAttach(t *testing.T) {
 	for _, rt := range runtimes {
 		t.Run(rt.name, func(t *testing.T) {
-			notYet(t, rt.name, "terminals")
 			id := "attach-" + rt.name
 			checkNoLeaks(t, id)
 			// ctr run -d -t needs a terminal too, and returns at once.

@@ -193,6 +193,18 @@ func (c *Container) Update(ctx context.Context, r *specs.LinuxResources) error {
 	return nil
 }
 
+// ResizePty sets the window size of the process's terminal.
+func (c *Container) ResizePty(ctx context.Context, execID string, width, height uint32) error {
+	if _, err := c.process(execID); err != nil {
+		return err
+	}
+	_, err := c.sb.agent.TtyWinResize(ctx, &agentproto.TtyWinResizeRequest{ContainerId: c.id, ExecId: execID, Rows: height, Columns: width})
+	if err != nil {
+		return agentError("TtyWinResize", err)
+	}
+	return nil
+}
+
 // GuestProcess is a process of the container as the guest sees it.
 type GuestProcess struct {
 	Pid    uint32

@@ -493,11 +493,6 @@ func TestCreateFailure(t *testing.T) {
 			is:    errdefs.IsInvalidArgument, msg: "process.args is empty", noVM: true,
 		},
 		{
-			name:  "terminal",
-			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Terminal = true },
-			is:    errdefs.IsNotImplemented, msg: "terminal", noVM: true,
-		},
-		{
 			name:  "missing logging binary",
 			setup: func(e *env, c *ContainerConfig, _ *config.Config) { c.Stdio.Stdout = "binary:///nonexistent/logger" },
 			is:    func(error) bool { return true }, msg: "start logging binary /nonexistent/logger", noVM: true,

@@ -61,8 +61,6 @@ func ValidateSpec(s *specs.Spec) error {
 		return invalidSpec("no root.path")
 	case s.Linux == nil:
 		return invalidSpec("no linux section")
-	case p.Terminal:
-		return errdefs.ErrNotImplemented.WithMessage("process.terminal: terminals are not supported yet")
 	}
 	for i, m := range s.Mounts {
 		if m.Destination == "" || !path.IsAbs(m.Destination) {

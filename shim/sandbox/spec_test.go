@@ -28,7 +28,6 @@ func TestValidateSpec(t *testing.T) {
 		{name: "no root", change: func(s *specs.Spec) { s.Root = nil }, is: errdefs.IsInvalidArgument, msg: "no root.path"},
 		{name: "empty root path", change: func(s *specs.Spec) { s.Root.Path = "" }, is: errdefs.IsInvalidArgument, msg: "no root.path"},
 		{name: "no linux", change: func(s *specs.Spec) { s.Linux = nil }, is: errdefs.IsInvalidArgument, msg: "no linux section"},
-		{name: "terminal", change: func(s *specs.Spec) { s.Process.Terminal = true }, is: errdefs.IsNotImplemented, msg: "terminal"},
 		{
 			name:   "relative mount destination",
 			change: func(s *specs.Spec) { s.Mounts = append(s.Mounts, specs.Mount{Destination: "proc", Type: "proc"}) },
@@ -194,7 +193,6 @@ func TestStdioValidate(t *testing.T) {
 	}{
 		{"none", Stdio{}, nil},
 		{"fifos", Stdio{Stdin: "/run/containerd/fifo/1/c-stdin", Stdout: "/run/containerd/fifo/1/c-stdout", Stderr: "/x/c-stderr"}, nil},
-		{"terminal", Stdio{Terminal: true}, errdefs.IsNotImplemented},
 		{"unknown scheme", Stdio{Stdout: "syslog://x"}, errdefs.IsNotImplemented},
 		{"log URI for stdin", Stdio{Stdin: "file:///var/log/c.log"}, errdefs.IsInvalidArgument},
 	} {

@@ -32,9 +32,6 @@ type Stdio struct {
 
 // Validate tells whether colo can serve these stdio paths.
 func (s Stdio) Validate() error {
-	if s.Terminal {
-		return errdefs.ErrNotImplemented.WithMessage("terminal: a TTY for the container is not supported yet")
-	}
 	for _, p := range []struct{ name, path string }{{"stdin", s.Stdin}, {"stdout", s.Stdout}, {"stderr", s.Stderr}} {
 		if p.path == "" {
 			continue
@@ -70,6 +67,11 @@ type pipes struct {
 	drained   chan struct{}
 	closeOnce sync.Once
 
+	// stdinKeep holds the stdin fifo open for writing when the process has
+	// a terminal, so a client that detaches (ctr run -d -t) is no end of
+	// input: the next one attaches. Only CloseIO ends it then.
+	stdinKeep io.Closer
+
 	// logger is the binary:// logging process, if any.
 	logger *logger
 
@@ -83,9 +85,12 @@ type pipes struct {
 // already wrote to stdin to reach the guest.
 const stdinDrainTimeout = 2 * time.Second
 
-// openPipes opens the fifos. containerd has opened the other ends already,
-// so this does not block long; ctx bounds it anyway.
+// openPipes opens the fifos.
 func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
+	// The fifo package opens in the background and gives up when its
+	// context ends; the request's context ends when the RPC returns,
+	// possibly before the client opened its end.
+	ctx = context.WithoutCancel(ctx)
 	p := &pipes{drained: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
@@ -98,6 +103,14 @@ func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
 			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
 		p.stdin = f
+		if s.Terminal {
+			// O_RDWR opens a fifo without waiting for a reader.
+			keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
+			if err != nil {
+				return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
+			}
+			p.stdinKeep = keep
+		}
 	}
 	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || u.Scheme == "binary") {
 		// A log URI takes both output streams.
@@ -244,23 +257,28 @@ func copyInput(ctx context.Context, agent agentproto.AgentService, containerID, 
 }
 
 // closeStdin ends the stdin stream. Clients (ctr) call CloseIO as their
-// own input ends, just before they close the fifo: closing our end at once
-// would lose what they wrote and we had not read yet. So it waits for the
-// copy loop to reach the fifo's EOF, and only then, or after
-// stdinDrainTimeout, closes the fifo; the loop then closes stdin in the
-// guest.
+// own input ends, just before they close the fifo, and possibly before the
+// process has started: closing our end at once would lose what they wrote
+// and we had not read yet. So the copy loop is left to reach the fifo's EOF;
+// once it runs, closeStdin waits for that, and only after
+// stdinDrainTimeout closes the fifo itself. The loop then closes stdin in
+// the guest.
 func (p *pipes) closeStdin() error {
 	if p.stdin == nil {
 		return nil
 	}
+	if p.stdinKeep != nil {
+		p.stdinKeep.Close()
+	}
 	p.stdinMu.Lock()
 	copied := p.stdinCopied
 	p.stdinMu.Unlock()
-	if copied != nil {
-		select {
-		case <-copied:
-		case <-time.After(stdinDrainTimeout):
-		}
+	if copied == nil {
+		return nil // not started: the copy loop will end at EOF
+	}
+	select {
+	case <-copied:
+	case <-time.After(stdinDrainTimeout):
 	}
 	return p.stdin.Close()
 }
@@ -268,7 +286,7 @@ func (p *pipes) closeStdin() error {
 // close closes every fifo; the copy loops end with it.
 func (p *pipes) close() {
 	p.closeOnce.Do(func() {
-		for _, c := range []io.Closer{p.stdin, p.stdout, p.stderr} {
+		for _, c := range []io.Closer{p.stdin, p.stdinKeep, p.stdout, p.stderr} {
 			if c != nil {
 				_ = c.Close()
 			}

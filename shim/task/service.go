@@ -405,8 +405,16 @@ func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emp
 	return &emptypb.Empty{}, nil
 }
 
+// ResizePty resizes the terminal of the init process or an exec.
 func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
-	return nil, notImplemented("a terminal")
+	e, err := s.get(r.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.c.ResizePty(ctx, r.ExecID, r.Width, r.Height); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	return &emptypb.Empty{}, nil
 }
 
 // Pause freezes the task's processes in the guest.

@@ -152,7 +152,7 @@ func TestCreateErrors(t *testing.T) {
 		{"no bundle", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: filepath.Join(dir, "nope")}, nil, errdefs.IsInvalidArgument, "has no config.json", 0},
 		{"bad spec", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: bad}, nil, errdefs.IsInvalidArgument, "process.args is empty", 0},
 		{"checkpoint", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: good, Checkpoint: "/x"}, nil, errdefs.IsNotImplemented, "checkpoint", 0},
-		{"terminal", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: good, Terminal: true}, nil, errdefs.IsNotImplemented, "terminal", 0},
+		{"unknown stdio scheme", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: good, Stdout: "syslog://x"}, nil, errdefs.IsNotImplemented, "syslog://", 0},
 		{"driver", &taskAPI.CreateTaskRequest{ID: "t1", Bundle: good}, errors.New("no qemu here"), func(error) bool { return true }, "no qemu here", 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -194,13 +194,16 @@ func TestUnknownTask(t *testing.T) {
 		"Resume":  func() error { _, err := h.svc.Resume(ctx, &taskAPI.ResumeRequest{ID: "x"}); return err },
 		"Stats":   func() error { _, err := h.svc.Stats(ctx, &taskAPI.StatsRequest{ID: "x"}); return err },
 		"Update":  func() error { _, err := h.svc.Update(ctx, &taskAPI.UpdateTaskRequest{ID: "x"}); return err },
+		"ResizePty": func() error {
+			_, err := h.svc.ResizePty(ctx, &taskAPI.ResizePtyRequest{ID: "x"})
+			return err
+		},
 	} {
 		if err := call(); !isCode(errdefs.IsNotFound)(err) {
 			t.Errorf("%s of an unknown task: %v, want not found", name, err)
 		}
 	}
 	for name, call := range map[string]func() error{
-		"ResizePty":  func() error { _, err := h.svc.ResizePty(ctx, &taskAPI.ResizePtyRequest{ID: "x"}); return err },
 		"Checkpoint": func() error { _, err := h.svc.Checkpoint(ctx, &taskAPI.CheckpointTaskRequest{ID: "x"}); return err },
 	} {
 		if err := call(); !isCode(errdefs.IsNotImplemented)(err) {
