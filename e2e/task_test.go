@@ -85,15 +85,6 @@ func inTerminal(t *testing.T, stdin, cmdline string) testbed.Result {
 // sizes the terminal just after the process starts, so it waits for that.
 const ttySize = `tty; i=0; while [ $i -lt 100 ]; do busybox stty size >/tmp/size 2>&1 && [ "$(cat /tmp/size)" != "0 0" ] && break; i=$((i+1)); sleep 0.1; done; echo size=$(cat /tmp/size)`
 
-// notYet skips the colo run of a comparison whose colo side is not built
-// yet; the runc run still checks the test itself.
-func notYet(t *testing.T, rt, what string) {
-	t.Helper()
-	if rt == "colo" {
-		t.Skipf("colo: %s is not implemented yet (issue 3)", what)
-	}
-}
-
 func TestExec(t *testing.T) {
 	for _, rt := range runtimes {
 		t.Run(rt.name, func(t *testing.T) {
@@ -555,7 +546,6 @@ func runColoLike(t *testing.T, runtime string, flags []string, id string, cmd ..
 // TestContainersShareVM: containers grouped by the CRI sandbox annotations
 // run in one VM (one shim, one guest boot id); without them each gets its own.
 func TestContainersShareVM(t *testing.T) {
-	t.Skip("colo: grouping containers into one VM is not implemented yet (issue 3)")
 	pod, second, other := "pod-a", "pod-a-c2", "pod-solo"
 	// One check for all three: the pod's VM stays until its last container goes.
 	checkNoLeaks(t, second, pod, other)
@@ -573,6 +563,9 @@ func TestContainersShareVM(t *testing.T) {
 			t.Fatalf("exec in %s: %s", id, r)
 		}
 		return strings.TrimSpace(r.Stdout)
+	}
+	if got := len(cd.ShimPids(pod)) + len(cd.ShimPids(second)); got != 1 {
+		t.Errorf("want one shim for the pod's two containers, found %d", got)
 	}
 	a, b, c := bootID(pod), bootID(second), bootID(other)
 	if a == "" || a != b {

@@ -43,10 +43,9 @@ type manager struct {
 func (m *manager) Name() string { return m.name }
 
 // Start spawns the shim daemon (this binary without an action) with its
-// listening socket as fd 3, and returns the socket's address. There is one
-// daemon per task for now; when pods come, tasks of one pod (CRI annotation
-// io.kubernetes.cri.sandbox-id) will share their sandbox's daemon, found by
-// a socket address made from the sandbox ID.
+// listening socket as fd 3, and returns the socket's address. Tasks of one
+// pod (CRI annotation io.kubernetes.cri.sandbox-id) share their pod's
+// daemon, and so its VM; any other task gets a daemon of its own.
 func (m *manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
 	id := params.GetInstanceID()
 	debugLog := params.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG
@@ -56,7 +55,15 @@ func (m *manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_
 	if socketDir == "" {
 		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
 	}
-	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
+	// Tasks of one pod share its daemon, found by an address made from the
+	// pod's id; other tasks get their own.
+	group := id
+	if spec, err := sandbox.ReadSpec("."); err == nil {
+		if pod := sandbox.PodID(spec); pod != "" {
+			group = pod
+		}
+	}
+	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), group, false)
 	if err != nil {
 		return nil, err
 	}
@@ -184,6 +191,11 @@ func removeDaemonSocket(ctx context.Context, bundle, id string) {
 	socketDir, err := os.Readlink(filepath.Join(bundle, "s"))
 	if err != nil || socketDir == "" {
 		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
+	}
+	if spec, err := sandbox.ReadSpec(bundle); err == nil {
+		if pod := sandbox.PodID(spec); pod != "" {
+			id = pod
+		}
 	}
 	address, err := shim.CreateSocketAddress(ctx, socketDir, os.Getenv("GRPC_ADDRESS"), id, false)
 	if err != nil || shim.CanConnect(address) {

@@ -417,6 +417,37 @@ func (s *Sandbox) Container(id string) (*Container, error) {
 	return c, nil
 }
 
+// AddContainer creates another container in the running sandbox: its
+// rootfs goes into the same shared directory, the container into the same
+// guest.
+func (s *Sandbox) AddContainer(ctx context.Context, cfg ContainerConfig) (_ *Container, retErr error) {
+	if !s.alive() {
+		return nil, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s: its VM is gone", s.id))
+	}
+	s.mu.Lock()
+	_, exists := s.containers[cfg.ID]
+	s.mu.Unlock()
+	if exists {
+		return nil, errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf("container %s already exists in sandbox %s", cfg.ID, s.id))
+	}
+	c, err := s.prepareContainer(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			c.init.io.close()
+			if err := s.unmountRootfs(context.WithoutCancel(ctx), cfg.ID); err != nil {
+				log.G(ctx).WithError(err).Error("clean up after a failed create")
+			}
+		}
+	}()
+	if err := s.createInGuest(ctx, c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // DeleteContainer removes a stopped (or never started) container. Deleting
 // the last container shuts the sandbox down. A failed delete can be tried
 // again.

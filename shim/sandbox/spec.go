@@ -121,3 +121,12 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string) (*specs.S
 	}
 	return &g, nil
 }
+
+// PodAnnotation is the CRI annotation naming a container's pod sandbox;
+// containers of one pod share one VM.
+const PodAnnotation = "io.kubernetes.cri.sandbox-id"
+
+// PodID is the pod a container belongs to, or "" outside a pod (ctr run).
+func PodID(spec *specs.Spec) string {
+	return spec.Annotations[PodAnnotation]
+}

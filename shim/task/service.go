@@ -51,6 +51,7 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 		shutdown:   sd,
 		events:     make(chan any, 128),
 		containers: make(map[string]*entry),
+		sandboxes:  make(map[string]*sandbox.Sandbox),
 	}
 	go s.forward(publisher)
 	// The shim may be told to go (SIGTERM, or Shutdown) with sandboxes
@@ -68,6 +69,9 @@ type service struct {
 
 	mu         sync.Mutex
 	containers map[string]*entry
+	// sandboxes are the running sandboxes by pod (CRI sandbox id), for
+	// the pod's later containers.
+	sandboxes map[string]*sandbox.Sandbox
 
 	// lifecycleMu orders a TaskStart before the TaskExit of the same
 	// process: Start holds it from starting until the event is queued.
@@ -138,28 +142,46 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err := stdio.Validate(); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	drv, err := s.newDriver(cfg.Hypervisor)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Name, err))
-	}
-	sb, c, err := sandbox.Create(ctx, sandbox.Options{
-		ID:        r.ID,
-		Namespace: s.namespace,
-		Config:    cfg,
-		Driver:    drv,
-		OnExit:    s.exited,
-		OnOOM: func(id string) {
-			s.send(&eventstypes.TaskOOM{ContainerID: id})
-		},
-	}, sandbox.ContainerConfig{
+	ccfg := sandbox.ContainerConfig{
 		ID:     r.ID,
 		Bundle: r.Bundle,
 		Spec:   spec,
 		Rootfs: mount.FromProto(r.Rootfs),
 		Stdio:  stdio,
-	})
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
+	}
+	pod := sandbox.PodID(spec)
+	s.mu.Lock()
+	sb := s.sandboxes[pod]
+	s.mu.Unlock()
+	var c *sandbox.Container
+	if sb != nil {
+		// A later container of a pod whose VM this shim runs.
+		if c, err = sb.AddContainer(ctx, ccfg); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	} else {
+		drv, err := s.newDriver(cfg.Hypervisor)
+		if err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Name, err))
+		}
+		sb, c, err = sandbox.Create(ctx, sandbox.Options{
+			ID:        r.ID,
+			Namespace: s.namespace,
+			Config:    cfg,
+			Driver:    drv,
+			OnExit:    s.exited,
+			OnOOM: func(id string) {
+				s.send(&eventstypes.TaskOOM{ContainerID: id})
+			},
+		}, ccfg)
+		if err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+		if pod != "" {
+			s.mu.Lock()
+			s.sandboxes[pod] = sb
+			s.mu.Unlock()
+		}
 	}
 	s.mu.Lock()
 	s.containers[r.ID] = &entry{sb: sb, c: c}
@@ -248,6 +270,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}
 	s.mu.Lock()
 	delete(s.containers, r.ID)
+	s.forgetSandboxLocked(e.sb)
 	s.mu.Unlock()
 	pid := uint32(e.sb.Pid())
 	s.send(&eventstypes.TaskDelete{
@@ -261,6 +284,21 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		ExitStatus: st.ExitStatus,
 		ExitedAt:   protobuf.ToTimestamp(st.ExitedAt),
 	}, nil
+}
+
+// forgetSandboxLocked drops a pod's sandbox once none of its containers
+// is left (the last delete took it down).
+func (s *service) forgetSandboxLocked(sb *sandbox.Sandbox) {
+	for _, e := range s.containers {
+		if e.sb == sb {
+			return
+		}
+	}
+	for pod, v := range s.sandboxes {
+		if v == sb {
+			delete(s.sandboxes, pod)
+		}
+	}
 }
 
 // State reports the task's init process or one of its execs.
