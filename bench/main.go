@@ -314,7 +314,7 @@ func memory(ctx context.Context, cd *testbed.Containerd, n int) (Memory, error) 
 	runcID := "mem-runc"
 	if r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", runcRuntime, testbed.BusyboxImage, runcID, "sleep", "100000"); err == nil && r.ExitCode == 0 {
 		ids = append(ids, runcID)
-		for _, pid := range shimPids(cd, runcID, "containerd-shim-runc-v2") {
+		for _, pid := range cd.RuncShimPids(runcID) {
 			pss, _ := smaps(pid)
 			m.RuncShimPSS += pss
 		}
@@ -349,44 +349,16 @@ func podProcesses(cd *testbed.Containerd, id string) []podProcess {
 	for _, pid := range cd.ShimPids(id) {
 		out = append(out, podProcess{pid, "shim"})
 	}
-	sandbox := filepath.Join(cd.StateDir, cd.Namespace, id) + "/"
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		cmdline := string(b)
-		if !strings.Contains(cmdline, sandbox) {
-			continue
-		}
+	for _, p := range testbed.ProcessesMentioning(filepath.Join(cd.StateDir, cd.Namespace, id) + "/") {
 		kind := "helper"
-		if strings.Contains(cmdline, "qemu-system") {
+		if strings.Contains(p.Cmdline, "qemu-system") {
 			kind = "qemu"
-		} else if strings.Contains(cmdline, "virtiofsd") {
+		} else if strings.Contains(p.Cmdline, "virtiofsd") {
 			kind = "virtiofsd"
 		}
-		out = append(out, podProcess{pid, kind})
+		out = append(out, podProcess{p.Pid, kind})
 	}
 	return out
-}
-
-func shimPids(cd *testbed.Containerd, id, binary string) []int {
-	var pids []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		args := strings.Split(string(b), "\x00")
-		if len(args) > 0 && strings.HasSuffix(args[0], binary) && strings.Contains(string(b), "\x00"+id+"\x00") {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // smaps returns a process's PSS and RSS in MiB.

@@ -289,10 +289,19 @@ func (c *Containerd) WriteColoConfig(name, extra string) (string, error) {
 
 // ShimPids returns the pids of colo shim daemons serving the task id.
 func (c *Containerd) ShimPids(id string) []int {
+	return c.shimPids("containerd-shim-colo-v2", id)
+}
+
+// RuncShimPids returns the pids of runc shim daemons serving the task id.
+func (c *Containerd) RuncShimPids(id string) []int {
+	return c.shimPids("containerd-shim-runc-v2", id)
+}
+
+func (c *Containerd) shimPids(binary, id string) []int {
 	var pids []int
-	for _, p := range processesMentioning(" -id " + id + " ") {
-		if strings.Contains(p.cmdline, "containerd-shim-colo-v2") && strings.Contains(p.cmdline, c.Address) {
-			pids = append(pids, p.pid)
+	for _, p := range ProcessesMentioning(" -id " + id + " ") {
+		if strings.Contains(p.Cmdline, binary) && strings.Contains(p.Cmdline, c.Address) {
+			pids = append(pids, p.Pid)
 		}
 	}
 	return pids

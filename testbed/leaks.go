@@ -25,9 +25,9 @@ func (c *Containerd) Leaks(ids ...string) []string {
 	if c.cmd != nil && c.cmd.Process != nil {
 		daemon = c.cmd.Process.Pid
 	}
-	for _, p := range processesMentioning(c.Dir) {
-		if p.pid != self && p.pid != daemon {
-			leaks = append(leaks, fmt.Sprintf("process %d: %s", p.pid, p.cmdline))
+	for _, p := range ProcessesMentioning(c.Dir) {
+		if p.Pid != self && p.Pid != daemon {
+			leaks = append(leaks, fmt.Sprintf("process %d: %s", p.Pid, p.Cmdline))
 		}
 	}
 	for _, m := range mountsUnder(c.StateDir) {
@@ -65,14 +65,17 @@ func (c *Containerd) WaitNoLeaks(ctx context.Context, ids ...string) []string {
 	}
 }
 
-type process struct {
-	pid     int
-	cmdline string
+// Process is a process found by its command line.
+type Process struct {
+	Pid int
+	// Cmdline has its arguments joined by spaces.
+	Cmdline string
 }
 
-func processesMentioning(s string) []process {
+// ProcessesMentioning lists the processes whose command line contains s.
+func ProcessesMentioning(s string) []Process {
 	entries, _ := os.ReadDir("/proc")
-	var out []process
+	var out []Process
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -84,7 +87,7 @@ func processesMentioning(s string) []process {
 		}
 		cmdline := string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte{' '}))
 		if strings.Contains(cmdline, s) {
-			out = append(out, process{pid, cmdline})
+			out = append(out, Process{pid, cmdline})
 		}
 	}
 	return out
