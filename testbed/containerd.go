@@ -180,6 +180,11 @@ func (c *Containerd) Stop() error {
 	if c.log != nil {
 		c.log.Close()
 	}
+	// runc containers leave their namespace's parent cgroup behind, empty.
+	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", c.Namespace))
+	for _, d := range append(dirs, filepath.Join("/sys/fs/cgroup", c.Namespace)) {
+		_ = os.Remove(d)
+	}
 	// containerd leaves its snapshot mounts (none once every container is
 	// gone) and nothing else mounted; RemoveAll must not cross a mount.
 	if mounts := mountsUnder(c.Dir); len(mounts) > 0 {
