@@ -36,6 +36,7 @@ func main() {
 	flag.IntVar(&o.runs, "n", 5, "runs of each sequential measurement, per runtime")
 	flag.IntVar(&o.pods, "pods", 10, "pods for the memory and parallel-start measurements")
 	flag.StringVar(&o.out, "out", "docs", "directory for benchmarks.{md,json,png}")
+	flag.StringVar(&o.coloConfig, "colo-config", "", "extra colo config (TOML) for the runs, e.g. '[hypervisor]\nmachine = \"microvm\"'")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -46,6 +47,7 @@ func main() {
 type options struct {
 	runs, pods int
 	out        string
+	coloConfig string
 }
 
 // Stats summarises samples in milliseconds.
@@ -83,16 +85,17 @@ func percentile(sorted []float64, p float64) float64 {
 
 // Report is everything bench measured.
 type Report struct {
-	Date     string            `json:"date"`
-	Machine  map[string]string `json:"machine"`
-	Runs     int               `json:"runs"`
-	Pods     int               `json:"pods"`
-	Cold     map[string]Stats  `json:"cold_start"`
-	Ratio    float64           `json:"cold_start_ratio_colo_runc"`
-	Stages   map[string]Stats  `json:"colo_start_stages"`
-	Memory   Memory            `json:"memory"`
-	Parallel map[string]Stats  `json:"parallel_start"`
-	Exec     map[string]Stats  `json:"exec_latency"`
+	Date       string            `json:"date"`
+	Machine    map[string]string `json:"machine"`
+	Runs       int               `json:"runs"`
+	ColoConfig string            `json:"colo_config,omitempty"`
+	Pods       int               `json:"pods"`
+	Cold       map[string]Stats  `json:"cold_start"`
+	Ratio      float64           `json:"cold_start_ratio_colo_runc"`
+	Stages     map[string]Stats  `json:"colo_start_stages"`
+	Memory     Memory            `json:"memory"`
+	Parallel   map[string]Stats  `json:"parallel_start"`
+	Exec       map[string]Stats  `json:"exec_latency"`
 	// NotMeasured says which measurements failed, and why.
 	NotMeasured []string `json:"not_measured,omitempty"`
 }
@@ -113,7 +116,7 @@ type Memory struct {
 func run(o options) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cd, err := testbed.Start(ctx, testbed.Options{Namespace: "bench"})
+	cd, err := testbed.Start(ctx, testbed.Options{Namespace: "bench", ColoConfig: o.coloConfig})
 	if err != nil {
 		return err
 	}
@@ -130,7 +133,7 @@ func run(o options) (err error) {
 		return err
 	}
 	rep := Report{
-		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Runs: o.runs, Pods: o.pods,
+		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Runs: o.runs, Pods: o.pods, ColoConfig: o.coloConfig,
 		Cold: map[string]Stats{}, Stages: map[string]Stats{}, Parallel: map[string]Stats{}, Exec: map[string]Stats{},
 	}
 	rts := map[string]string{"runc": runcRuntime, "colo": testbed.Runtime}
@@ -430,6 +433,9 @@ func markdown(r Report) string {
 		r.Date, r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"], r.Machine["qemu"], r.Machine["go"])
 	b.WriteString("Every figure is colo beside runc measured in the same run on the same private containerd. ")
 	b.WriteString("On this machine guests run under TCG (no usable KVM), so absolute VM times are TCG times.\n\n")
+	if r.ColoConfig != "" {
+		fmt.Fprintf(&b, "colo config for this run:\n\n```toml\n%s\n```\n\n", r.ColoConfig)
+	}
 	fmt.Fprintf(&b, "## Cold start: `ctr run --rm` to the first byte of output (%d runs each, alternating)\n\n", r.Runs)
 	b.WriteString("| runtime | median ms | min ms | max ms |\n|---|---|---|---|\n")
 	for _, name := range []string{"runc", "colo"} {
