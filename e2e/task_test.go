@@ -83,7 +83,7 @@ func inTerminal(t *testing.T, stdin, cmdline string) testbed.Result {
 
 // ttySize prints the terminal's name and size ("size=ROWS COLS"). ctr
 // sizes the terminal just after the process starts, so it waits for that.
-const ttySize = `tty; i=0; while [ $i -lt 100 ]; do busybox stty size >/tmp/size 2>&1 && [ "$(cat /tmp/size)" != "0 0" ] && break; i=$((i+1)); sleep 0.1; done; echo size=$(cat /tmp/size)`
+const ttySize = `tty; i=0; while [ $i -lt 100 ]; do busybox stty size >/tmp/size 2>/dev/null; case "$(cat /tmp/size)" in [1-9]*) break;; esac; i=$((i+1)); sleep 0.1; done; echo size=$(cat /tmp/size)`
 
 func TestExec(t *testing.T) {
 	for _, rt := range runtimes {
@@ -298,9 +298,22 @@ func watchEvents(t *testing.T) *events {
 		}
 	}()
 	t.Cleanup(func() { e.cmd.Process.Kill(); e.cmd.Wait() })
-	// ctr events subscribes as it starts; give it a moment to be in place.
-	time.Sleep(300 * time.Millisecond)
-	return e
+	// ctr events subscribes as it starts: label the namespace until the
+	// update event shows that the subscription is in place.
+	deadline := time.Now().Add(time.Minute)
+	for i := 0; ; i++ {
+		ctr(t, "namespaces", "label", cd.Namespace, "colo.e2e.probe="+strconv.Itoa(i))
+		e.mu.Lock()
+		ready := strings.Contains(e.buf.String(), "/namespaces/update")
+		e.mu.Unlock()
+		if ready {
+			return e
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("ctr events shows no events")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // topics returns the event topics seen for a container, in order.
@@ -333,7 +346,10 @@ func (e *events) waitTopic(t *testing.T, id, topic string) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Errorf("no %s event for %s; got %v", topic, id, e.topics(id))
+	e.mu.Lock()
+	all := e.buf.String()
+	e.mu.Unlock()
+	t.Errorf("no %s event for %s; got %v; all events:\n%s", topic, id, e.topics(id), all)
 }
 
 // TestLifecycleEvents: the task API calls produce the same events as runc.
@@ -366,10 +382,16 @@ func TestLifecycleEvents(t *testing.T) {
 			if r := ctr(t, "task", "rm", id); r.ExitCode != 0 {
 				t.Errorf("task rm: %s", r)
 			}
-			ev.waitTopic(t, id, "/tasks/delete")
+			want := []string{"/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+				"/tasks/paused", "/tasks/resumed", "/tasks/exit"}
+			// containerd 2.3 with runc now and then publishes no delete
+			// event (seen 1 run in 6 here); colo's shim always does.
+			if rt.name == "colo" {
+				ev.waitTopic(t, id, "/tasks/delete")
+				want = append(want, "/tasks/delete")
+			}
 			got := strings.Join(ev.topics(id), " ")
-			for _, want := range []string{"/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
-				"/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"} {
+			for _, want := range want {
 				if !strings.Contains(got, want) {
 					t.Errorf("events %q lack %s", got, want)
 				}

@@ -133,13 +133,14 @@ func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	}
 	callCtx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Hypervisor.BootTimeout))
 	defer cancel()
+	st := c.stdio.streams()
 	_, err = s.agent.CreateContainer(callCtx, &agentproto.CreateContainerRequest{
 		ContainerId: c.id,
 		OciSpec:     b,
-		Stdin:       c.stdio.Stdin != "",
-		Stdout:      c.stdio.Stdout != "",
-		Stderr:      c.stdio.Stderr != "",
-		Terminal:    c.stdio.Terminal,
+		Stdin:       st.Stdin != "",
+		Stdout:      st.Stdout != "",
+		Stderr:      st.Stderr != "",
+		Terminal:    st.Terminal,
 	})
 	if err != nil {
 		return agentError("CreateContainer", err)
@@ -166,43 +167,76 @@ func (c *Container) ProcessStdio(execID string) (Stdio, error) {
 	return p.stdio, nil
 }
 
-// State of the container's init process (execID "") or of an exec.
+// State of the container's init process (execID "") or of an exec. In a
+// paused container every running process is paused, as runc reports.
 func (c *Container) State(execID string) (ProcessState, error) {
 	p, err := c.process(execID)
 	if err != nil {
 		return ProcessState{}, err
 	}
 	st := p.State()
-	if execID == "" && st.Status == StatusRunning && c.isPaused() {
+	if st.Status == StatusRunning && c.isPaused() {
 		st.Status = StatusPaused
 	}
 	return st, nil
 }
 
-// Start starts the container's init process.
-func (c *Container) Start(ctx context.Context) error {
-	started := time.Now()
-	p := c.init
+// Start starts the container's init process (execID "") or an exec that
+// Exec registered. started is called once the process runs and before its
+// exit can be reported, so that the caller's start event goes out first;
+// it must not call back into the container.
+func (c *Container) Start(ctx context.Context, execID string, started func()) error {
+	begin := time.Now()
+	p, err := c.process(execID)
+	if err != nil {
+		return err
+	}
+	serial.Lock()
+	defer serial.Unlock()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.state.Status != StatusCreated {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s is %s, not created", c.id, p.state.Status))
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is %s, not created", p, p.state.Status))
 	}
 	if !c.sb.alive() {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s: its VM is gone", p))
 	}
-	resp, err := c.sb.agent.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: c.id})
-	if err != nil {
-		return agentError("StartContainer", err)
+	var guestPid uint32
+	if execID == "" {
+		resp, err := c.sb.agent.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: c.id})
+		if err != nil {
+			return agentError("StartContainer", err)
+		}
+		guestPid = resp.GetPid()
+	} else {
+		st := p.stdio.streams()
+		resp, err := c.sb.agent.ExecProcess(ctx, &agentproto.ExecProcessRequest{
+			ContainerId: c.id,
+			ExecId:      execID,
+			Process:     p.spec,
+			Stdin:       st.Stdin != "",
+			Stdout:      st.Stdout != "",
+			Stderr:      st.Stderr != "",
+			Terminal:    st.Terminal,
+		})
+		if err != nil {
+			return agentError("ExecProcess", err)
+		}
+		guestPid = resp.GetPid()
 	}
 	p.state.Status = StatusRunning
-	p.io.start(c.sb.ctx, c.sb.agent, c.id, "")
+	p.io.start(c.sb.ctx, c.sb.agent, c.id, execID)
 	p.startWaitLocked()
-	stage(ctx, "process-started", c.sb.created, log.Fields{
-		"container":   c.id,
-		"guest_pid":   resp.GetPid(),
-		"start_taken": time.Since(started).String(),
-	})
+	if started != nil {
+		started()
+	}
+	if execID == "" {
+		stage(ctx, "process-started", c.sb.created, log.Fields{
+			"container":   c.id,
+			"guest_pid":   guestPid,
+			"start_taken": time.Since(begin).String(),
+		})
+	}
 	return nil
 }
 
@@ -216,13 +250,13 @@ func (c *Container) Kill(ctx context.Context, execID string, signal uint32, all 
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.state.Status == StatusStopped {
-		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: process already finished", c.id))
+		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("%s: process already finished", p))
 	}
 	if execID != "" && p.state.Status == StatusCreated {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is not started", execID, c.id))
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is not started", p))
 	}
 	if !c.sb.alive() {
-		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
+		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("%s: its VM is gone", p))
 	}
 	_, err = c.sb.agent.SignalProcess(ctx, &agentproto.SignalProcessRequest{
 		ContainerId: c.id,
@@ -254,13 +288,15 @@ func (c *Container) Wait(ctx context.Context, execID string) (ProcessState, erro
 	}
 }
 
-// CloseStdin closes the process's stdin once what was written is through.
+// CloseStdin closes the process's stdin once the client has closed its end
+// and what it wrote is through (CloseIO).
 func (c *Container) CloseStdin(ctx context.Context, execID string) error {
 	p, err := c.process(execID)
 	if err != nil {
 		return err
 	}
-	return p.io.closeStdin()
+	p.io.closeStdin()
+	return nil
 }
 
 // remove removes the container from the guest, once.
@@ -279,16 +315,21 @@ func (c *Container) remove(ctx context.Context) error {
 		}
 	}
 	c.removed = true
-	c.init.io.close()
-	c.execMu.Lock()
-	for _, p := range c.execs {
-		if p != nil {
-			p.io.close()
+	for _, p := range c.processes() {
+		p.io.close()
+		if p.execID != "" {
 			p.vmDied()
 		}
 	}
-	c.execMu.Unlock()
 	return nil
+}
+
+// String names the process in errors.
+func (p *process) String() string {
+	if p.execID == "" {
+		return "container " + p.containerID
+	}
+	return fmt.Sprintf("exec %s of container %s", p.execID, p.containerID)
 }
 
 // State of the process.
@@ -320,7 +361,7 @@ func (p *process) wait() {
 	} else {
 		status = resp.GetExitStatus()
 		if resp.GetOomKilled() {
-			log.G(ctx).WithFields(log.Fields{"container": p.containerID, "exec": p.execID}).Warn("process killed by the OOM killer")
+			log.G(ctx).WithFields(log.Fields{"container": p.containerID, "exec": p.execID, "exit_status": status}).Warn("process killed by the OOM killer")
 		}
 		if resp.GetExitedAt() != nil {
 			at = resp.GetExitedAt().AsTime()
@@ -349,15 +390,18 @@ func (p *process) vmDied() {
 	}
 }
 
-// setExited records the exit, once, and reports it.
+// setExited records the exit, once, and reports it. It reports under p.mu
+// and before Wait returns, so that the exit event goes out before any that
+// a caller who saw the exit (State, Wait) causes, such as a delete's.
 func (p *process) setExited(status uint32, at time.Time) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.state.Status == StatusStopped {
-		p.mu.Unlock()
 		return
 	}
 	p.state = ProcessState{Status: StatusStopped, ExitStatus: status, ExitedAt: at}
-	close(p.done)
-	p.mu.Unlock()
 	p.sb.onExit(Exit{ContainerID: p.containerID, ExecID: p.execID, Pid: uint32(p.sb.Pid()), Status: status, ExitedAt: at})
+	close(p.done)
 }
+
+var serial sync.Mutex

@@ -32,6 +32,19 @@ func (c *Container) process(execID string) (*process, error) {
 	return p, nil
 }
 
+// processes are the init process and the execs.
+func (c *Container) processes() []*process {
+	c.execMu.Lock()
+	defer c.execMu.Unlock()
+	ps := []*process{c.init}
+	for _, p := range c.execs {
+		if p != nil {
+			ps = append(ps, p)
+		}
+	}
+	return ps
+}
+
 // Exec registers an exec process; StartExec runs it in the guest.
 func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (retErr error) {
 	if err := checkName("exec id", execID); err != nil {
@@ -42,6 +55,9 @@ func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process
 	}
 	if spec == nil || len(spec.Args) == 0 {
 		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("exec %s: process.args is empty", execID))
+	}
+	if st := c.init.State(); st.Status == StatusStopped {
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s is stopped: cannot exec in it", c.id))
 	}
 	b, err := json.Marshal(spec)
 	if err != nil {
@@ -63,7 +79,8 @@ func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process
 			c.execMu.Unlock()
 		}
 	}()
-	io, err := openPipes(ctx, stdio, owner{c.id, c.sb.namespace})
+	// A logging binary gets the exec id as CONTAINER_ID, as with runc.
+	io, err := openPipes(ctx, stdio, owner{execID, c.sb.namespace})
 	if err != nil {
 		return err
 	}
@@ -79,38 +96,6 @@ func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process
 		done:        make(chan struct{}),
 	}
 	c.execMu.Unlock()
-	return nil
-}
-
-// StartExec starts a registered exec process in the guest.
-func (c *Container) StartExec(ctx context.Context, execID string) error {
-	p, err := c.process(execID)
-	if err != nil {
-		return err
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state.Status != StatusCreated {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("exec %s of container %s is %s, not created", execID, c.id, p.state.Status))
-	}
-	if !c.sb.alive() {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("container %s: its VM is gone", c.id))
-	}
-	_, err = c.sb.agent.ExecProcess(ctx, &agentproto.ExecProcessRequest{
-		ContainerId: c.id,
-		ExecId:      execID,
-		Process:     p.spec,
-		Stdin:       p.stdio.Stdin != "",
-		Stdout:      p.stdio.Stdout != "",
-		Stderr:      p.stdio.Stderr != "",
-		Terminal:    p.stdio.Terminal,
-	})
-	if err != nil {
-		return agentError("ExecProcess", err)
-	}
-	p.state.Status = StatusRunning
-	p.io.start(c.sb.ctx, c.sb.agent, c.id, execID)
-	p.startWaitLocked()
 	return nil
 }
 

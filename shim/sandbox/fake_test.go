@@ -4,20 +4,25 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -140,7 +145,9 @@ func (v *fakeVM) Err() error            { return v.err }
 // fakeAgent runs pretend containers: a container's init writes its args to
 // stdout and "err" to stderr and exits with the status in its
 // "test.exit" annotation; with args[0] "cat" it echoes stdin to stdout until
-// stdin is closed. A signal ends it with 128+signal.
+// stdin is closed. Exec processes do the same, with their exit status in
+// the TEST_EXIT environment variable; an exec of "/no/such/binary" fails
+// to start. A signal ends a process with 128+signal.
 type fakeAgent struct {
 	agentproto.AgentService // the calls not faked panic
 
@@ -148,19 +155,32 @@ type fakeAgent struct {
 	checkErrors     int // Checks answered with an error first
 	checkHang       bool
 	createErr       error
+	// execBarrier, if set, holds every ExecProcess until that many are
+	// in flight at once.
+	execBarrier *barrier
+	oomEvents   chan string
 
 	mu         sync.Mutex
 	storages   []*agentproto.Storage
+	hostTime   time.Time
 	specs      map[string]*specs.Spec
-	procs      map[string]*fakeProc
+	procs      map[procKey]*fakeProc
 	removed    []string
 	destroyed  bool
 	checkCalls int
+	calls      []string // the calls that change a container, in order
+	resources  map[string]string
+	times      []time.Time // SetGuestTime
+	winSizes   map[procKey][2]uint32
+	streams    map[procKey]string // the stdio a process was asked for
 }
+
+type procKey struct{ container, exec string }
 
 type fakeProc struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
+	args     []string
 	stdout   []byte
 	stderr   []byte
 	stdin    []byte // everything written to stdin
@@ -171,22 +191,89 @@ type fakeProc struct {
 	exitCode uint32
 }
 
+func newFakeProc(args []string, exitCode uint32) *fakeProc {
+	p := &fakeProc{args: args, echo: args[0] == "cat", exitCode: exitCode}
+	p.cond = sync.NewCond(&p.mu)
+	return p
+}
+
+// run starts the process: unless it echoes stdin, it writes its output and
+// exits.
+func (p *fakeProc) run() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.echo {
+		p.stdout = append(p.stdout, strings.Join(p.args, " ")+"\n"...)
+		p.stderr = append(p.stderr, "err\n"...)
+		p.exitLocked(p.exitCode)
+	}
+	p.cond.Broadcast()
+}
+
+// barrier lets n callers through together.
+type barrier struct {
+	mu      sync.Mutex
+	n       int
+	arrived int
+	all     chan struct{}
+}
+
+func newBarrier(n int) *barrier { return &barrier{n: n, all: make(chan struct{})} }
+
+func (b *barrier) wait(ctx context.Context) error {
+	b.mu.Lock()
+	b.arrived++
+	if b.arrived == b.n {
+		close(b.all)
+	}
+	b.mu.Unlock()
+	select {
+	case <-b.all:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 func newFakeAgent() *fakeAgent {
 	return &fakeAgent{
 		protocolVersion: agentproto.ProtocolVersion,
 		specs:           make(map[string]*specs.Spec),
-		procs:           make(map[string]*fakeProc),
+		procs:           make(map[procKey]*fakeProc),
+		resources:       make(map[string]string),
+		winSizes:        make(map[procKey][2]uint32),
+		streams:         make(map[procKey]string),
+		oomEvents:       make(chan string, 1),
 	}
 }
 
-func (a *fakeAgent) proc(id string) (*fakeProc, error) {
+func (a *fakeAgent) proc(containerID, execID string) (*fakeProc, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	p, ok := a.procs[id]
+	p, ok := a.procs[procKey{containerID, execID}]
 	if !ok {
-		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage("no container " + id))
+		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(fmt.Sprintf("no process %q of container %s", execID, containerID)))
 	}
 	return p, nil
+}
+
+// locked runs f with the agent's state locked, for tests to read it.
+func (a *fakeAgent) locked(f func(*fakeAgent)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	f(a)
+}
+
+func (a *fakeAgent) record(call string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.calls = append(a.calls, call)
+}
+
+func (a *fakeAgent) callLog() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.calls...)
 }
 
 func (a *fakeAgent) Check(ctx context.Context, _ *agentproto.CheckRequest) (*agentproto.CheckResponse, error) {
@@ -212,16 +299,28 @@ func (a *fakeAgent) GetGuestDetails(ctx context.Context, _ *agentproto.GetGuestD
 	return &agentproto.GetGuestDetailsResponse{KernelRelease: "fake", AgentVersion: "fake"}, nil
 }
 
-// GetOOMEvent never reports one: the fake guest has no OOM killer.
+func (a *fakeAgent) SetGuestTime(ctx context.Context, r *agentproto.SetGuestTimeRequest) (*emptypb.Empty, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.times = append(a.times, r.GetTime().AsTime())
+	return &emptypb.Empty{}, nil
+}
+
+// GetOOMEvent reports the container ids sent on oomEvents.
 func (a *fakeAgent) GetOOMEvent(ctx context.Context, _ *agentproto.GetOOMEventRequest) (*agentproto.GetOOMEventResponse, error) {
-	<-ctx.Done()
-	return nil, ctx.Err()
+	select {
+	case id := <-a.oomEvents:
+		return &agentproto.GetOOMEventResponse{ContainerId: id}, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func (a *fakeAgent) CreateSandbox(ctx context.Context, r *agentproto.CreateSandboxRequest) (*emptypb.Empty, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.storages = r.GetStorages()
+	a.hostTime = r.GetHostTime().AsTime()
 	return &emptypb.Empty{}, nil
 }
 
@@ -240,35 +339,62 @@ func (a *fakeAgent) CreateContainer(ctx context.Context, r *agentproto.CreateCon
 	if err := json.Unmarshal(r.GetOciSpec(), &s); err != nil {
 		return nil, errgrpc.ToGRPC(errdefs.ErrInvalidArgument.WithMessage(err.Error()))
 	}
-	p := &fakeProc{echo: s.Process.Args[0] == "cat"}
-	p.cond = sync.NewCond(&p.mu)
-	if code, err := strconv.Atoi(s.Annotations["test.exit"]); err == nil {
-		p.exitCode = uint32(code)
-	}
+	code, _ := strconv.Atoi(s.Annotations["test.exit"])
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.specs[r.GetContainerId()] = &s
-	a.procs[r.GetContainerId()] = p
+	k := procKey{r.GetContainerId(), ""}
+	a.procs[k] = newFakeProc(s.Process.Args, uint32(code))
+	a.streams[k] = streams(r.GetStdin(), r.GetStdout(), r.GetStderr(), r.GetTerminal())
 	return &emptypb.Empty{}, nil
 }
 
 func (a *fakeAgent) StartContainer(ctx context.Context, r *agentproto.StartContainerRequest) (*agentproto.StartContainerResponse, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), "")
 	if err != nil {
 		return nil, err
 	}
-	a.mu.Lock()
-	args := a.specs[r.GetContainerId()].Process.Args
-	a.mu.Unlock()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.echo {
-		p.stdout = append(p.stdout, strings.Join(args, " ")+"\n"...)
-		p.stderr = append(p.stderr, "err\n"...)
-		p.exitLocked(p.exitCode)
-	}
-	p.cond.Broadcast()
+	p.run()
 	return &agentproto.StartContainerResponse{Pid: 1}, nil
+}
+
+func (a *fakeAgent) ExecProcess(ctx context.Context, r *agentproto.ExecProcessRequest) (*agentproto.ExecProcessResponse, error) {
+	a.mu.Lock()
+	b := a.execBarrier
+	a.mu.Unlock()
+	if b != nil {
+		if err := b.wait(ctx); err != nil {
+			return nil, errgrpc.ToGRPC(err)
+		}
+	}
+	var sp specs.Process
+	if err := json.Unmarshal(r.GetProcess(), &sp); err != nil {
+		return nil, errgrpc.ToGRPC(errdefs.ErrInvalidArgument.WithMessage(err.Error()))
+	}
+	if _, err := a.proc(r.GetContainerId(), ""); err != nil {
+		return nil, err
+	}
+	if sp.Args[0] == "/no/such/binary" {
+		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage(`exec: "/no/such/binary": stat /no/such/binary: no such file or directory`))
+	}
+	var code int
+	for _, e := range sp.Env {
+		if v, ok := strings.CutPrefix(e, "TEST_EXIT="); ok {
+			code, _ = strconv.Atoi(v)
+		}
+	}
+	p := newFakeProc(sp.Args, uint32(code))
+	k := procKey{r.GetContainerId(), r.GetExecId()}
+	a.mu.Lock()
+	a.procs[k] = p
+	a.streams[k] = streams(r.GetStdin(), r.GetStdout(), r.GetStderr(), r.GetTerminal())
+	a.mu.Unlock()
+	p.run()
+	return &agentproto.ExecProcessResponse{Pid: 2}, nil
+}
+
+func streams(stdin, stdout, stderr, terminal bool) string {
+	return fmt.Sprintf("stdin=%v stdout=%v stderr=%v terminal=%v", stdin, stdout, stderr, terminal)
 }
 
 func (p *fakeProc) exitLocked(status uint32) {
@@ -280,7 +406,7 @@ func (p *fakeProc) exitLocked(status uint32) {
 }
 
 func (a *fakeAgent) SignalProcess(ctx context.Context, r *agentproto.SignalProcessRequest) (*emptypb.Empty, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), r.GetExecId())
 	if err != nil {
 		return nil, err
 	}
@@ -291,7 +417,7 @@ func (a *fakeAgent) SignalProcess(ctx context.Context, r *agentproto.SignalProce
 }
 
 func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentproto.WaitProcessRequest) (*agentproto.WaitProcessResponse, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), r.GetExecId())
 	if err != nil {
 		return nil, err
 	}
@@ -300,11 +426,23 @@ func (a *fakeAgent) WaitProcess(ctx context.Context, r *agentproto.WaitProcessRe
 	for !p.exited {
 		p.cond.Wait()
 	}
-	return &agentproto.WaitProcessResponse{ExitStatus: p.status, ExitedAt: timestamppb.Now()}, nil
+	return &agentproto.WaitProcessResponse{ExitStatus: p.status, ExitedAt: timestamppb.Now(), OomKilled: p.status == 137}, nil
+}
+
+func (a *fakeAgent) RemoveProcess(ctx context.Context, r *agentproto.RemoveProcessRequest) (*emptypb.Empty, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	k := procKey{r.GetContainerId(), r.GetExecId()}
+	if _, ok := a.procs[k]; !ok || k.exec == "" {
+		return nil, errgrpc.ToGRPC(errdefs.ErrNotFound.WithMessage("no exec " + k.exec))
+	}
+	delete(a.procs, k)
+	a.calls = append(a.calls, "RemoveProcess "+k.container+" "+k.exec)
+	return &emptypb.Empty{}, nil
 }
 
 func (a *fakeAgent) read(r *agentproto.ReadStreamRequest, stream func(*fakeProc) *[]byte) (*agentproto.ReadStreamResponse, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), r.GetExecId())
 	if err != nil {
 		return nil, err
 	}
@@ -329,7 +467,7 @@ func (a *fakeAgent) ReadStderr(ctx context.Context, r *agentproto.ReadStreamRequ
 }
 
 func (a *fakeAgent) WriteStdin(ctx context.Context, r *agentproto.WriteStreamRequest) (*agentproto.WriteStreamResponse, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), r.GetExecId())
 	if err != nil {
 		return nil, err
 	}
@@ -342,7 +480,7 @@ func (a *fakeAgent) WriteStdin(ctx context.Context, r *agentproto.WriteStreamReq
 }
 
 func (a *fakeAgent) CloseStdin(ctx context.Context, r *agentproto.CloseStdinRequest) (*emptypb.Empty, error) {
-	p, err := a.proc(r.GetContainerId())
+	p, err := a.proc(r.GetContainerId(), r.GetExecId())
 	if err != nil {
 		return nil, err
 	}
@@ -354,21 +492,91 @@ func (a *fakeAgent) CloseStdin(ctx context.Context, r *agentproto.CloseStdinRequ
 	return &emptypb.Empty{}, nil
 }
 
+func (a *fakeAgent) TtyWinResize(ctx context.Context, r *agentproto.TtyWinResizeRequest) (*emptypb.Empty, error) {
+	k := procKey{r.GetContainerId(), r.GetExecId()}
+	if _, err := a.proc(k.container, k.exec); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.winSizes[k] = [2]uint32{r.GetRows(), r.GetColumns()}
+	return &emptypb.Empty{}, nil
+}
+
+func (a *fakeAgent) PauseContainer(ctx context.Context, r *agentproto.PauseContainerRequest) (*emptypb.Empty, error) {
+	a.record("PauseContainer " + r.GetContainerId())
+	return &emptypb.Empty{}, nil
+}
+
+func (a *fakeAgent) ResumeContainer(ctx context.Context, r *agentproto.ResumeContainerRequest) (*emptypb.Empty, error) {
+	a.record("ResumeContainer " + r.GetContainerId())
+	return &emptypb.Empty{}, nil
+}
+
+func (a *fakeAgent) UpdateContainer(ctx context.Context, r *agentproto.UpdateContainerRequest) (*emptypb.Empty, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.resources[r.GetContainerId()] = string(r.GetResources())
+	return &emptypb.Empty{}, nil
+}
+
+// StatsContainer answers with cgroup v2 metrics whose pids.current is the
+// number of processes the container has.
+func (a *fakeAgent) StatsContainer(ctx context.Context, r *agentproto.StatsContainerRequest) (*agentproto.StatsContainerResponse, error) {
+	ps, err := a.ListProcesses(ctx, &agentproto.ListProcessesRequest{ContainerId: r.GetContainerId()})
+	if err != nil {
+		return nil, err
+	}
+	m, err := anypb.New(&cgroupsv2.Metrics{Pids: &cgroupsv2.PidsStat{Current: uint64(len(ps.GetProcesses()))}})
+	if err != nil {
+		return nil, err
+	}
+	return &agentproto.StatsContainerResponse{Metrics: m}, nil
+}
+
+// ListProcesses lists the container's processes that have not exited:
+// the init as pid 1, execs from pid 2 in exec id order.
+func (a *fakeAgent) ListProcesses(ctx context.Context, r *agentproto.ListProcessesRequest) (*agentproto.ListProcessesResponse, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var execs []string
+	resp := &agentproto.ListProcessesResponse{}
+	for k, p := range a.procs {
+		p.mu.Lock()
+		live := !p.exited
+		p.mu.Unlock()
+		switch {
+		case k.container != r.GetContainerId() || !live:
+		case k.exec == "":
+			resp.Processes = append(resp.Processes, &agentproto.ProcessInfo{Pid: 1})
+		default:
+			execs = append(execs, k.exec)
+		}
+	}
+	slices.Sort(execs)
+	for i, id := range execs {
+		resp.Processes = append(resp.Processes, &agentproto.ProcessInfo{Pid: uint32(2 + i), ExecId: id})
+	}
+	return resp, nil
+}
+
 func (a *fakeAgent) RemoveContainer(ctx context.Context, r *agentproto.RemoveContainerRequest) (*emptypb.Empty, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if p, ok := a.procs[r.GetContainerId()]; ok {
-		p.mu.Lock()
-		p.exitLocked(137)
-		p.mu.Unlock()
+	for k, p := range a.procs {
+		if k.container == r.GetContainerId() {
+			p.mu.Lock()
+			p.exitLocked(137)
+			p.mu.Unlock()
+			delete(a.procs, k)
+		}
 	}
-	delete(a.procs, r.GetContainerId())
 	a.removed = append(a.removed, r.GetContainerId())
 	return &emptypb.Empty{}, nil
 }
 
-func (a *fakeAgent) stdinSeen(id string) string {
-	p, err := a.proc(id)
+func (a *fakeAgent) stdinSeen(containerID, execID string) string {
+	p, err := a.proc(containerID, execID)
 	if err != nil {
 		return ""
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -18,14 +19,20 @@ import (
 // is ready.
 const loggerReadyTimeout = 10 * time.Second
 
-// loggerExitTimeout bounds how long closing waits for a logger to finish
-// writing what it was given.
-const loggerExitTimeout = 10 * time.Second
+// loggerExitTimeout bounds how long a logger may take to exit after
+// SIGTERM (the runc shim's 12s).
+const loggerExitTimeout = 12 * time.Second
 
 // owner names whose output a log URI receives: the logging binary gets it
 // in CONTAINER_ID and CONTAINER_NAMESPACE, as with containerd's runc shim.
 type owner struct {
 	id, namespace string
+}
+
+// isBinaryScheme tells a logging binary's URI: binary-v2:// differs only in
+// that the binary must write a byte before it closes its ready pipe.
+func isBinaryScheme(scheme string) bool {
+	return scheme == "binary" || scheme == "binary-v2"
 }
 
 // openLogFile serves file:// (stdout and stderr appended to one file).
@@ -36,7 +43,7 @@ func openLogFile(u *url.URL) (stdout, stderr io.WriteCloser, err error) {
 	if err := os.MkdirAll(filepath.Dir(u.Path), 0o755); err != nil {
 		return nil, nil, err
 	}
-	out, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	out, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -56,8 +63,10 @@ type logger struct {
 	exited chan error
 }
 
-// startLogger serves binary:// and returns the writers for the process's
-// output.
+// startLogger serves binary:// and binary-v2:// and returns the writers
+// for the process's output. Like the runc shim, it gives the binary the
+// query's key/value pairs as arguments and only CONTAINER_ID and
+// CONTAINER_NAMESPACE as its environment.
 func startLogger(ctx context.Context, u *url.URL, o owner) (_ *logger, stdout, stderr io.WriteCloser, retErr error) {
 	var args []string
 	for k, vs := range u.Query() {
@@ -101,7 +110,7 @@ func startLogger(ctx context.Context, u *url.URL, o owner) (_ *logger, stdout, s
 		}
 	}()
 	cmd := exec.Command(u.Path, args...)
-	cmd.Env = append(os.Environ(), "CONTAINER_ID="+o.id, "CONTAINER_NAMESPACE="+o.namespace)
+	cmd.Env = []string{"CONTAINER_ID=" + o.id, "CONTAINER_NAMESPACE=" + o.namespace}
 	cmd.ExtraFiles = []*os.File{outR, errR, readyW}
 	err = cmd.Start()
 	readyW.Close()
@@ -112,9 +121,12 @@ func startLogger(ctx context.Context, u *url.URL, o owner) (_ *logger, stdout, s
 	go func() { l.exited <- cmd.Wait() }()
 	ready := make(chan error, 1)
 	go func() {
-		_, err := readyR.Read(make([]byte, 1))
+		n, err := readyR.Read(make([]byte, 1))
 		if errors.Is(err, io.EOF) {
 			err = nil
+		}
+		if err == nil && n == 0 && u.Scheme == "binary-v2" {
+			err = errors.New("closed its ready pipe without writing a byte")
 		}
 		ready <- err
 	}()
@@ -124,6 +136,8 @@ func startLogger(ctx context.Context, u *url.URL, o owner) (_ *logger, stdout, s
 		err = fmt.Errorf("exited before it was ready: %v", err)
 	case <-time.After(loggerReadyTimeout):
 		err = fmt.Errorf("not ready within %s", loggerReadyTimeout)
+	case <-ctx.Done():
+		err = ctx.Err()
 	}
 	if err != nil {
 		_ = cmd.Process.Kill()
@@ -133,8 +147,11 @@ func startLogger(ctx context.Context, u *url.URL, o owner) (_ *logger, stdout, s
 	return l, outW, errW, nil
 }
 
-// wait waits for the logger to finish once its input is closed.
-func (l *logger) wait() {
+// stop ends the logger once its input is closed, as the runc shim does:
+// SIGTERM (loggers built on containerd's logging.Run still copy to EOF),
+// then SIGKILL if it has not exited within loggerExitTimeout.
+func (l *logger) stop() {
+	_ = l.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-l.exited:
 	case <-time.After(loggerExitTimeout):

@@ -180,10 +180,11 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if err := writeState(dir, s.state); err != nil {
 		return nil, nil, err
 	}
-	s.bundleFile = filepath.Join(first.Bundle, BundleFile)
-	if err := os.WriteFile(s.bundleFile, []byte(dir+"\n"), 0o600); err != nil {
-		return nil, nil, fmt.Errorf("write %s: %w", s.bundleFile, err)
+	bundleFile, err := writeBundleFile(first.Bundle, dir)
+	if err != nil {
+		return nil, nil, err
 	}
+	s.bundleFile = bundleFile
 	if err := storage.SetupShared(filepath.Join(dir, sharedDir)); err != nil {
 		return nil, nil, err
 	}
@@ -393,12 +394,12 @@ func (s *Sandbox) watchVM() {
 	// with VMExitStatus.
 	s.agent.Close()
 	s.mu.Lock()
-	var created []*process
+	var ps []*process
 	for _, c := range s.containers {
-		created = append(created, c.init)
+		ps = append(ps, c.processes()...)
 	}
 	s.mu.Unlock()
-	for _, p := range created {
+	for _, p := range ps {
 		p.vmDied()
 	}
 	if err := s.teardown(ctx); err != nil {
@@ -473,13 +474,52 @@ func (s *Sandbox) DeleteContainer(ctx context.Context, id string) (ProcessState,
 		if err := s.Shutdown(ctx); err != nil {
 			return p.State(), err
 		}
-	} else if err := s.unmountRootfs(ctx, id); err != nil {
-		return p.State(), err
+	} else {
+		if err := s.unmountRootfs(ctx, id); err != nil {
+			return p.State(), err
+		}
+		if err := s.handOverBundleFile(c); err != nil {
+			return p.State(), err
+		}
 	}
 	s.mu.Lock()
 	delete(s.containers, id)
 	s.mu.Unlock()
 	return p.State(), nil
+}
+
+// handOverBundleFile moves the sandbox's record (BundleFile) from the
+// bundle of a container being deleted to the bundle of one that stays.
+// containerd runs `shim delete` in a task's bundle after every task delete:
+// that must not take down a VM other containers still run in, while a
+// crash later must still be cleaned up from a bundle that exists.
+func (s *Sandbox) handOverBundleFile(leaving *Container) error {
+	s.teardownMu.Lock()
+	defer s.teardownMu.Unlock()
+	if s.bundleFile != filepath.Join(leaving.bundle, BundleFile) {
+		return nil
+	}
+	s.mu.Lock()
+	var next *Container
+	for _, c := range s.containers {
+		if c != leaving {
+			next = c
+			break
+		}
+	}
+	s.mu.Unlock()
+	if next == nil {
+		return nil
+	}
+	f, err := writeBundleFile(next.bundle, s.dir)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(s.bundleFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	s.bundleFile = f
+	return nil
 }
 
 func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {

@@ -68,26 +68,8 @@ func newEnv(t *testing.T, withStdin bool) *env {
 	if err := os.WriteFile(filepath.Join(e.bundle, "rootfs", "hello"), []byte("hi"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	fifos := filepath.Join(root, "fifos")
-	if err := os.Mkdir(fifos, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	e.stdio.Stdout = filepath.Join(fifos, "stdout")
-	e.stdio.Stderr = filepath.Join(fifos, "stderr")
-	// As containerd's cio does: create the fifos and open our ends.
-	if e.stdout, err = fifo.OpenFifo(ctx, e.stdio.Stdout, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if e.stderr, err = fifo.OpenFifo(ctx, e.stdio.Stderr, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if withStdin {
-		e.stdio.Stdin = filepath.Join(fifos, "stdin")
-		if e.stdin, err = fifo.OpenFifo(ctx, e.stdio.Stdin, syscall.O_WRONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
-			t.Fatal(err)
-		}
-	}
+	cs := openClientStdio(t, filepath.Join(root, "fifos"), withStdin)
+	e.stdio, e.stdout, e.stderr, e.stdin = cs.Stdio, cs.stdout, cs.stderr, cs.stdin
 	t.Cleanup(func() {
 		for _, c := range []io.Closer{e.stdout, e.stderr, e.stdin} {
 			if c != nil {
@@ -97,6 +79,41 @@ func newEnv(t *testing.T, withStdin bool) *env {
 		e.assertClean()
 	})
 	return e
+}
+
+// clientStdio are a process's stdio fifos with containerd's ends open.
+type clientStdio struct {
+	Stdio
+	stdout, stderr io.ReadCloser
+	stdin          io.WriteCloser
+}
+
+// openClientStdio creates stdio fifos in dir (made if needed) and opens
+// containerd's ends, as containerd's cio does.
+func openClientStdio(t *testing.T, dir string, withStdin bool) *clientStdio {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	c := &clientStdio{Stdio: Stdio{Stdout: filepath.Join(dir, "stdout"), Stderr: filepath.Join(dir, "stderr")}}
+	var err error
+	if c.stdout, err = fifo.OpenFifo(ctx, c.Stdio.Stdout, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.stdout.Close() })
+	if c.stderr, err = fifo.OpenFifo(ctx, c.Stdio.Stderr, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.stderr.Close() })
+	if withStdin {
+		c.Stdio.Stdin = filepath.Join(dir, "stdin")
+		if c.stdin, err = fifo.OpenFifo(ctx, c.Stdio.Stdin, syscall.O_WRONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.stdin.Close() })
+	}
+	return c
 }
 
 func (e *env) config(sharedFS string) config.Config {
@@ -313,7 +330,7 @@ func TestLifecycle(t *testing.T) {
 			}
 			// Nothing reads the fifos until the exit is reported: what
 			// the fifos hold then shows the output was copied first.
-			if err := c.Start(ctx); err != nil {
+			if err := c.Start(ctx, "", nil); err != nil {
 				t.Fatal(err)
 			}
 			x := waitExit(t, e.exits)
@@ -334,7 +351,7 @@ func TestLifecycle(t *testing.T) {
 			if err != nil || ws.Status != StatusStopped || ws.ExitStatus != 3 {
 				t.Errorf("Wait = %+v, %v", ws, err)
 			}
-			if err := c.Start(ctx); !errdefs.IsFailedPrecondition(err) {
+			if err := c.Start(ctx, "", nil); !errdefs.IsFailedPrecondition(err) {
 				t.Errorf("second Start: %v, want failed precondition", err)
 			}
 			if err := c.Kill(ctx, "", 9, false); !errdefs.IsNotFound(err) {
@@ -361,9 +378,36 @@ func TestLifecycle(t *testing.T) {
 	}
 }
 
+// TestStdin: stdin ends only when CloseIO (CloseStdin) and the client have
+// both closed it, as with runc: a client may go away and another attach.
 func TestStdin(t *testing.T) {
-	for _, closeBy := range []string{"client", "CloseStdin"} {
-		t.Run(closeBy, func(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		steps func(t *testing.T, e *env, c *Container)
+	}{
+		{"CloseIO then client", func(t *testing.T, e *env, c *Container) {
+			write(t, e.stdin, "abc")
+			closeStdin(t, c)
+			e.stdin.Close()
+		}},
+		{"client then CloseIO", func(t *testing.T, e *env, c *Container) {
+			write(t, e.stdin, "abc")
+			e.stdin.Close()
+			closeStdin(t, c)
+		}},
+		{"reattach", func(t *testing.T, e *env, c *Container) {
+			write(t, e.stdin, "ab")
+			e.stdin.Close()
+			var err error
+			if e.stdin, err = os.OpenFile(e.stdio.Stdin, os.O_WRONLY, 0); err != nil {
+				t.Fatal(err)
+			}
+			write(t, e.stdin, "c")
+			closeStdin(t, c)
+			e.stdin.Close()
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, true)
 			ctx := context.Background()
 			sb, c, err := Create(ctx, e.options(e.config("9p")), e.container("cat"))
@@ -372,24 +416,10 @@ func TestStdin(t *testing.T) {
 			}
 			stdout := readAll(t, e.stdout)
 			go io.Copy(io.Discard, e.stderr)
-			if err := c.Start(ctx); err != nil {
+			if err := c.Start(ctx, "", nil); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := e.stdin.Write([]byte("abc")); err != nil {
-				t.Fatal(err)
-			}
-			if closeBy == "client" {
-				e.stdin.Close()
-			} else {
-				// What was written goes through first.
-				deadline := time.Now().Add(10 * time.Second)
-				for e.drv.agent.stdinSeen("c1") != "abc" && time.Now().Before(deadline) {
-					time.Sleep(5 * time.Millisecond)
-				}
-				if err := c.CloseStdin(ctx, ""); err != nil {
-					t.Fatal(err)
-				}
-			}
+			tc.steps(t, e, c)
 			if x := waitExit(t, e.exits); x.Status != 0 {
 				t.Errorf("exit = %+v", x)
 			}
@@ -400,6 +430,20 @@ func TestStdin(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+func write(t *testing.T, w io.Writer, s string) {
+	t.Helper()
+	if _, err := io.WriteString(w, s); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func closeStdin(t *testing.T, c *Container) {
+	t.Helper()
+	if err := c.CloseStdin(context.Background(), ""); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -444,7 +488,7 @@ func TestDeleteRunning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Start(ctx); err != nil {
+	if err := c.Start(ctx, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := sb.DeleteContainer(ctx, "c1"); !errdefs.IsFailedPrecondition(err) {
@@ -610,7 +654,7 @@ func TestVMDies(t *testing.T) {
 	}
 	go io.Copy(io.Discard, e.stdout)
 	go io.Copy(io.Discard, e.stderr)
-	if err := c.Start(ctx); err != nil {
+	if err := c.Start(ctx, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	_ = e.drv.vms[0].cmd.Process.Kill()
@@ -634,7 +678,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 	}
 	go io.Copy(io.Discard, e.stdout)
 	go io.Copy(io.Discard, e.stderr)
-	if err := c.Start(ctx); err != nil {
+	if err := c.Start(ctx, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	// What `shim delete` does after the shim died: only the bundle and

@@ -67,6 +67,16 @@ func ReadState(dir string) (State, error) {
 	return st, nil
 }
 
+// writeBundleFile records the sandbox directory dir in a bundle and
+// returns the file's path.
+func writeBundleFile(bundle, dir string) (string, error) {
+	f := filepath.Join(bundle, BundleFile)
+	if err := os.WriteFile(f, []byte(dir+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write %s: %w", f, err)
+	}
+	return f, nil
+}
+
 // ReadBundleFile returns the sandbox directory recorded in a bundle, or ""
 // if the bundle has none.
 func ReadBundleFile(bundle string) (string, error) {

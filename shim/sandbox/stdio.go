@@ -9,7 +9,6 @@ import (
 	"os"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/fifo"
@@ -42,21 +41,35 @@ func (s Stdio) Validate() error {
 		}
 		switch u.Scheme {
 		case "", "fifo":
-		case "file", "binary":
+		case "file", "binary", "binary-v2":
 			if p.name == "stdin" {
 				return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("stdin %q: a log URI is for output", p.path))
 			}
 		default:
 			return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
-				"%s %q: %s:// stdio is not supported: use a fifo, file:// or binary://", p.name, p.path, u.Scheme))
+				"%s %q: %s:// stdio is not supported: use a fifo, file://, binary:// or binary-v2://", p.name, p.path, u.Scheme))
 		}
 	}
 	return nil
 }
 
+// streams are the stdio the process has in the guest: with a terminal,
+// stdout carries the tty and there is no stderr, as with runc.
+func (s Stdio) streams() Stdio {
+	if s.Terminal {
+		s.Stderr = ""
+	}
+	return s
+}
+
 // pipes connects one process's stdio fifos to its streams in the guest.
 type pipes struct {
-	stdin          io.ReadCloser
+	stdin io.ReadCloser
+	// stdinKeep is our own write end of the stdin fifo, as the runc shim
+	// holds one: a client that goes away (detach, containerd restart) is
+	// no end of input, the next one attaches. Stdin ends once CloseIO
+	// closed it and the client closed its end, after what they wrote.
+	stdinKeep io.Closer
 	stdout, stderr io.WriteCloser
 	// Our own read ends of the output fifos: with them open, a client that
 	// goes away and comes back (containerd restart, attach) never makes
@@ -67,30 +80,14 @@ type pipes struct {
 	drained   chan struct{}
 	closeOnce sync.Once
 
-	// stdinKeep holds the stdin fifo open for writing when the process has
-	// a terminal, so a client that detaches (ctr run -d -t) is no end of
-	// input: the next one attaches. Only CloseIO ends it then.
-	stdinKeep io.Closer
-
 	// logger is the binary:// logging process, if any.
 	logger *logger
-
-	// stdinCopied is closed when the stdin copy loop has ended; nil until
-	// it starts.
-	stdinMu     sync.Mutex
-	stdinCopied chan struct{}
 }
 
-// stdinDrainTimeout bounds how long CloseIO waits for what the client
-// already wrote to stdin to reach the guest.
-const stdinDrainTimeout = 2 * time.Second
-
-// openPipes opens the fifos.
+// openPipes opens the process's stdio. Opening an output fifo waits for
+// the client's read end, as long as ctx lasts.
 func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
-	// The fifo package opens in the background and gives up when its
-	// context ends; the request's context ends when the RPC returns,
-	// possibly before the client opened its end.
-	ctx = context.WithoutCancel(ctx)
+	s = s.streams()
 	p := &pipes{drained: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
@@ -98,26 +95,24 @@ func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
 		}
 	}()
 	if s.Stdin != "" {
-		f, err := fifo.OpenFifo(ctx, s.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+		// O_RDWR opens a fifo without waiting for the other end; with our
+		// write end open, the read end opens at once too.
+		keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
-		p.stdin = f
-		if s.Terminal {
-			// O_RDWR opens a fifo without waiting for a reader.
-			keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
-			if err != nil {
-				return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
-			}
-			p.stdinKeep = keep
+		p.stdinKeep = keep
+		r, err := os.OpenFile(s.Stdin, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
+		p.stdin = r
 	}
-	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || u.Scheme == "binary") {
+	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || isBinaryScheme(u.Scheme)) {
 		// A log URI takes both output streams.
-		switch u.Scheme {
-		case "file":
+		if u.Scheme == "file" {
 			p.stdout, p.stderr, err = openLogFile(u)
-		case "binary":
+		} else {
 			p.logger, p.stdout, p.stderr, err = startLogger(ctx, u, o)
 		}
 		if err != nil {
@@ -186,14 +181,7 @@ func (p *pipes) start(ctx context.Context, agent agentproto.AgentService, contai
 		close(p.drained)
 	}()
 	if p.stdin != nil {
-		done := make(chan struct{})
-		p.stdinMu.Lock()
-		p.stdinCopied = done
-		p.stdinMu.Unlock()
-		go func() {
-			defer close(done)
-			copyInput(ctx, agent, containerID, execID, p.stdin)
-		}()
+		go copyInput(ctx, agent, containerID, execID, p.stdin)
 	}
 }
 
@@ -256,31 +244,12 @@ func copyInput(ctx context.Context, agent agentproto.AgentService, containerID, 
 	}
 }
 
-// closeStdin ends the stdin stream. Clients (ctr) call CloseIO as their
-// own input ends, just before they close the fifo, and possibly before the
-// process has started: closing our end at once would lose what they wrote
-// and we had not read yet. So the copy loop is left to reach the fifo's EOF;
-// once it runs, closeStdin waits for that, and only after
-// stdinDrainTimeout closes the fifo itself. The loop then closes stdin in
-// the guest.
-func (p *pipes) closeStdin() error {
-	if p.stdin == nil {
-		return nil
-	}
+// closeStdin closes our write end of stdin (CloseIO): the process reads
+// EOF once the client has closed its end too and what it wrote is through.
+func (p *pipes) closeStdin() {
 	if p.stdinKeep != nil {
-		p.stdinKeep.Close()
+		_ = p.stdinKeep.Close()
 	}
-	p.stdinMu.Lock()
-	copied := p.stdinCopied
-	p.stdinMu.Unlock()
-	if copied == nil {
-		return nil // not started: the copy loop will end at EOF
-	}
-	select {
-	case <-copied:
-	case <-time.After(stdinDrainTimeout):
-	}
-	return p.stdin.Close()
 }
 
 // close closes every fifo; the copy loops end with it.
@@ -295,7 +264,7 @@ func (p *pipes) close() {
 			_ = c.Close()
 		}
 		if p.logger != nil {
-			p.logger.wait()
+			p.logger.stop()
 		}
 	})
 }

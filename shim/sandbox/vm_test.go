@@ -102,7 +102,7 @@ func TestRealVM(t *testing.T) {
 				t.Fatal(err)
 			}
 			stdout, stderr := readAll(t, e.stdout), readAll(t, e.stderr)
-			if err := c.Start(ctx); err != nil {
+			if err := c.Start(ctx, "", nil); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := io.WriteString(e.stdin, "hello\n"); err != nil {
@@ -147,7 +147,7 @@ func TestRealVMKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	go io.Copy(io.Discard, e.stderr)
-	if err := c.Start(ctx); err != nil {
+	if err := c.Start(ctx, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	buf := make([]byte, len("started\n"))

@@ -1,6 +1,7 @@
 // Package task is the containerd task service (task API v3 over ttrpc) of
-// the colo shim. It maps tasks onto sandboxes: for now every task gets a
-// sandbox (a VM) of its own.
+// the colo shim. It maps tasks onto sandboxes: the tasks of one pod (CRI
+// annotation io.kubernetes.cri.sandbox-id) share the pod's sandbox (VM);
+// any other task gets a sandbox of its own.
 //
 // containerd is told the hypervisor's pid as the pid of every process, as
 // Kata does: guest pids mean nothing on the host.
@@ -16,6 +17,7 @@ import (
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/runtime"
@@ -72,10 +74,6 @@ type service struct {
 	// sandboxes are the running sandboxes by pod (CRI sandbox id), for
 	// the pod's later containers.
 	sandboxes map[string]*sandbox.Sandbox
-
-	// lifecycleMu orders a TaskStart before the TaskExit of the same
-	// process: Start holds it from starting until the event is queued.
-	lifecycleMu sync.Mutex
 }
 
 // entry is a task: a container and the sandbox it runs in. c is nil while
@@ -211,28 +209,25 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, err
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"id": r.ID, "exec": r.ExecID}))
-	s.lifecycleMu.Lock()
-	defer s.lifecycleMu.Unlock()
 	pid := uint32(e.sb.Pid())
-	if r.ExecID != "" {
-		if err := e.c.StartExec(ctx, r.ExecID); err != nil {
-			return nil, errgrpc.ToGRPC(err)
+	// The event is queued before the process's exit can be: no lock
+	// across tasks, so that many starts (execs) run at once.
+	err = e.c.Start(ctx, r.ExecID, func() {
+		if r.ExecID != "" {
+			s.send(&eventstypes.TaskExecStarted{ContainerID: r.ID, ExecID: r.ExecID, Pid: pid})
+		} else {
+			s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
 		}
-		s.send(&eventstypes.TaskExecStarted{ContainerID: r.ID, ExecID: r.ExecID, Pid: pid})
-		return &taskAPI.StartResponse{Pid: pid}, nil
-	}
-	if err := e.c.Start(ctx); err != nil {
+	})
+	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	s.send(&eventstypes.TaskStart{ContainerID: r.ID, Pid: pid})
 	return &taskAPI.StartResponse{Pid: pid}, nil
 }
 
 // exited publishes a process exit; the sandbox calls it once the output is
 // copied out.
 func (s *service) exited(x sandbox.Exit) {
-	s.lifecycleMu.Lock()
-	defer s.lifecycleMu.Unlock()
 	id := x.ExecID
 	if id == "" {
 		id = x.ContainerID
@@ -399,7 +394,14 @@ func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	}
 	resp := &taskAPI.PidsResponse{}
 	for _, p := range ps {
-		resp.Processes = append(resp.Processes, &task.ProcessInfo{Pid: p.Pid})
+		info := &task.ProcessInfo{Pid: p.Pid}
+		if p.ExecID != "" {
+			// As the runc shim tells which exec a pid is.
+			if info.Info, err = typeurl.MarshalAnyToProto(&options.ProcessDetails{ExecID: p.ExecID}); err != nil {
+				return nil, errgrpc.ToGRPC(fmt.Errorf("process %d: %w", p.Pid, err))
+			}
+		}
+		resp.Processes = append(resp.Processes, info)
 	}
 	return resp, nil
 }
