@@ -69,7 +69,7 @@ type pipes struct {
 	// holds one: a client that goes away (detach, containerd restart) is
 	// no end of input, the next one attaches. Stdin ends once CloseIO
 	// closed it and the client closed its end, after what they wrote.
-	stdinKeep io.Closer
+	stdinKeep      io.Closer
 	stdout, stderr io.WriteCloser
 	// Our own read ends of the output fifos: with them open, a client that
 	// goes away and comes back (containerd restart, attach) never makes
