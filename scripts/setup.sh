@@ -13,7 +13,7 @@ TTRPC_VERSION=v1.2.10
 packages=(
 	qemu-system-x86 qemu-utils    # the hypervisor and /usr/lib/qemu/virtiofsd
 	busybox-static                # test and demo images
-	e2fsprogs cpio xz-utils binutils # guest image build (readelf, xz, cpio)
+	e2fsprogs cpio xz-utils binutils kmod # guest image build (readelf, xz, cpio, depmod)
 	protobuf-compiler libprotobuf-dev # agentproto generation
 	libseccomp-dev gcc            # runc with seccomp; the static agent (cgo)
 	iproute2 containernetworking-plugins

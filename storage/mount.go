@@ -66,6 +66,19 @@ func MountRootfs(ctx context.Context, mounts []mount.Mount, target string) error
 // that stays busy is detached lazily (and logged) so that it no longer
 // pins the sandbox directory.
 func UnmountAll(ctx context.Context, dir string) error {
+	return unmountAll(ctx, dir, 0)
+}
+
+// DetachAll is UnmountAll for mounts that a running VM's file server may
+// hold open, such as a container's rootfs in a sandbox whose VM goes on
+// (the guest's 9p or virtio-fs client keeps files of a removed container
+// open for a while): it detaches them lazily at once, as Kata does, rather
+// than waiting in vain for them to be free.
+func DetachAll(ctx context.Context, dir string) error {
+	return unmountAll(ctx, dir, unix.MNT_DETACH)
+}
+
+func unmountAll(ctx context.Context, dir string, flags int) error {
 	dir, err := canonical(dir)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -79,7 +92,11 @@ func UnmountAll(ctx context.Context, dir string) error {
 	}
 	var errs []error
 	for _, p := range points {
-		if err := mount.UnmountAll(p, 0); err != nil {
+		if err := mount.UnmountAll(p, flags); err != nil {
+			if flags&unix.MNT_DETACH != 0 {
+				errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))
+				continue
+			}
 			log.G(ctx).WithError(err).WithField("mountpoint", p).Warn("unmount failed, detaching lazily")
 			if err := mount.UnmountAll(p, unix.MNT_DETACH); err != nil {
 				errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))

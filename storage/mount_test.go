@@ -181,3 +181,35 @@ func TestUnmountAllMissingDir(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestDetachAllBusy: a mount with a file open in it is gone from the mount
+// table at once; the open file still works.
+func TestDetachAllBusy(t *testing.T) {
+	requireRoot(t)
+	dir := tempDir(t)
+	target := filepath.Join(dir, "c1", "rootfs")
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", target, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
+	f, err := os.Create(filepath.Join(target, "held"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := DetachAll(context.Background(), filepath.Join(dir, "c1")); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := MountsUnder(dir); err != nil || len(left) > 0 {
+		t.Errorf("mounts left: %v %v", left, err)
+	}
+	if _, err := f.WriteString("still open"); err != nil {
+		t.Errorf("write to the file held open: %v", err)
+	}
+	if err := RemoveDir(filepath.Join(dir, "c1")); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -191,8 +191,6 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 	if err != nil {
 		return err
 	}
-	serial.Lock()
-	defer serial.Unlock()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.state.Status != StatusCreated {
@@ -220,6 +218,10 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 			Terminal:    st.Terminal,
 		})
 		if err != nil {
+			// As with runc: an exec that never ran ends its waits, with
+			// no exit event.
+			p.state = ProcessState{Status: StatusStopped, ExitStatus: VMExitStatus, ExitedAt: time.Now()}
+			close(p.done)
 			return agentError("ExecProcess", err)
 		}
 		guestPid = resp.GetPid()
@@ -288,8 +290,8 @@ func (c *Container) Wait(ctx context.Context, execID string) (ProcessState, erro
 	}
 }
 
-// CloseStdin closes the process's stdin once the client has closed its end
-// and what it wrote is through (CloseIO).
+// CloseStdin serves CloseIO for the process (see pipes for when its stdin
+// ends).
 func (c *Container) CloseStdin(ctx context.Context, execID string) error {
 	p, err := c.process(execID)
 	if err != nil {
@@ -403,5 +405,3 @@ func (p *process) setExited(status uint32, at time.Time) {
 	p.sb.onExit(Exit{ContainerID: p.containerID, ExecID: p.execID, Pid: uint32(p.sb.Pid()), Status: status, ExitedAt: at})
 	close(p.done)
 }
-
-var serial sync.Mutex

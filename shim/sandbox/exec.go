@@ -45,7 +45,7 @@ func (c *Container) processes() []*process {
 	return ps
 }
 
-// Exec registers an exec process; StartExec runs it in the guest.
+// Exec registers an exec process; Start runs it in the guest.
 func (c *Container) Exec(ctx context.Context, execID string, spec *specs.Process, stdio Stdio) (retErr error) {
 	if err := checkName("exec id", execID); err != nil {
 		return err

@@ -21,31 +21,35 @@ import (
 // fake's "cat" without stdin), with exits going to e.exits.
 func running(t *testing.T, e *env) (*Sandbox, *Container) {
 	t.Helper()
-	ctx := context.Background()
 	cc := e.container("cat")
 	cc.Stdio = Stdio{}
+	return started(t, e, cc)
+}
+
+// started creates a sandbox with the container and starts it; the sandbox
+// goes when the test ends.
+func started(t *testing.T, e *env, cc ContainerConfig) (*Sandbox, *Container) {
+	t.Helper()
+	ctx := context.Background()
 	sb, c, err := Create(ctx, e.options(e.config("9p")), cc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	shutdownAtEnd(t, sb)
 	if err := c.Start(ctx, "", nil); err != nil {
 		t.Fatal(err)
 	}
+	return sb, c
+}
+
+// shutdownAtEnd takes the sandbox down when the test ends, before env's
+// cleanup checks that nothing is left.
+func shutdownAtEnd(t *testing.T, sb *Sandbox) {
 	t.Cleanup(func() {
-		if _, err := sb.Container("c1"); err != nil {
-			return // the test deleted it
-		}
-		if err := c.Kill(ctx, "", 9, false); err != nil {
-			t.Error(err)
-		}
-		if _, err := c.Wait(ctx, ""); err != nil {
-			t.Error(err)
-		}
-		if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		if err := sb.Shutdown(context.Background()); err != nil {
 			t.Error(err)
 		}
 	})
-	return sb, c
 }
 
 func execSpec(exit int, args ...string) *specs.Process {
@@ -112,8 +116,8 @@ func TestExecMissingBinary(t *testing.T) {
 	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "agent ExecProcess: exec: \"/no/such/binary\": stat /no/such/binary") {
 		t.Errorf("Start = %v", err)
 	}
-	if st, err := c.State("bad"); err != nil || st.Status != StatusCreated {
-		t.Errorf("State after the failed start = %+v, %v", st, err)
+	if st, err := c.Wait(ctx, "bad"); err != nil || st.Status != StatusStopped || st.ExitStatus != VMExitStatus {
+		t.Errorf("Wait after the failed start = %+v, %v", st, err)
 	}
 	if _, err := c.DeleteExec(ctx, "bad"); err != nil {
 		t.Fatal(err)
@@ -143,6 +147,7 @@ func TestExecInStoppedContainer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	shutdownAtEnd(t, sb)
 	readAll(t, e.stdout)
 	readAll(t, e.stderr)
 	if err := c.Start(ctx, "", nil); err != nil {
@@ -183,12 +188,13 @@ func TestConcurrentExecs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	shutdownAtEnd(t, sb)
 	if err := c.Start(ctx, "", func() { note("", "start") }); err != nil {
 		t.Fatal(err)
 	}
 	e.drv.agent.locked(func(a *fakeAgent) { a.execBarrier = newBarrier(n) })
 	// Serialized starts would wait at the barrier until this deadline.
-	startCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	outDir := t.TempDir()
 	var wg sync.WaitGroup
@@ -245,6 +251,7 @@ func TestTerminal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	shutdownAtEnd(t, sb)
 	a := e.drv.agent
 	var streams string
 	var winSize [2]uint32
@@ -405,6 +412,7 @@ func TestOOMEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	shutdownAtEnd(t, sb)
 	e.drv.agent.oomEvents <- "c1"
 	select {
 	case id := <-ooms:
@@ -416,5 +424,136 @@ func TestOOMEvents(t *testing.T) {
 	}
 	if _, err := sb.DeleteContainer(context.Background(), "c1"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestLogURIs: file:// appends both streams to a file; binary:// and
+// binary-v2:// hand them to a logging binary as the runc shim does.
+func TestLogURIs(t *testing.T) {
+	dir := t.TempDir()
+	// A logger that copies fd 3 and 4 to BASE.out and BASE.err and records
+	// its arguments and environment; binary-v2 also writes a ready byte.
+	script := func(name, ready string) string {
+		p := filepath.Join(dir, name)
+		text := "#!/bin/sh\ntrap '' TERM\n/bin/cat <&3 >\"$2.out\" 5>&- &\n/bin/cat <&4 >\"$2.err\" 5>&- &\n" + ready +
+			"exec 5>&-\nwait\necho \"$# $1 $CONTAINER_ID $CONTAINER_NAMESPACE $HOME\" >\"$2.env\"\n"
+		if err := os.WriteFile(p, []byte(text), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	v1, v2 := script("logger", ""), script("logger-v2", "printf x >&5\n")
+	for _, tc := range []struct {
+		name, uri string
+		files     map[string]string
+	}{
+		{"file", "file://" + dir + "/f.log", map[string]string{"f.log": "echo hello\nerr\n"}},
+		{"binary", "binary://" + v1 + "?out=" + dir + "/b", map[string]string{
+			"b.out": "echo hello\n", "b.err": "err\n", "b.env": "2 out c1 testns \n"}},
+		{"binary-v2", "binary-v2://" + v2 + "?out=" + dir + "/v2", map[string]string{
+			"v2.out": "echo hello\n", "v2.err": "err\n", "v2.env": "2 out c1 testns \n"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, false)
+			ctx := context.Background()
+			cc := e.container("echo", "hello")
+			cc.Stdio = Stdio{Stdout: tc.uri, Stderr: tc.uri}
+			sb, _ := started(t, e, cc)
+			waitExit(t, e.exits)
+			// The delete waits for a logger to finish.
+			if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+				t.Fatal(err)
+			}
+			// Lines in any order: stdout and stderr share file://.
+			lines := func(s string) []string {
+				l := strings.SplitAfter(s, "\n")
+				slices.Sort(l)
+				return l
+			}
+			for name, want := range tc.files {
+				b, err := os.ReadFile(filepath.Join(dir, name))
+				if err != nil || !slices.Equal(lines(string(b)), lines(want)) {
+					t.Errorf("%s = %q, %v; want %q", name, b, err, want)
+				}
+			}
+		})
+	}
+	t.Run("binary-v2 not ready", func(t *testing.T) {
+		e := newEnv(t, false)
+		cc := e.container("echo", "hello")
+		cc.Stdio = Stdio{Stdout: "binary-v2://" + v1 + "?out=" + dir + "/bad"}
+		_, _, err := Create(context.Background(), e.options(e.config("9p")), cc)
+		if err == nil || !strings.Contains(err.Error(), "closed its ready pipe without writing a byte") {
+			t.Errorf("Create = %v", err)
+		}
+	})
+}
+
+// TestPod: a second container in a running sandbox shares its VM and
+// shared directory; deleting the first leaves the VM to the second and
+// hands it the sandbox's record, so that `shim delete` in the first one's
+// bundle (containerd runs it after every task delete) leaves the VM alone.
+func TestPod(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	_, c1 := running(t, e)
+	sb := c1.sb
+	bundle2 := filepath.Join(filepath.Dir(e.bundle), "bundle2")
+	if err := os.MkdirAll(filepath.Join(bundle2, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bundle2, "rootfs", "second"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cc2 := ContainerConfig{ID: "c2", Bundle: bundle2, Spec: testSpec("cat")}
+	c2, err := sb.AddContainer(ctx, cc2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sb.AddContainer(ctx, cc2); !errdefs.IsAlreadyExists(err) {
+		t.Errorf("adding c2 again: %v, want already exists", err)
+	}
+	if _, err := os.Stat(filepath.Join(sb.Dir(), "shared", "c2", "rootfs", "second")); err != nil {
+		t.Errorf("c2's rootfs is not in the shared directory: %v", err)
+	}
+	if err := c2.Start(ctx, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	if len(e.drv.vms) != 1 {
+		t.Errorf("%d VMs for one pod", len(e.drv.vms))
+	}
+
+	if err := c1.Kill(ctx, "", 9, false); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, e.exits)
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if !sb.alive() {
+		t.Fatal("deleting one of two containers stopped the VM")
+	}
+	if _, err := os.Stat(filepath.Join(sb.Dir(), "shared", "c1")); !os.IsNotExist(err) {
+		t.Errorf("c1's rootfs left in the shared directory: %v", err)
+	}
+	if dir, err := ReadBundleFile(e.bundle); err != nil || dir != "" {
+		t.Errorf("the deleted container's bundle still names the sandbox: %q, %v", dir, err)
+	}
+	if dir, err := ReadBundleFile(bundle2); err != nil || dir != sb.Dir() {
+		t.Errorf("the remaining container's bundle names %q, %v; want %s", dir, err, sb.Dir())
+	}
+
+	if err := c2.Kill(ctx, "", 9, false); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, e.exits)
+	if _, err := sb.DeleteContainer(ctx, "c2"); err != nil {
+		t.Fatal(err)
+	}
+	if sb.alive() {
+		t.Error("the VM outlived its last container")
+	}
+	if _, err := os.Stat(filepath.Join(bundle2, BundleFile)); !os.IsNotExist(err) {
+		t.Errorf("bundle file left in the last container's bundle: %v", err)
 	}
 }

@@ -3,8 +3,8 @@
 // one connection to its agent, and teardown, also after a crashed shim
 // (Cleanup).
 //
-// A Sandbox holds many containers; for now the task service makes one
-// sandbox per task.
+// A Sandbox holds many containers: the task service puts the containers
+// of one pod in one sandbox, and gives any other container its own.
 package sandbox
 
 import (
@@ -36,7 +36,9 @@ const unixPathMax = 107
 // virtiofsdStopTimeout bounds a graceful virtiofsd stop before SIGKILL.
 const virtiofsdStopTimeout = 5 * time.Second
 
-// VMExitStatus is the exit status reported for processes whose VM died.
+// VMExitStatus is the exit status reported for processes whose VM died,
+// and for an exec that failed to start (containerd's status for an exit
+// nobody saw).
 const VMExitStatus = 255
 
 // NewDriver makes the hypervisor driver a configuration names
@@ -45,8 +47,7 @@ type NewDriver func(config.Hypervisor) (hypervisor.Driver, error)
 
 // Options configure a new sandbox.
 type Options struct {
-	// ID names the sandbox directory; for now it is the first
-	// container's ID.
+	// ID names the sandbox directory: the first container's ID.
 	ID string
 	// Namespace is the containerd namespace.
 	Namespace string
@@ -107,7 +108,7 @@ type Sandbox struct {
 
 	teardownMu sync.Mutex
 	vmStopped  bool
-	bundleFile string // <bundle>/colo-sandbox, removed last
+	bundleFile string // <bundle>/colo-sandbox of one of its containers, removed last
 	torn       bool
 }
 
@@ -522,9 +523,11 @@ func (s *Sandbox) handOverBundleFile(leaving *Container) error {
 	return nil
 }
 
+// unmountRootfs takes a container's rootfs out of the shared directory of
+// a sandbox whose VM goes on.
 func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {
 	dir := filepath.Join(s.dir, sharedDir, id)
-	if err := storage.UnmountAll(ctx, dir); err != nil {
+	if err := storage.DetachAll(ctx, dir); err != nil {
 		return err
 	}
 	return storage.RemoveDir(dir)

@@ -378,24 +378,24 @@ func TestLifecycle(t *testing.T) {
 	}
 }
 
-// TestStdin: stdin ends only when CloseIO (CloseStdin) and the client have
-// both closed it, as with runc: a client may go away and another attach.
+// TestStdin: stdin ends when the client closes its end; with a terminal,
+// whose clients come and go (attach), only after CloseIO too, as with runc.
 func TestStdin(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
-		steps func(t *testing.T, e *env, c *Container)
+		name     string
+		terminal bool
+		steps    func(t *testing.T, e *env, c *Container)
 	}{
-		{"CloseIO then client", func(t *testing.T, e *env, c *Container) {
+		{"client closes", false, func(t *testing.T, e *env, c *Container) {
+			write(t, e.stdin, "abc")
+			e.stdin.Close()
+		}},
+		{"CloseIO then client", false, func(t *testing.T, e *env, c *Container) {
 			write(t, e.stdin, "abc")
 			closeStdin(t, c)
 			e.stdin.Close()
 		}},
-		{"client then CloseIO", func(t *testing.T, e *env, c *Container) {
-			write(t, e.stdin, "abc")
-			e.stdin.Close()
-			closeStdin(t, c)
-		}},
-		{"reattach", func(t *testing.T, e *env, c *Container) {
+		{"terminal reattached", true, func(t *testing.T, e *env, c *Container) {
 			write(t, e.stdin, "ab")
 			e.stdin.Close()
 			var err error
@@ -403,14 +403,16 @@ func TestStdin(t *testing.T) {
 				t.Fatal(err)
 			}
 			write(t, e.stdin, "c")
-			closeStdin(t, c)
 			e.stdin.Close()
+			closeStdin(t, c)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, true)
 			ctx := context.Background()
-			sb, c, err := Create(ctx, e.options(e.config("9p")), e.container("cat"))
+			cc := e.container("cat")
+			cc.Stdio.Terminal = tc.terminal
+			sb, c, err := Create(ctx, e.options(e.config("9p")), cc)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -63,12 +63,18 @@ func (s Stdio) streams() Stdio {
 }
 
 // pipes connects one process's stdio fifos to its streams in the guest.
+//
+// Stdin ends (EOF in the guest) once the client has closed its end of the
+// fifo and all it wrote is through. With a terminal the shim also holds a
+// write end, as the runc shim does for every process, so that a client
+// that detaches (ctr run -d -t, attach) is no end of input: there stdin
+// ends only after CloseIO too. Without a terminal colo does not wait for
+// CloseIO, unlike runc: ctr sends no CloseIO for an EOF that comes before
+// the task is created, which a VM's boot makes likely (echo x | ctr run).
 type pipes struct {
 	stdin io.ReadCloser
-	// stdinKeep is our own write end of the stdin fifo, as the runc shim
-	// holds one: a client that goes away (detach, containerd restart) is
-	// no end of input, the next one attaches. Stdin ends once CloseIO
-	// closed it and the client closed its end, after what they wrote.
+	// stdinKeep is our write end of a terminal's stdin fifo; CloseIO
+	// closes it.
 	stdinKeep      io.Closer
 	stdout, stderr io.WriteCloser
 	// Our own read ends of the output fifos: with them open, a client that
@@ -95,18 +101,22 @@ func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
 		}
 	}()
 	if s.Stdin != "" {
-		// O_RDWR opens a fifo without waiting for the other end; with our
-		// write end open, the read end opens at once too.
-		keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
-		if err != nil {
-			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
-		}
-		p.stdinKeep = keep
-		r, err := os.OpenFile(s.Stdin, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		// The fifo package opens a read end in the background, once a
+		// writer comes, and reads wait for that: the client's end may
+		// open after this request.
+		r, err := fifo.OpenFifo(context.WithoutCancel(ctx), s.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
 		p.stdin = r
+		if s.Terminal {
+			// O_RDWR opens a fifo without waiting for a reader.
+			keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
+			if err != nil {
+				return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
+			}
+			p.stdinKeep = keep
+		}
 	}
 	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || isBinaryScheme(u.Scheme)) {
 		// A log URI takes both output streams.
@@ -244,8 +254,8 @@ func copyInput(ctx context.Context, agent agentproto.AgentService, containerID, 
 	}
 }
 
-// closeStdin closes our write end of stdin (CloseIO): the process reads
-// EOF once the client has closed its end too and what it wrote is through.
+// closeStdin serves CloseIO: it closes our write end of a terminal's
+// stdin (see pipes).
 func (p *pipes) closeStdin() {
 	if p.stdinKeep != nil {
 		_ = p.stdinKeep.Close()

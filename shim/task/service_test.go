@@ -43,7 +43,10 @@ func (r *recorder) Publish(ctx context.Context, topic string, e events.Event) er
 	r.mu.Lock()
 	r.events = append(r.events, e)
 	r.mu.Unlock()
-	r.added <- struct{}{}
+	select {
+	case r.added <- struct{}{}:
+	default: // waitFor has wake-ups pending
+	}
 	return nil
 }
 
@@ -224,15 +227,15 @@ func TestUnknownTask(t *testing.T) {
 	}
 }
 
-// TestTaskLifecycle runs a task in a real VM ($COLO_TEST_GUEST, see
-// shim/sandbox) and checks the events containerd gets, in order.
-func TestTaskLifecycle(t *testing.T) {
+// realVMs configures real VMs from $COLO_TEST_GUEST (see shim/sandbox)
+// with their state under a new directory, which it returns.
+func realVMs(t *testing.T) string {
+	t.Helper()
 	guest := os.Getenv("COLO_TEST_GUEST")
 	if guest == "" || os.Geteuid() != 0 {
 		t.Skip("set COLO_TEST_GUEST (and run as root) to boot real VMs")
 	}
-	busybox, err := os.ReadFile("/bin/busybox")
-	if err != nil {
+	if _, err := os.Stat("/bin/busybox"); err != nil {
 		t.Skipf("no static busybox: %v", err)
 	}
 	dir, err := filepath.EvalSymlinks(t.TempDir())
@@ -240,21 +243,39 @@ func TestTaskLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfgPath := filepath.Join(dir, "colo.toml")
-	stateDir := filepath.Join(dir, "state")
 	cfgText := "[hypervisor]\naccel = \"tcg\"\nkernel = \"" + filepath.Join(guest, "vmlinux") + "\"\ninitrd = \"" +
-		filepath.Join(guest, "initrd.img") + "\"\nboot_timeout = \"60s\"\n[runtime]\nstate_dir = \"" + stateDir + "\"\n"
+		filepath.Join(guest, "initrd.img") + "\"\nboot_timeout = \"60s\"\n[runtime]\nstate_dir = \"" + filepath.Join(dir, "state") + "\"\n"
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv(config.EnvPath, cfgPath)
+	return dir
+}
 
-	bundle := writeBundle(t, dir, spec("/bin/sh", "-c", "echo hi; exit 7"))
+// busyboxBundle writes a bundle in dir whose rootfs holds the static
+// busybox as /bin/sh.
+func busyboxBundle(t *testing.T, dir string, s *specs.Spec) string {
+	t.Helper()
+	busybox, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle := writeBundle(t, dir, s)
 	if err := os.WriteFile(filepath.Join(bundle, "rootfs", "bin", "busybox"), busybox, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Symlink("busybox", filepath.Join(bundle, "rootfs", "bin", "sh")); err != nil {
 		t.Fatal(err)
 	}
+	return bundle
+}
+
+// TestTaskLifecycle runs a task in a real VM and checks the events
+// containerd gets, in order.
+func TestTaskLifecycle(t *testing.T) {
+	dir := realVMs(t)
+	stateDir := filepath.Join(dir, "state")
+	bundle := busyboxBundle(t, dir, spec("/bin/sh", "-c", "echo hi; exit 7"))
 	stdoutPath := filepath.Join(dir, "stdout")
 	stdout, err := fifo.OpenFifo(context.Background(), stdoutPath, syscall.O_RDONLY|syscall.O_CREAT|syscall.O_NONBLOCK, 0o700)
 	if err != nil {
