@@ -81,6 +81,9 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	}()
 
 	setCgroupsPath(spec, id)
+	if err := podSysctls(ctx, spec); err != nil {
+		return nil, err
+	}
 	config, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
 		CgroupName:  id,
 		NoPivotRoot: opts.noPivotRoot,
@@ -107,13 +110,56 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	if err != nil {
 		return nil, err
 	}
-	return &container{
+	c := &container{
 		id:     id,
 		lc:     lc,
 		mounts: mounts,
 		init:   initProc,
 		execs:  make(map[string]*process),
-	}, nil
+	}
+	if !config.Namespaces.Contains(configs.NEWPID) || config.Namespaces.PathOf(configs.NEWPID) != "" {
+		// Without a PID namespace of its own, the container's other
+		// processes outlive its init and would hold its output open; runc's
+		// shim kills them, and so does the agent.
+		go func() {
+			<-initProc.exited
+			if err := c.signal("", unix.SIGKILL, true); err != nil {
+				log.G(ctx).WithError(err).WithField("container", id).Warn("kill the processes left after init exited")
+			}
+		}()
+	}
+	return c, nil
+}
+
+// podSysctls applies the net.* sysctls of a container that runs in the
+// guest's own network namespace, which is its pod's (the pod's interfaces
+// are the guest's), and takes them out of the spec: libcontainer refuses
+// net.* sysctls in a namespace it does not create. CRI sets some for every
+// pod (net.ipv4.ip_unprivileged_port_start, net.ipv4.ping_group_range).
+func podSysctls(ctx context.Context, spec *specs.Spec) error {
+	if spec.Linux == nil || len(spec.Linux.Sysctl) == 0 {
+		return nil
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return nil
+		}
+	}
+	for k, v := range spec.Linux.Sysctl {
+		if !strings.HasPrefix(k, "net.") {
+			continue
+		}
+		if strings.Contains(k, "/") || strings.Contains(k, "..") {
+			return fmt.Errorf("sysctl %q: %w", k, errdefs.ErrInvalidArgument)
+		}
+		p := "/proc/sys/" + strings.ReplaceAll(k, ".", "/")
+		if err := os.WriteFile(p, []byte(v), 0); err != nil {
+			return fmt.Errorf("sysctl %s=%s: %w", k, v, err)
+		}
+		log.G(ctx).Debugf("sysctl %s=%s set for the pod", k, v)
+		delete(spec.Linux.Sysctl, k)
+	}
+	return nil
 }
 
 // setCgroupsPath picks the container's cgroup in the guest. The guest has

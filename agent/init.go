@@ -88,6 +88,9 @@ func Init(ctx context.Context) {
 		log.G(ctx).WithError(err).Error("load kernel modules")
 	}
 	enableControllers(ctx, "/sys/fs/cgroup")
+	if err := loopbackUp(); err != nil {
+		log.G(ctx).WithError(err).Error("bring up loopback")
+	}
 
 	// The kernel drops signals to PID 1 that have no handler, but Go
 	// handles them all and would exit; catch the usual ones instead.

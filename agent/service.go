@@ -32,6 +32,9 @@ type ServiceConfig struct {
 	// NoPivotRoot makes every container use MS_MOVE and chroot instead of
 	// pivot_root. It is implied when / is the initramfs.
 	NoPivotRoot bool
+	// NetNS is the network namespace whose interfaces the service
+	// configures; empty is its own (the guest's).
+	NetNS string
 }
 
 // Service implements agentproto.AgentService.
@@ -48,6 +51,10 @@ type Service struct {
 	// ooms queues the ids of containers that had an OOM kill, for
 	// GetOOMEvent.
 	ooms chan string
+
+	netns string
+	// netMu serializes changes to the guest's network.
+	netMu sync.Mutex
 }
 
 // oomQueue bounds the OOM events not yet taken by the shim; more are
@@ -74,6 +81,7 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		opts:       containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
 		containers: make(map[string]*container),
 		ooms:       make(chan string, oomQueue),
+		netns:      cfg.NetNS,
 	}, nil
 }
 
@@ -522,22 +530,6 @@ func (s *Service) TtyWinResize(ctx context.Context, req *agentproto.TtyWinResize
 		return nil, err
 	}
 	return &emptypb.Empty{}, nil
-}
-
-func (s *Service) UpdateInterface(context.Context, *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
-	return nil, unimplemented("UpdateInterface")
-}
-
-func (s *Service) UpdateRoutes(context.Context, *agentproto.UpdateRoutesRequest) (*agentproto.UpdateRoutesResponse, error) {
-	return nil, unimplemented("UpdateRoutes")
-}
-
-func (s *Service) AddARPNeighbors(context.Context, *agentproto.AddARPNeighborsRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("AddARPNeighbors")
-}
-
-func (s *Service) ListInterfaces(context.Context, *agentproto.ListInterfacesRequest) (*agentproto.ListInterfacesResponse, error) {
-	return nil, unimplemented("ListInterfaces")
 }
 
 // statusInterceptor turns the errdefs errors of the service into ttrpc

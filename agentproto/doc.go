@@ -25,4 +25,9 @@ const (
 	// SharedTag is the 9p / virtio-fs mount tag of the sandbox's shared
 	// directory.
 	SharedTag = "colo-shared"
+
+	// SandboxShm is the guest tmpfs the containers of a sandbox share as
+	// /dev/shm where the spec binds the pod's shm from the host (CRI): a
+	// host tmpfs shared over 9p or virtio-fs would not be shared memory.
+	SandboxShm = "/run/colo/shm"
 )

@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/colo-runtime/colo/shim/sandbox"
 	"github.com/colo-runtime/colo/testbed"
 )
 
@@ -352,7 +353,7 @@ func podProcesses(cd *testbed.Containerd, id string) []podProcess {
 	for _, pid := range cd.ShimPids(id) {
 		out = append(out, podProcess{pid, "shim"})
 	}
-	for _, p := range testbed.ProcessesMentioning(filepath.Join(cd.StateDir, cd.Namespace, id) + "/") {
+	for _, p := range testbed.ProcessesMentioning(filepath.Join(cd.StateDir, cd.Namespace, sandbox.DirName(id)) + "/") {
 		kind := "helper"
 		if strings.Contains(p.Cmdline, "qemu-system") {
 			kind = "qemu"

@@ -64,6 +64,10 @@ type Hypervisor struct {
 	// ShutdownTimeout bounds a graceful VM shutdown before SIGKILL
 	// (default 5s).
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// HotplugPorts is how many PCIe root ports a q35 VM gets for devices
+	// added after boot, such as a pod's late network interfaces (default
+	// 2; microvm has none).
+	HotplugPorts int `toml:"hotplug_ports"`
 }
 
 // Agent configures the channel to colo-agent.
@@ -106,6 +110,7 @@ func Default() Config {
 			Initrd:          "/usr/share/colo/initrd.img",
 			BootTimeout:     Duration(30 * time.Second),
 			ShutdownTimeout: Duration(5 * time.Second),
+			HotplugPorts:    2,
 		},
 		Agent: Agent{
 			Channel:  "auto",
@@ -191,6 +196,9 @@ func (c Config) Validate() error {
 	}
 	if h.MemoryMB < 64 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mb = %d: want at least 64", h.MemoryMB))
+	}
+	if h.HotplugPorts < 0 || h.HotplugPorts > 32 {
+		errs = append(errs, fmt.Errorf("hypervisor.hotplug_ports = %d: want 0 to 32", h.HotplugPorts))
 	}
 	if h.BootTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.boot_timeout = %s: want a positive duration", h.BootTimeout))

@@ -16,6 +16,8 @@ import (
 
 // cd is the one private containerd every test in this package shares; each
 // test uses its own container ids and checks that it left nothing behind.
+// Its CRI plugin is on, as on a Kubernetes node: the ctr tests work in
+// their own namespace, the CRI tests in testbed.CRINamespace.
 var cd *testbed.Containerd
 
 func TestMain(m *testing.M) {
@@ -25,7 +27,7 @@ func TestMain(m *testing.M) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	var err error
-	cd, err = testbed.Start(ctx, testbed.Options{})
+	cd, err = testbed.Start(ctx, testbed.Options{CRI: true})
 	if err == nil {
 		err = cd.ImportBusybox(ctx)
 	}

@@ -6,6 +6,7 @@ package hypervisor
 import (
 	"context"
 	"net"
+	"os"
 )
 
 // ShareKind is how a host directory is exported to the guest.
@@ -26,6 +27,19 @@ type Share struct {
 	// virtiofsd for ShareVirtioFS.
 	Path     string
 	ReadOnly bool
+}
+
+// NIC is a network interface of the VM backed by a TAP device.
+type NIC struct {
+	// ID names the device; unique within the VM.
+	ID  string
+	MAC net.HardwareAddr
+	// MTU is told to the guest driver where the device can (0: leave it).
+	MTU int
+	// TAP is an open queue of a TAP device made with IFF_TAP, IFF_NO_PI
+	// and IFF_VNET_HDR. The driver hands a copy to the hypervisor; the
+	// caller keeps and closes its own.
+	TAP *os.File
 }
 
 // AgentChannel is the transport of the agent's ttrpc service.
@@ -51,7 +65,9 @@ type VMConfig struct {
 	// KernelParams are appended to the driver's own kernel command line.
 	KernelParams []string
 	Shares       []Share
-	Channel      AgentChannel
+	// NICs are attached at boot; AddNIC attaches more later.
+	NICs    []NIC
+	Channel AgentChannel
 }
 
 // VM is a running virtual machine.
@@ -61,6 +77,8 @@ type VM interface {
 	// DialAgent opens a connection to the agent's channel. The guest may
 	// not be listening yet: the caller retries its first request.
 	DialAgent(ctx context.Context) (net.Conn, error)
+	// AddNIC hot-plugs a network interface into the running VM.
+	AddNIC(ctx context.Context, nic NIC) error
 	// Stop shuts the VM down, gracefully first and by SIGKILL after the
 	// context's deadline, and returns once the process has exited.
 	Stop(ctx context.Context) error

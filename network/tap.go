@@ -121,11 +121,8 @@ func (m *Mirror) Close() error {
 	var errs []error
 	if m.nl != nil && m.Veth != nil {
 		// Deleting the ingress qdisc deletes the filters under it.
-		err := m.nl.QdiscDel(&netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
-			LinkIndex: m.Veth.Attrs().Index, Parent: netlink.HANDLE_INGRESS, Handle: ingressParent,
-		}})
-		if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("ingress qdisc on %s: %w", m.Veth.Attrs().Name, err))
+		if err := delIngress(m.nl, m.Veth); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if m.File != nil {
@@ -134,7 +131,7 @@ func (m *Mirror) Close() error {
 	}
 	if m.nl != nil && m.Tap != nil {
 		// Gone already unless a copy of its fd is still open somewhere.
-		if err := m.nl.LinkDel(m.Tap); err != nil && !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.ENOENT) {
+		if err := m.nl.LinkDel(m.Tap); err != nil && !gone(err) {
 			if _, found := m.nl.LinkByName(m.Tap.Attrs().Name); found == nil {
 				errs = append(errs, fmt.Errorf("delete TAP %s: %w", m.Tap.Attrs().Name, err))
 			}

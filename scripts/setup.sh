@@ -9,13 +9,14 @@ CONTAINERD_VERSION=v2.3.7
 RUNC_VERSION=v1.4.3
 PROTOBUF_GO_VERSION=v1.36.12
 TTRPC_VERSION=v1.2.10
+CRICTL_VERSION=v1.36.0
 
 packages=(
 	qemu-system-x86 qemu-utils    # the hypervisor and /usr/lib/qemu/virtiofsd
 	busybox-static                # test and demo images
 	e2fsprogs cpio xz-utils binutils kmod # guest image build (readelf, xz, cpio, depmod)
 	protobuf-compiler libprotobuf-dev # agentproto generation
-	libseccomp-dev gcc            # runc with seccomp; the static agent (cgo)
+	libseccomp-dev gcc libc6-dev  # runc with seccomp; static builds: the agent (cgo), the test bed's pause
 	iproute2 containernetworking-plugins
 )
 want=()
@@ -48,3 +49,26 @@ install_go containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/conta
 install_go runc github.com/opencontainers/runc@$RUNC_VERSION -tags seccomp
 install_go protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOBUF_GO_VERSION
 install_go protoc-gen-go-ttrpc github.com/containerd/ttrpc/cmd/protoc-gen-go-ttrpc@$TTRPC_VERSION
+
+# crictl, for the CRI tests. `go install` of cri-tools fails here (the
+# module proxy refuses its version list), so build it from the downloaded
+# module, copied because the module cache is read-only.
+install_crictl() ( # a subshell, so the EXIT trap removes its temp dir
+	mod=sigs.k8s.io/cri-tools@$CRICTL_VERSION
+	stamp="$TOOLS/.crictl.version"
+	if [[ -x $TOOLS/crictl && $(cat "$stamp" 2>/dev/null) == "$mod" ]]; then
+		exit 0
+	fi
+	echo "setup: go build crictl from $mod"
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' EXIT
+	dir=$(cd "$tmp" && go mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	[[ -d $dir ]] || { echo "setup: go mod download $mod gave no directory" >&2; exit 1; }
+	cp -r "$dir" "$tmp/src"
+	chmod -R u+w "$tmp/src"
+	cd "$tmp/src"
+	GOFLAGS=-buildvcs=false go build -ldflags "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+		-o "$TOOLS/crictl" ./cmd/crictl
+	echo "$mod" >"$stamp"
+)
+install_crictl

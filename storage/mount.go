@@ -61,6 +61,61 @@ func MountRootfs(ctx context.Context, mounts []mount.Mount, target string) error
 	return nil
 }
 
+// BindMount binds the host file or directory source on target, creating
+// target (and its parents, mode 0755) of the same kind; recursive takes
+// the mounts below source along (rbind), readonly makes the new mount
+// read-only. On error nothing stays mounted.
+func BindMount(source, target string, recursive, readonly bool) error {
+	st, err := os.Stat(source)
+	if err != nil {
+		return fmt.Errorf("bind mount source: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+		return fmt.Errorf("create bind mount point: %w", err)
+	}
+	if st.IsDir() {
+		err = os.Mkdir(target, 0o755)
+	} else {
+		var f *os.File
+		if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
+			err = f.Close()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("create bind mount point: %w", err)
+	}
+	flags := uintptr(unix.MS_BIND)
+	if recursive {
+		flags |= unix.MS_REC
+	}
+	if err := unix.Mount(source, target, "", flags, ""); err != nil {
+		return fmt.Errorf("bind %s on %s: %w", source, target, err)
+	}
+	if readonly {
+		// A bind mount takes its flags only from a remount; nosuid and
+		// nodev must stay if source had them, or the remount fails.
+		var sfs unix.Statfs_t
+		if err := unix.Statfs(target, &sfs); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			return fmt.Errorf("statfs %s: %w", target, err)
+		}
+		var keep uintptr
+		for st, ms := range map[int64]uintptr{
+			unix.ST_NOSUID: unix.MS_NOSUID, unix.ST_NODEV: unix.MS_NODEV, unix.ST_NOEXEC: unix.MS_NOEXEC,
+			unix.ST_NOATIME: unix.MS_NOATIME, unix.ST_NODIRATIME: unix.MS_NODIRATIME, unix.ST_RELATIME: unix.MS_RELATIME,
+		} {
+			if sfs.Flags&st != 0 {
+				keep |= ms
+			}
+		}
+		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|keep, ""); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			return fmt.Errorf("make bind mount %s read-only: %w", target, err)
+		}
+	}
+	return nil
+}
+
 // UnmountAll unmounts every mount at or below dir, deepest first, and
 // checks that none is left. It is a no-op when dir does not exist. A mount
 // that stays busy is detached lazily (and logged) so that it no longer

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -210,6 +211,60 @@ func TestDetachAllBusy(t *testing.T) {
 		t.Errorf("write to the file held open: %v", err)
 	}
 	if err := RemoveDir(filepath.Join(dir, "c1")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBindMount: a directory and a file bound into a tree, read-only or
+// not; a missing source is an error that names it and leaves nothing.
+func TestBindMount(t *testing.T) {
+	requireRoot(t)
+	dir := tempDir(t)
+	srcDir := filepath.Join(dir, "src")
+	if err := os.MkdirAll(srcDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	srcFile := filepath.Join(dir, "hosts")
+	if err := os.WriteFile(srcFile, []byte("127.0.0.1 localhost\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	shared := filepath.Join(dir, "shared")
+	for _, tc := range []struct {
+		name, source string
+		readonly     bool
+	}{
+		{"dir", srcDir, false},
+		{"dir ro", srcDir, true},
+		{"file ro", srcFile, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			target := filepath.Join(shared, "c1", "mounts", strings.ReplaceAll(tc.name, " ", "-"))
+			if err := BindMount(tc.source, target, true, tc.readonly); err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := UnmountAll(context.Background(), target); err != nil {
+					t.Error(err)
+				}
+			}()
+			probe := target
+			if st, _ := os.Stat(tc.source); st.IsDir() {
+				probe = filepath.Join(target, "written")
+			}
+			err := os.WriteFile(probe, []byte("x"), 0o644)
+			if tc.readonly != errors.Is(err, unix.EROFS) {
+				t.Errorf("write through the mount: %v (read-only %v)", err, tc.readonly)
+			}
+		})
+	}
+	missing := filepath.Join(shared, "c1", "mounts", "missing")
+	if err := BindMount(filepath.Join(dir, "nope"), missing, false, false); err == nil || !strings.Contains(err.Error(), filepath.Join(dir, "nope")) {
+		t.Errorf("missing source: %v", err)
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Errorf("mount point left for a missing source: %v", err)
+	}
+	if err := RemoveDir(shared); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -34,6 +34,8 @@ type Containerd struct {
 	ColoConfig string
 	// LogPath is containerd's log, shims' logs included.
 	LogPath string
+	// CRI is the CRI side of the test bed, nil unless Options.CRI.
+	CRI *CRI
 
 	env      []string
 	cmd      *exec.Cmd
@@ -48,6 +50,10 @@ type Options struct {
 	ColoConfig string
 	// Namespace defaults to "colo-test".
 	Namespace string
+	// CRI enables containerd's CRI plugins, with the runtime handlers
+	// "runc" (the default) and "colo", a CNI bridge network, and the pause
+	// and busybox images in CRINamespace (see CRI).
+	CRI bool
 }
 
 // Start starts a private containerd. The binaries come from the repo's
@@ -81,8 +87,15 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if c.ColoConfig, err = c.WriteColoConfig("colo", opts.ColoConfig); err != nil {
 		return nil, err
 	}
+	config := containerdConfig(dir, c.Address, opts.CRI)
+	if opts.CRI {
+		if c.CRI, err = newCRI(dir, c.Address); err != nil {
+			return nil, err
+		}
+		config += c.CRI.containerdConfig(c.ColoConfig)
+	}
 	cfg := filepath.Join(dir, "containerd.toml")
-	if err := os.WriteFile(cfg, []byte(containerdConfig(dir, c.Address)), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		return nil, err
 	}
 	c.env = append(os.Environ(),
@@ -122,22 +135,34 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		}
 	}
 	c.waitExit = exited
+	if c.CRI != nil {
+		if err := c.startCRI(ctx); err != nil {
+			return nil, err
+		}
+	}
 	ok = true
 	return c, nil
 }
 
-func containerdConfig(dir, address string) string {
+// criPlugins are containerd's plugins for CRI, disabled unless asked for.
+const criPlugins = `
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.images",
+  "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox",
+  "io.containerd.sandbox.controller.v1.shim",`
+
+func containerdConfig(dir, address string, cri bool) string {
+	disabledCRI := criPlugins
+	if cri {
+		disabledCRI = ""
+	}
 	return fmt.Sprintf(`version = 3
 root = %[1]q
 state = %[2]q
 imports = []
 disabled_plugins = [
-  "io.containerd.nri.v1.nri",
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.cri.v1.images",
-  "io.containerd.cri.v1.runtime",
-  "io.containerd.podsandbox.controller.v1.podsandbox",
-  "io.containerd.sandbox.controller.v1.shim",
+  "io.containerd.nri.v1.nri",%[7]s
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -160,11 +185,12 @@ disabled_plugins = [
 [plugins."io.containerd.internal.v1.opt"]
   path = %[6]q
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), address, address+".ttrpc",
-		filepath.Join(dir, "debug.sock"), filepath.Join(dir, "opt"))
+		filepath.Join(dir, "debug.sock"), filepath.Join(dir, "opt"), disabledCRI)
 }
 
 // Stop stops containerd and removes Dir. Shims it started are not its
-// children and are left to the leak check.
+// children and are left to the leak check. With CRI it also removes what
+// the CRI plugin and CNI leave outside Dir (see CRI).
 func (c *Containerd) Stop() error {
 	var errs []error
 	if c.cmd != nil && c.cmd.Process != nil {
@@ -181,9 +207,12 @@ func (c *Containerd) Stop() error {
 		c.log.Close()
 	}
 	// runc containers leave their namespace's parent cgroup behind, empty.
-	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", c.Namespace))
-	for _, d := range append(dirs, filepath.Join("/sys/fs/cgroup", c.Namespace)) {
-		_ = os.Remove(d)
+	RemoveCgroup(c.Namespace)
+	if c.CRI != nil {
+		RemoveCgroup(CRINamespace)
+		if err := c.CRI.stop(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	// containerd leaves its snapshot mounts (none once every container is
 	// gone) and nothing else mounted; RemoveAll must not cross a mount.
@@ -213,11 +242,15 @@ func (r Result) String() string {
 
 // CtrCmd prepares `ctr` against this containerd and namespace.
 func (c *Containerd) CtrCmd(ctx context.Context, args ...string) *exec.Cmd {
+	return c.ctrCmd(ctx, c.Namespace, args...)
+}
+
+func (c *Containerd) ctrCmd(ctx context.Context, ns string, args ...string) *exec.Cmd {
 	bin, err := c.lookPath("ctr")
 	if err != nil {
 		bin = "ctr"
 	}
-	cmd := exec.CommandContext(ctx, bin, append([]string{"--address", c.Address, "--namespace", c.Namespace}, args...)...)
+	cmd := exec.CommandContext(ctx, bin, append([]string{"--address", c.Address, "--namespace", ns}, args...)...)
 	cmd.Env = c.env
 	return cmd
 }
@@ -225,7 +258,17 @@ func (c *Containerd) CtrCmd(ctx context.Context, args ...string) *exec.Cmd {
 // Ctr runs ctr and returns its output and exit code. err is set only when
 // ctr could not run at all.
 func (c *Containerd) Ctr(ctx context.Context, args ...string) (Result, error) {
-	cmd := c.CtrCmd(ctx, args...)
+	return c.ctrIn(ctx, c.Namespace, args...)
+}
+
+// ctrIn is Ctr in the containerd namespace ns.
+func (c *Containerd) ctrIn(ctx context.Context, ns string, args ...string) (Result, error) {
+	return run(c.ctrCmd(ctx, ns, args...))
+}
+
+// run runs cmd and returns its output and exit code. err is set only when
+// cmd could not run at all.
+func run(cmd *exec.Cmd) (Result, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -235,7 +278,7 @@ func (c *Containerd) Ctr(ctx context.Context, args ...string) (Result, error) {
 	case errors.As(err, &exit):
 		r.ExitCode = exit.ExitCode()
 	case err != nil:
-		return r, fmt.Errorf("ctr %s: %w", strings.Join(args, " "), err)
+		return r, fmt.Errorf("%s: %w", strings.Join(cmd.Args, " "), err)
 	}
 	return r, nil
 }

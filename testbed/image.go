@@ -35,19 +35,33 @@ var busyboxApplets = []string{
 // ImportBusybox builds an OCI image from the host's static busybox
 // (Debian's busybox-static) and imports it as BusyboxImage.
 func (c *Containerd) ImportBusybox(ctx context.Context) error {
-	archive := filepath.Join(c.Dir, "busybox.oci.tar")
-	if err := WriteBusyboxImage(archive, BusyboxImage); err != nil {
+	return c.importImage(ctx, c.Namespace, "busybox", func(archive string) error {
+		return WriteBusyboxImage(archive, BusyboxImage)
+	})
+}
+
+// importImage writes an image archive with write and imports it into the
+// containerd namespace ns.
+func (c *Containerd) importImage(ctx context.Context, ns, name string, write func(archive string) error) error {
+	archive := filepath.Join(c.Dir, name+".oci.tar")
+	if err := write(archive); err != nil {
 		return err
 	}
 	defer os.Remove(archive)
-	r, err := c.Ctr(ctx, "image", "import", archive)
+	r, err := c.ctrIn(ctx, ns, "image", "import", archive)
 	if err != nil {
 		return err
 	}
 	if r.ExitCode != 0 {
-		return fmt.Errorf("ctr image import: %s", r)
+		return fmt.Errorf("ctr -n %s image import %s: %s", ns, name, r)
 	}
 	return nil
+}
+
+// layerFile is one entry of an image layer; dirs have a nil body.
+type layerFile struct {
+	hdr  tar.Header
+	body []byte
 }
 
 // WriteBusyboxImage writes an OCI image-layout archive holding one layer
@@ -58,32 +72,19 @@ func WriteBusyboxImage(path, name string) error {
 	if err != nil {
 		return fmt.Errorf("busybox-static: %w", err)
 	}
-	var layer bytes.Buffer
-	tw := tar.NewWriter(&layer)
-	epoch := time.Unix(0, 0)
-	add := func(h *tar.Header, body []byte) error {
-		h.ModTime, h.Format = epoch, tar.FormatPAX
-		h.Size = int64(len(body))
-		if err := tw.WriteHeader(h); err != nil {
-			return err
-		}
-		_, err := tw.Write(body)
-		return err
-	}
+	var files []layerFile
 	for _, d := range []string{"bin", "dev", "etc", "home", "home/user", "proc", "root", "sys", "tmp", "var"} {
 		mode := int64(0o755)
 		if d == "tmp" {
 			mode = 0o1777
 		}
-		h := &tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: mode}
+		h := tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: mode}
 		if d == "home/user" {
 			h.Uid, h.Gid = 1000, 1000
 		}
-		if err := add(h, nil); err != nil {
-			return err
-		}
+		files = append(files, layerFile{hdr: h})
 	}
-	files := []struct {
+	for _, f := range []struct {
 		name string
 		mode int64
 		body []byte
@@ -92,14 +93,33 @@ func WriteBusyboxImage(path, name string) error {
 		{"etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n")},
 		{"etc/group", 0o644, []byte("root:x:0:\nuser:x:1000:\n")},
 		{BusyboxMarker[1:], 0o644, []byte("colo busybox test image\n")},
-	}
-	for _, f := range files {
-		if err := add(&tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: f.mode}, f.body); err != nil {
-			return err
-		}
+	} {
+		files = append(files, layerFile{tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: f.mode}, f.body})
 	}
 	for _, a := range busyboxApplets {
-		if err := add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + a, Linkname: "busybox", Mode: 0o777}, nil); err != nil {
+		files = append(files, layerFile{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + a, Linkname: "busybox", Mode: 0o777}})
+	}
+	return writeImage(path, name, files, ocispec.ImageConfig{
+		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		Cmd: []string{"sh"},
+	})
+}
+
+// writeImage writes an OCI image-layout archive of a linux/amd64 image
+// with one layer holding files, named name (the annotation ctr import
+// names the image by).
+func writeImage(path, name string, files []layerFile, imageConfig ocispec.ImageConfig) error {
+	var layer bytes.Buffer
+	tw := tar.NewWriter(&layer)
+	epoch := time.Unix(0, 0)
+	for _, f := range files {
+		h := f.hdr
+		h.ModTime, h.Format = epoch, tar.FormatPAX
+		h.Size = int64(len(f.body))
+		if err := tw.WriteHeader(&h); err != nil {
+			return err
+		}
+		if _, err := tw.Write(f.body); err != nil {
 			return err
 		}
 	}
@@ -118,11 +138,8 @@ func WriteBusyboxImage(path, name string) error {
 
 	config := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
-		Config: ocispec.ImageConfig{
-			Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-			Cmd: []string{"sh"},
-		},
-		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{diffID}},
+		Config:   imageConfig,
+		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{diffID}},
 	}
 	type blobData struct {
 		digest digest.Digest

@@ -17,7 +17,8 @@ import (
 // Leaks lists what colo left behind for this containerd: processes whose
 // command line names its directory (shims, QEMU, virtiofsd), mounts
 // below it, files in the colo state dir, and host cgroups named after any
-// of the given container ids. Empty means clean.
+// of the given container ids; with CRI, also what pods left (see
+// CRI.leaks). Empty means clean.
 func (c *Containerd) Leaks(ids ...string) []string {
 	var leaks []string
 	self := os.Getpid()
@@ -44,6 +45,9 @@ func (c *Containerd) Leaks(ids ...string) []string {
 	})
 	for _, cg := range cgroupsNamed(ids) {
 		leaks = append(leaks, "cgroup "+cg)
+	}
+	if c.CRI != nil {
+		leaks = append(leaks, c.CRI.leaks()...)
 	}
 	return leaks
 }
@@ -131,4 +135,14 @@ func cgroupsNamed(ids []string) []string {
 		})
 	}
 	return out
+}
+
+// RemoveCgroup removes the cgroup at path (relative to the hierarchy
+// roots) in every mounted hierarchy, where it is empty: runc creates the
+// parents of its containers' cgroups and leaves them behind.
+func RemoveCgroup(path string) {
+	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", path))
+	for _, d := range append(dirs, filepath.Join("/sys/fs/cgroup", path)) {
+		_ = os.Remove(d)
+	}
 }

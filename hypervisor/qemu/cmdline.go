@@ -37,6 +37,12 @@ type launch struct {
 	agentFD int // listening socket of the serial channel
 	vhostFD int // /dev/vhost-vsock with the guest CID already set
 	cid     uint32
+	// nicFDs are the TAP queues of vm.NICs, in order.
+	nicFDs []int
+	// vhostNet puts the NICs' data path in the host kernel.
+	vhostNet bool
+	// hotplugPorts are PCIe root ports for devices added later (q35).
+	hotplugPorts int
 }
 
 // kernelCmdline is the guest kernel's command line.
@@ -113,6 +119,18 @@ func (l launch) args() []string {
 		a = append(a, "-device", fmt.Sprintf("%s,id=vsock0,guest-cid=%d,vhostfd=%d", dev("vhost-vsock"), l.cid, l.vhostFD))
 	}
 
+	for i, n := range l.vm.NICs {
+		a = append(a,
+			"-netdev", netdevArg(n.ID, strconv.Itoa(l.nicFDs[i]), l.vhostNet),
+			"-device", nicDeviceArg(dev("virtio-net"), n, ""),
+		)
+	}
+	if l.machine == "q35" {
+		for i := range l.hotplugPorts {
+			a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", hotplugPort(i), i+1))
+		}
+	}
+
 	for i, s := range l.vm.Shares {
 		switch s.Kind {
 		case hypervisor.Share9P:
@@ -135,6 +153,33 @@ func (l launch) args() []string {
 	}
 	return a
 }
+
+// hotplugPort names the i-th PCIe root port for hot-plugged devices.
+func hotplugPort(i int) string { return "hp" + strconv.Itoa(i) }
+
+// netdevArg is a TAP backend on an inherited (or getfd-named) fd.
+func netdevArg(id, fd string, vhost bool) string {
+	v := "off"
+	if vhost {
+		v = "on"
+	}
+	return fmt.Sprintf("tap,id=%s,fd=%s,vhost=%s", escape(id), escape(fd), v)
+}
+
+// nicDeviceArg is the guest NIC on netdev n.ID; bus may be empty.
+func nicDeviceArg(driver string, n hypervisor.NIC, bus string) string {
+	d := fmt.Sprintf("%s,netdev=%s,id=%s,mac=%s", driver, escape(n.ID), escape(nicDeviceID(n.ID)), n.MAC)
+	if n.MTU > 0 {
+		d += ",host_mtu=" + strconv.Itoa(n.MTU)
+	}
+	if bus != "" {
+		d += ",bus=" + bus
+	}
+	return d
+}
+
+// nicDeviceID is the device id of the NIC on netdev id.
+func nicDeviceID(id string) string { return id + "-dev" }
 
 // escape quotes a value inside a QEMU option list, where a comma ends the
 // value unless doubled.

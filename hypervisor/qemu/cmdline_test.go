@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -77,6 +78,33 @@ func TestArgs(t *testing.T) {
 			{"-device", "vhost-vsock-device,id=vsock0,guest-cid=1234,vhostfd=4",
 				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
 				"-device", "vhost-user-fs-device,chardev=fs0,tag=colo-shared"},
+		},
+	}, {
+		name: "q35 nics and hotplug ports",
+		l: launch{
+			machine: "q35", accel: accelTCG,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.NICs = []hypervisor.NIC{
+					{ID: "eth0", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1450},
+					{ID: "eth1", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}},
+				}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4, nicFDs: []int{5, 6}, vhostNet: true, hotplugPorts: 2,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
+				"-netdev", "tap,id=eth0,fd=5,vhost=on",
+				"-device", "virtio-net-pci,netdev=eth0,id=eth0-dev,mac=02:00:00:00:00:01,host_mtu=1450",
+				"-netdev", "tap,id=eth1,fd=6,vhost=on",
+				"-device", "virtio-net-pci,netdev=eth1,id=eth1-dev,mac=02:00:00:00:00:02",
+				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+				"-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2"},
 		},
 	}} {
 		t.Run(tc.name, func(t *testing.T) {

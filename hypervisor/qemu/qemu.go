@@ -42,7 +42,10 @@ const DefaultBinary = "qemu-system-x86_64"
 const (
 	kvmDevice   = "/dev/kvm"
 	vsockDevice = "/dev/vhost-vsock"
-	cpuinfo     = "/proc/cpuinfo"
+	// vhostNetDevice moves virtio-net's data path into the host kernel;
+	// hosts without it (nested ones) use QEMU's own.
+	vhostNetDevice = "/dev/vhost-net"
+	cpuinfo        = "/proc/cpuinfo"
 )
 
 // maxSocketPath is the longest path a unix socket can bind (sun_path is
@@ -57,6 +60,8 @@ type Driver struct {
 	accelReason  string
 	tscKHz       int
 	kernelParams []string
+	hotplugPorts int
+	vhostNet     bool
 	// Used when a VMConfig leaves them zero.
 	vcpus    int
 	memoryMB int
@@ -83,6 +88,8 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 		path:         path,
 		machine:      cfg.Machine,
 		kernelParams: strings.Fields(cfg.KernelParams),
+		hotplugPorts: cfg.HotplugPorts,
+		vhostNet:     canOpen(vhostNetDevice),
 		vcpus:        cfg.VCPUs,
 		memoryMB:     cfg.MemoryMB,
 		kernel:       cfg.Kernel,
@@ -120,6 +127,10 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 		tscKHz:       d.tscKHz,
 		kernelParams: d.kernelParams,
 		pidfile:      filepath.Join(cfg.Dir, PidFile),
+		vhostNet:     d.vhostNet,
+	}
+	if d.machine == "q35" {
+		l.hotplugPorts = d.hotplugPorts
 	}
 
 	// files are what QEMU inherits; the parent's copies are closed once it
@@ -165,6 +176,16 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 		l.vhostFD, l.cid = pass(f), cid
 	}
 
+	for _, n := range cfg.NICs {
+		// A dup: QEMU's copy is closed with the others once it runs, the
+		// caller's stays the caller's.
+		fd, err := unix.FcntlInt(n.TAP.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("nic %s: %w", n.ID, err)
+		}
+		l.nicFDs = append(l.nicFDs, pass(os.NewFile(uintptr(fd), "tap-"+n.ID)))
+	}
+
 	args := l.args()
 	logger := log.G(ctx).WithField("vm", cfg.ID)
 	logger.WithFields(log.Fields{
@@ -179,7 +200,7 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 	// Its own process group, so signals meant for the shim's group do not
 	// reach it; no Pdeathsig, so VMs outlive a shim upgrade.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	vm, err := startVM(ctx, cmd, cfg, l.cid)
+	vm, err := startVM(ctx, cmd, l)
 	if err != nil {
 		return nil, err
 	}
@@ -268,6 +289,16 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 	default:
 		return cfg, fmt.Errorf("agent channel %q: want %q or %q", cfg.Channel, hypervisor.ChannelSerial, hypervisor.ChannelVsock)
 	}
+	ids := make(map[string]bool)
+	for _, n := range cfg.NICs {
+		if err := checkNIC(n); err != nil {
+			return cfg, err
+		}
+		if ids[n.ID] {
+			return cfg, fmt.Errorf("nic %s: duplicate id", n.ID)
+		}
+		ids[n.ID] = true
+	}
 	tags := make(map[string]bool)
 	for _, s := range cfg.Shares {
 		if s.Tag == "" || tags[s.Tag] {
@@ -287,6 +318,31 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 		}
 	}
 	return cfg, nil
+}
+
+// checkNIC checks what QEMU would reject later, or misread: ids become
+// option values and QOM names.
+func checkNIC(n hypervisor.NIC) error {
+	switch {
+	case n.ID == "" || strings.ContainsAny(n.ID, ",= /"):
+		return fmt.Errorf("nic %q: want an id without commas, spaces, slashes or '='", n.ID)
+	case len(n.MAC) != 6:
+		return fmt.Errorf("nic %s: MAC %q: want 6 bytes", n.ID, n.MAC)
+	case n.TAP == nil:
+		return fmt.Errorf("nic %s: no TAP device", n.ID)
+	case n.MTU < 0 || n.MTU > 65535:
+		return fmt.Errorf("nic %s: MTU %d: want 0 to 65535", n.ID, n.MTU)
+	}
+	return nil
+}
+
+func canOpen(path string) bool {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
 }
 
 // listenUnix creates a listening unix socket at path and returns it as a

@@ -20,6 +20,7 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/sirupsen/logrus"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/config"
@@ -653,5 +654,65 @@ func BenchmarkBoot(b *testing.B) {
 				b.StartTimer()
 			}
 		})
+	}
+}
+
+// newTAP makes a TAP queue as the network package does, in this network
+// namespace; it goes away with the last copy of its fd.
+func newTAP(t *testing.T, name string) *os.File {
+	t.Helper()
+	tap := &netlink.Tuntap{
+		LinkAttrs:  netlink.LinkAttrs{Name: name},
+		Mode:       netlink.TUNTAP_MODE_TAP,
+		Flags:      netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+		Queues:     1,
+		NonPersist: true,
+	}
+	if err := netlink.LinkAdd(tap); err != nil {
+		t.Fatalf("TAP %s: %v", name, err)
+	}
+	t.Cleanup(func() { tap.Fds[0].Close() })
+	return tap.Fds[0]
+}
+
+// TestNICs: a NIC at boot and one hot-plugged into a root port are QEMU
+// devices with their MACs; with the ports taken, AddNIC fails clearly.
+func TestNICs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for TAP devices")
+	}
+	ctx, _ := testContext(t)
+	cfg := config.Default().Hypervisor
+	cfg.Kernel, cfg.Initrd, cfg.HotplugPorts = guest.kernel, guest.initrd, 1
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := vmDir(t)
+	prefix := fmt.Sprintf("ct%d", os.Getpid()%100000)
+	boot := hypervisor.NIC{ID: "eth0", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 1}, MTU: 1400, TAP: newTAP(t, prefix+"a")}
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "nics", Dir: dir, Channel: hypervisor.ChannelSerial, NICs: []hypervisor.NIC{boot}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopped(t, vm, dir)
+	late := hypervisor.NIC{ID: "eth1", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 2}, TAP: newTAP(t, prefix+"b")}
+	if err := vm.AddNIC(ctx, late); err != nil {
+		t.Fatal(err)
+	}
+	q := vm.(*VM).qmp
+	for _, n := range []hypervisor.NIC{boot, late} {
+		raw, err := q.Execute(ctx, "qom-get", map[string]any{"path": nicDeviceID(n.ID), "property": "mac"})
+		if err != nil || string(raw) != `"`+n.MAC.String()+`"` {
+			t.Errorf("nic %s: mac %s, %v; want %s", n.ID, raw, err, n.MAC)
+		}
+	}
+	extra := hypervisor.NIC{ID: "eth2", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 3}, TAP: newTAP(t, prefix+"c")}
+	if err := vm.AddNIC(ctx, extra); err == nil || !strings.Contains(err.Error(), "no free hotplug port") {
+		t.Errorf("AddNIC with every port taken: %v", err)
+	}
+	// The failed add left no backend behind: its id is free again.
+	if _, err := q.Execute(ctx, "netdev_del", map[string]any{"id": "eth2"}); err == nil {
+		t.Error("a netdev of the failed AddNIC is left")
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -158,6 +159,19 @@ func (q *QMP) read(r *bufio.Reader) {
 // Execute runs a command and returns its "return" value. args is marshalled
 // as the command's "arguments" and may be nil.
 func (q *QMP) Execute(ctx context.Context, command string, args any) (json.RawMessage, error) {
+	return q.execute(ctx, command, args, nil)
+}
+
+// ExecuteWithFile is Execute with f passed along (SCM_RIGHTS), as getfd and
+// add-fd take a file descriptor. It needs a unix socket connection.
+func (q *QMP) ExecuteWithFile(ctx context.Context, command string, args any, f *os.File) (json.RawMessage, error) {
+	if _, ok := q.conn.(*net.UnixConn); !ok {
+		return nil, fmt.Errorf("qmp %s: passing a file needs a unix socket, not %T", command, q.conn)
+	}
+	return q.execute(ctx, command, args, syscall.UnixRights(int(f.Fd())))
+}
+
+func (q *QMP) execute(ctx context.Context, command string, args any, oob []byte) (json.RawMessage, error) {
 	req := struct {
 		Execute   string `json:"execute"`
 		Arguments any    `json:"arguments,omitempty"`
@@ -188,7 +202,13 @@ func (q *QMP) Execute(ctx context.Context, command string, args any) (json.RawMe
 	// No deadline on the write: a command is far smaller than the socket
 	// buffer, and a write cut short by a deadline would garble the stream.
 	q.writeMu.Lock()
-	_, err = q.conn.Write(append(b, '\n'))
+	if oob != nil {
+		// The rights travel with the first byte of the message: QEMU
+		// takes them for the command that byte starts.
+		_, _, err = q.conn.(*net.UnixConn).WriteMsgUnix(append(b, '\n'), oob, nil)
+	} else {
+		_, err = q.conn.Write(append(b, '\n'))
+	}
 	q.writeMu.Unlock()
 	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
 		err = errQMPClosed

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -57,13 +58,19 @@ type VM struct {
 
 	stopOnce sync.Once
 	stopErr  error
+
+	// ports[i] is the device on hotplug port i ("" when free).
+	hotplugMu sync.Mutex
+	ports     []string
+	vhost     bool // NICs use vhost-net
 }
 
 var _ hypervisor.VM = (*VM)(nil)
 
 // startVM starts cmd with its output logged and kept, and a goroutine that
 // waits for it.
-func startVM(ctx context.Context, cmd *exec.Cmd, cfg hypervisor.VMConfig, cid uint32) (*VM, error) {
+func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
+	cfg := l.vm
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -88,10 +95,12 @@ func startVM(ctx context.Context, cmd *exec.Cmd, cfg hypervisor.VMConfig, cid ui
 		id:      cfg.ID,
 		dir:     cfg.Dir,
 		channel: cfg.Channel,
-		cid:     cid,
+		cid:     l.cid,
 		cmd:     cmd,
 		logger:  log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
 		done:    make(chan struct{}),
+		ports:   make([]string, l.hotplugPorts),
+		vhost:   l.vhostNet,
 	}
 	var readers sync.WaitGroup
 	readers.Go(func() { vm.copyLines(outR, false) })
@@ -217,6 +226,63 @@ func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 		return nil, fmt.Errorf("qemu: vm %s: dial agent over %s: %w", vm.id, vm.channel, err)
 	}
 	return conn, nil
+}
+
+// AddNIC hot-plugs a virtio-net device on the TAP nic.TAP into a free
+// PCIe root port: QMP getfd hands QEMU the TAP, netdev_add and device_add
+// make the backend and the device. A failure undoes what was done.
+func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
+	if err := checkNIC(nic); err != nil {
+		return fmt.Errorf("qemu: vm %s: %w", vm.id, err)
+	}
+	vm.hotplugMu.Lock()
+	defer vm.hotplugMu.Unlock()
+	port := slices.Index(vm.ports, "")
+	if port < 0 {
+		return fmt.Errorf("qemu: vm %s: nic %s: no free hotplug port (hypervisor.hotplug_ports = %d on q35; microvm has none)", vm.id, nic.ID, len(vm.ports))
+	}
+	fdName := "fd-" + nic.ID
+	if _, err := vm.qmp.ExecuteWithFile(ctx, "getfd", map[string]any{"fdname": fdName}, nic.TAP); err != nil {
+		return fmt.Errorf("qemu: vm %s: nic %s: %w", vm.id, nic.ID, err)
+	}
+	netdev := false
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		undo := context.WithoutCancel(ctx)
+		if netdev {
+			if _, err := vm.qmp.Execute(undo, "netdev_del", map[string]any{"id": nic.ID}); err != nil {
+				vm.logger.WithError(err).Warn("qemu: undo netdev_add")
+			}
+		}
+		// netdev_add consumed the fd; otherwise it is still named.
+		if _, err := vm.qmp.Execute(undo, "closefd", map[string]any{"fdname": fdName}); err != nil && !netdev {
+			vm.logger.WithError(err).Warn("qemu: undo getfd")
+		}
+	}()
+	if _, err := vm.qmp.Execute(ctx, "netdev_add", map[string]any{
+		"type": "tap", "id": nic.ID, "fd": fdName, "vhost": vm.vhost,
+	}); err != nil {
+		return fmt.Errorf("qemu: vm %s: nic %s: %w", vm.id, nic.ID, err)
+	}
+	netdev = true
+	dev := map[string]any{
+		"driver": "virtio-net-pci",
+		"id":     nicDeviceID(nic.ID),
+		"netdev": nic.ID,
+		"mac":    nic.MAC.String(),
+		"bus":    hotplugPort(port),
+	}
+	if nic.MTU > 0 {
+		dev["host_mtu"] = nic.MTU
+	}
+	if _, err := vm.qmp.Execute(ctx, "device_add", dev); err != nil {
+		return fmt.Errorf("qemu: vm %s: nic %s: %w", vm.id, nic.ID, err)
+	}
+	vm.ports[port] = nicDeviceID(nic.ID)
+	vm.logger.WithFields(log.Fields{"nic": nic.ID, "mac": nic.MAC, "port": hotplugPort(port)}).Info("qemu: nic hot-plugged")
+	return nil
 }
 
 // Stop asks QEMU to quit, kills it when ctx ends first, waits for it and

@@ -47,7 +47,9 @@ type Container struct {
 	bundle string
 	stdio  Stdio
 	spec   *specs.Spec
-	init   *process
+	// binds are the guest sources of the spec's bind mounts (shareBinds).
+	binds map[int]string
+	init  *process
 
 	execMu sync.Mutex
 	execs  map[string]*process
@@ -68,10 +70,11 @@ type process struct {
 	stdio       Stdio
 	spec        []byte // an exec's OCI process, as JSON
 
-	mu      sync.Mutex
-	state   ProcessState
-	waiting bool // a WaitProcess is running for it
-	done    chan struct{}
+	mu       sync.Mutex
+	state    ProcessState
+	guestPid uint32
+	waiting  bool // a WaitProcess is running for it
+	done     chan struct{}
 }
 
 // prepareContainer does the host side of a new container: open its stdio
@@ -101,12 +104,24 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 	if err := storage.MountRootfs(ctx, mounts, target); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if retErr != nil {
+			if err := s.unmountRootfs(context.WithoutCancel(ctx), cfg.ID); err != nil {
+				log.G(ctx).WithError(err).Error("undo a container's mounts")
+			}
+		}
+	}()
+	binds, err := s.shareBinds(cfg.Spec, cfg.ID)
+	if err != nil {
+		return nil, err
+	}
 	c := &Container{
 		sb:     s,
 		id:     cfg.ID,
 		bundle: cfg.Bundle,
 		stdio:  cfg.Stdio,
 		spec:   cfg.Spec,
+		binds:  binds,
 		execs:  make(map[string]*process),
 	}
 	c.init = &process{
@@ -123,7 +138,7 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 // createInGuest creates the container in the guest and adds it to the
 // sandbox.
 func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
-	g, err := GuestSpec(ctx, c.spec, c.id)
+	g, err := GuestSpec(ctx, c.spec, c.id, guestView{binds: c.binds, podPid: s.podPid(c)})
 	if err != nil {
 		return err
 	}
@@ -150,6 +165,28 @@ func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	s.mu.Unlock()
 	stage(ctx, "container-created", s.created, log.Fields{"container": c.id})
 	return nil
+}
+
+// podPid is the guest pid of the init process of the sandbox's first
+// container, whose namespaces the pod's later containers join (the CRI
+// sandbox container), or 0 for the first container itself or when it does
+// not run.
+func (s *Sandbox) podPid(c *Container) uint32 {
+	if c.id == s.id {
+		return 0
+	}
+	s.mu.Lock()
+	first := s.containers[s.id]
+	s.mu.Unlock()
+	if first == nil {
+		return 0
+	}
+	first.init.mu.Lock()
+	defer first.init.mu.Unlock()
+	if first.init.state.Status != StatusRunning {
+		return 0
+	}
+	return first.init.guestPid
 }
 
 // ID of the container.
@@ -227,6 +264,7 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 		guestPid = resp.GetPid()
 	}
 	p.state.Status = StatusRunning
+	p.guestPid = guestPid
 	p.io.start(c.sb.ctx, c.sb.agent, c.id, execID)
 	p.startWaitLocked()
 	if started != nil {
@@ -376,7 +414,10 @@ func (p *process) wait() {
 		select {
 		case <-p.io.drained:
 		case <-time.After(outputDrainTimeout):
-			log.G(ctx).WithField("container", p.containerID).Warnf("output not drained %s after exit; reporting the exit anyway", outputDrainTimeout)
+			// Clients wait for the end of the output before they delete
+			// the process (CRI does): give it to them.
+			log.G(ctx).WithField("container", p.containerID).Warnf("output not drained %s after exit; closing it and reporting the exit", outputDrainTimeout)
+			p.io.close()
 		}
 	}
 	p.setExited(status, at)

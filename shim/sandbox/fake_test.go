@@ -139,6 +139,10 @@ func (v *fakeVM) Stop(ctx context.Context) error {
 	return nil
 }
 
+func (v *fakeVM) AddNIC(context.Context, hypervisor.NIC) error {
+	return errors.New("fake VM: no hot-plug")
+}
+
 func (v *fakeVM) Done() <-chan struct{} { return v.done }
 func (v *fakeVM) Err() error            { return v.err }
 

@@ -9,6 +9,8 @@ package sandbox
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -27,6 +29,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/network"
 	"github.com/colo-runtime/colo/storage"
 )
 
@@ -98,6 +101,8 @@ type Sandbox struct {
 	vm        hypervisor.VM
 	virtiofsd *storage.Virtiofsd
 	agent     *agentConn
+	net       *podNetwork // nil without a pod network namespace
+	stateMu   sync.Mutex
 	state     State
 
 	mu         sync.Mutex
@@ -133,7 +138,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if opts.Driver == nil {
 		return nil, nil, errors.New("sandbox: no hypervisor driver")
 	}
-	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, opts.ID)
+	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, DirName(opts.ID))
 	if err := checkSocketPaths(dir); err != nil {
 		return nil, nil, err
 	}
@@ -198,7 +203,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 			c.init.io.close()
 		}
 	}()
-	if err := s.boot(ctx, first.Spec.Hostname); err != nil {
+	if err := s.boot(ctx, first.Spec); err != nil {
 		return nil, nil, err
 	}
 	if err := s.createInGuest(ctx, c); err != nil {
@@ -235,6 +240,20 @@ func (s *Sandbox) watchOOM() {
 	}
 }
 
+// maxDirName is the longest sandbox id used as its directory's name.
+const maxDirName = 32
+
+// DirName names the directory of the sandbox id: the id itself, or for a
+// long one (CRI's are 64 hex digits) a hash of it, since the unix socket
+// paths inside must fit in 107 bytes. state.json keeps the id.
+func DirName(id string) string {
+	if len(id) <= maxDirName {
+		return id
+	}
+	sum := sha256.Sum256([]byte(id))
+	return hex.EncodeToString(sum[:8])
+}
+
 func checkName(what, v string) error {
 	if v == "" || v == "." || v == ".." || strings.ContainsAny(v, "/\x00") {
 		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("%s %q cannot name a directory", what, v))
@@ -269,8 +288,10 @@ func (s *Sandbox) Pid() int {
 	return s.vm.Pid()
 }
 
-// boot starts the shared filesystem server, the VM and the agent session.
-func (s *Sandbox) boot(ctx context.Context, hostname string) error {
+// boot starts the shared filesystem server, mirrors the pod's network
+// interfaces (if the spec joins a network namespace), starts the VM and the
+// agent session, and sets the guest up.
+func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	shared := filepath.Join(s.dir, sharedDir)
 	share := hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.Share9P, Path: shared}
 	storages := []*agentproto.Storage{{
@@ -280,6 +301,12 @@ func (s *Sandbox) boot(ctx context.Context, hostname string) error {
 		Options:    []string{"trans=virtio", "version=9p2000.L", "msize=262144"},
 		MountPoint: agentproto.SharedMountPoint,
 	}}
+	shm := &agentproto.Storage{
+		Driver:     "tmpfs",
+		Fstype:     "tmpfs",
+		Options:    []string{"nosuid", "nodev", "noexec", "mode=1777", "size=65536k"},
+		MountPoint: agentproto.SandboxShm,
+	}
 	if s.cfg.Storage.SharedFS == string(hypervisor.ShareVirtioFS) {
 		v, err := storage.StartVirtiofsd(ctx, storage.VirtiofsdConfig{
 			Binary:     s.cfg.Storage.Virtiofsd,
@@ -303,7 +330,22 @@ func (s *Sandbox) boot(ctx context.Context, hostname string) error {
 		}}
 	}
 
+	storages = append(storages, shm)
+
 	vmcfg := s.vmConfig(share)
+	var netcfg network.Config
+	if nsPath := netnsPath(spec); nsPath != "" {
+		s.net = &podNetwork{nsPath: nsPath}
+		s.state.NetNS = nsPath
+		if err := writeState(s.dir, s.state); err != nil {
+			return err
+		}
+		nics, cfg, err := s.net.attach(s.recordMirror)
+		if err != nil {
+			return err
+		}
+		vmcfg.NICs, netcfg = nics, cfg
+	}
 	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
 		return fmt.Errorf("create VM dir: %w", err)
 	}
@@ -336,12 +378,15 @@ func (s *Sandbox) boot(ctx context.Context, hostname string) error {
 	defer cancel()
 	_, err = s.agent.CreateSandbox(callCtx, &agentproto.CreateSandboxRequest{
 		SandboxId: s.id,
-		Hostname:  hostname,
+		Hostname:  spec.Hostname,
 		Storages:  storages,
 		HostTime:  timestamppb.Now(),
 	})
 	if err != nil {
 		return agentError("CreateSandbox", err)
+	}
+	if err := configureGuest(callCtx, s.agent, netcfg); err != nil {
+		return err
 	}
 	// What runs in the guest, for whoever reads the log after a problem.
 	if d, err := s.agent.GetGuestDetails(callCtx, &agentproto.GetGuestDetailsRequest{}); err != nil {
@@ -431,6 +476,9 @@ func (s *Sandbox) AddContainer(ctx context.Context, cfg ContainerConfig) (_ *Con
 	s.mu.Unlock()
 	if exists {
 		return nil, errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf("container %s already exists in sandbox %s", cfg.ID, s.id))
+	}
+	if err := s.hotplugNetwork(ctx); err != nil {
+		return nil, err
 	}
 	c, err := s.prepareContainer(ctx, cfg)
 	if err != nil {
@@ -598,6 +646,12 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		}
 		cancel()
 	}
+	// The TAPs go once the VM's copies are closed too.
+	if s.net != nil && (s.vm == nil || s.vmStopped) {
+		if err := s.net.close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	s.mu.Lock()
 	for _, c := range s.containers {
 		c.init.io.close()
@@ -651,6 +705,11 @@ func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error
 	}
 	if err := storage.CleanupVirtiofsd(ctx, st.VirtiofsdPid, filepath.Join(dir, virtiofsdSocket)); err != nil {
 		errs = append(errs, err)
+	}
+	for _, m := range st.Mirrors {
+		if err := network.RemoveMirror(st.NetNS, m.Interface, m.Tap); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if len(errs) == 0 {
 		if err := storage.UnmountAll(ctx, dir); err != nil {

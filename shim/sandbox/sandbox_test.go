@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/fifo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/agentproto"
@@ -248,6 +250,30 @@ func waitExit(t *testing.T, exits <-chan Exit) Exit {
 	}
 }
 
+// emptyNetns is a new network namespace with loopback only, bound under
+// /var/run/netns for the test.
+func emptyNetns(t *testing.T) string {
+	t.Helper()
+	name := fmt.Sprintf("colo-sandbox-test-%d", os.Getpid())
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	ns, err := netns.NewNamed(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Close()
+	if err := netns.Set(orig); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { netns.DeleteNamed(name) })
+	return filepath.Join("/var/run/netns", name)
+}
+
 func TestLifecycle(t *testing.T) {
 	for _, fs := range []string{"9p", "virtio-fs"} {
 		t.Run(fs, func(t *testing.T) {
@@ -259,7 +285,7 @@ func TestLifecycle(t *testing.T) {
 			cc.Spec.Annotations = map[string]string{"test.exit": "3"}
 			cc.Spec.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/bin/true"}}}
 			cc.Spec.Linux.Namespaces = []specs.LinuxNamespace{
-				{Type: specs.NetworkNamespace, Path: "/proc/1/ns/net"},
+				{Type: specs.NetworkNamespace, Path: emptyNetns(t)},
 				{Type: specs.PIDNamespace},
 				{Type: specs.IPCNamespace, Path: "/proc/1/ns/ipc"},
 			}
@@ -309,8 +335,12 @@ func TestLifecycle(t *testing.T) {
 			if share.Tag != agentproto.SharedTag || string(share.Kind) != fs || share.Path != wantPath {
 				t.Errorf("share = %+v", share)
 			}
-			if s := e.drv.agent.storages; len(s) != 1 || s[0].GetDriver() != wantDriver || s[0].GetMountPoint() != agentproto.SharedMountPoint {
-				t.Errorf("sandbox storages = %v", s)
+			if s := e.drv.agent.storages; len(s) != 2 || s[0].GetDriver() != wantDriver || s[0].GetMountPoint() != agentproto.SharedMountPoint ||
+				s[1].GetDriver() != "tmpfs" || s[1].GetMountPoint() != agentproto.SandboxShm {
+				t.Errorf("sandbox storages = %v, want the share and the pod's shm", s)
+			}
+			if len(vmcfg.NICs) != 0 {
+				t.Errorf("NICs %v for a network namespace without interfaces", vmcfg.NICs)
 			}
 
 			g := e.drv.agent.spec("c1")
@@ -774,3 +804,61 @@ func TestSocketPathLimit(t *testing.T) {
 
 // initState is the init process's state, for tests.
 func (c *Container) initState() ProcessState { return c.init.State() }
+
+// TestBindMounts: a spec's host bind mounts reach the guest through the
+// container's directory in the share, read-only where asked; /dev/shm
+// becomes the pod's guest tmpfs; a missing source fails the create with
+// its name and leaves nothing; a delete unmounts them.
+func TestBindMounts(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "data"), []byte("from the host"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cc := e.container("echo", "hi")
+	cc.Spec.Mounts = append(cc.Spec.Mounts,
+		specs.Mount{Destination: "/data", Type: "bind", Source: src, Options: []string{"rbind", "ro"}},
+		specs.Mount{Destination: "/dev/shm", Type: "bind", Source: src, Options: []string{"rbind"}},
+	)
+	n := len(cc.Spec.Mounts)
+
+	bad := e.container("echo", "hi")
+	bad.Spec.Mounts = append(bad.Spec.Mounts, specs.Mount{Destination: "/x", Type: "bind", Source: "/no/such/dir"})
+	if _, _, err := Create(ctx, e.options(e.config("9p")), bad); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "/no/such/dir") {
+		t.Fatalf("create with a missing bind source: %v", err)
+	}
+	if _, err := os.Stat(e.sandboxDir()); !os.IsNotExist(err) {
+		t.Fatalf("sandbox dir left after the failed create: %v", err)
+	}
+
+	sb, c, err := Create(ctx, e.options(e.config("9p")), cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := e.drv.agent.spec("c1")
+	data, shm := g.Mounts[n-2], g.Mounts[n-1]
+	if !strings.HasPrefix(data.Source, agentproto.SharedMountPoint+"/c1/mounts/") || !slices.Contains(data.Options, "ro") {
+		t.Errorf("guest /data mount %+v", data)
+	}
+	if shm.Source != agentproto.SandboxShm {
+		t.Errorf("guest /dev/shm mount %+v, want the sandbox's tmpfs", shm)
+	}
+	host := filepath.Join(sb.Dir(), "shared", strings.TrimPrefix(data.Source, agentproto.SharedMountPoint+"/"))
+	if b, err := os.ReadFile(filepath.Join(host, "data")); err != nil || string(b) != "from the host" {
+		t.Errorf("bind source in the share: %q, %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(host, "new"), nil, 0o644); !errors.Is(err, unix.EROFS) {
+		t.Errorf("write into the read-only bind: %v", err)
+	}
+	if err := c.Start(ctx, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	waitExit(t, e.exits)
+	if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := storage.MountsUnder(filepath.Dir(e.sandboxDir())); len(left) > 0 {
+		t.Errorf("mounts left: %v", left)
+	}
+}

@@ -66,9 +66,8 @@ func ValidateSpec(s *specs.Spec) error {
 		if m.Destination == "" || !path.IsAbs(m.Destination) {
 			return invalidSpec("mounts[%d].destination %q is not absolute", i, m.Destination)
 		}
-		if isBind(m) {
-			return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
-				"mount of host path %s at %s: bind mounts from the host are not supported yet", m.Source, m.Destination))
+		if isBind(m) && !filepath.IsAbs(m.Source) {
+			return invalidSpec("mounts[%d] (%s): bind source %q is not an absolute host path", i, m.Destination, m.Source)
 		}
 	}
 	return nil
@@ -83,12 +82,34 @@ func RootfsPath(containerID string) string {
 	return path.Join(agentproto.SharedMountPoint, containerID, "rootfs")
 }
 
+// guestView is what GuestSpec needs to know of the sandbox.
+type guestView struct {
+	// binds maps the index of a bind mount in the spec to the guest path
+	// its host source is shared at.
+	binds map[int]string
+	// podPid is the guest pid of the pod's first container, whose
+	// namespaces the pod's other containers join; 0 for none.
+	podPid uint32
+}
+
+// nsProcName is a namespace's name under /proc/PID/ns.
+var nsProcName = map[specs.LinuxNamespaceType]string{
+	specs.PIDNamespace:    "pid",
+	specs.IPCNamespace:    "ipc",
+	specs.UTSNamespace:    "uts",
+	specs.CgroupNamespace: "cgroup",
+	specs.TimeNamespace:   "time",
+}
+
 // GuestSpec returns a copy of s for the guest: root.path points into the
-// shared directory (root.readonly is kept), hooks are dropped (they name
-// host binaries), and host namespace paths are removed. A network
-// namespace to join (the pod's, on the host) becomes the VM's own network
-// namespace; other namespaces to join become new ones.
-func GuestSpec(ctx context.Context, s *specs.Spec, containerID string) (*specs.Spec, error) {
+// shared directory (root.readonly is kept), bind mounts take their sources
+// from there too, hooks are dropped (they name host binaries), and host
+// namespace paths are rewritten. A network namespace to join (the pod's,
+// on the host) becomes the VM's own network namespace, where the pod's
+// interfaces are; a pod's other namespaces to join (the sandbox
+// container's, by its host pid) become those of the pod's first container
+// in the guest; anything else to join becomes new.
+func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestView) (*specs.Spec, error) {
 	b, err := json.Marshal(s)
 	if err != nil {
 		return nil, fmt.Errorf("copy OCI spec: %w", err)
@@ -101,6 +122,9 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string) (*specs.S
 		g.Root = &specs.Root{}
 	}
 	g.Root.Path = RootfsPath(containerID)
+	for i, src := range v.binds {
+		g.Mounts[i].Source = src
+	}
 	if g.Hooks != nil {
 		log.G(ctx).WithField("hooks", g.Hooks).Debug("dropping OCI hooks: they would run in the guest")
 		g.Hooks = nil
@@ -109,11 +133,15 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string) (*specs.S
 		var nss []specs.LinuxNamespace
 		for _, ns := range g.Linux.Namespaces {
 			if ns.Path != "" {
-				log.G(ctx).WithFields(log.Fields{"type": ns.Type, "path": ns.Path}).Debug("dropping host namespace path")
 				if ns.Type == specs.NetworkNamespace {
 					continue
 				}
+				host := ns.Path
 				ns.Path = ""
+				if name, ok := nsProcName[ns.Type]; ok && v.podPid != 0 {
+					ns.Path = fmt.Sprintf("/proc/%d/ns/%s", v.podPid, name)
+				}
+				log.G(ctx).WithFields(log.Fields{"type": ns.Type, "host": host, "guest": ns.Path}).Debug("namespace path rewritten for the guest")
 			}
 			nss = append(nss, ns)
 		}

@@ -38,14 +38,13 @@ func TestValidateSpec(t *testing.T) {
 			change: func(s *specs.Spec) {
 				s.Mounts = append(s.Mounts, specs.Mount{Destination: "/data", Type: "none", Source: "/srv", Options: []string{"rbind"}})
 			},
-			is: errdefs.IsNotImplemented, msg: "mount of host path /srv at /data",
 		},
 		{
-			name: "bind type",
+			name: "relative bind source",
 			change: func(s *specs.Spec) {
-				s.Mounts = append(s.Mounts, specs.Mount{Destination: "/data", Type: "bind", Source: "/srv"})
+				s.Mounts = append(s.Mounts, specs.Mount{Destination: "/data", Type: "bind", Source: "srv"})
 			},
-			is: errdefs.IsNotImplemented, msg: "bind mounts from the host are not supported yet",
+			is: errdefs.IsInvalidArgument, msg: `mounts[1] (/data): bind source "srv" is not an absolute host path`,
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -72,6 +71,7 @@ func TestValidateSpec(t *testing.T) {
 func TestGuestSpec(t *testing.T) {
 	for _, tc := range []struct {
 		name string
+		view guestView
 		in   func(*specs.Spec)
 		want func(*specs.Spec)
 	}{
@@ -109,6 +109,45 @@ func TestGuestSpec(t *testing.T) {
 					{Type: specs.IPCNamespace},
 					{Type: specs.UTSNamespace},
 					{Type: specs.MountNamespace},
+				}
+			},
+		},
+		{
+			name: "pod namespaces joined in the guest",
+			view: guestView{podPid: 7},
+			in: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.PIDNamespace},
+					{Type: specs.NetworkNamespace, Path: "/var/run/netns/cni-1234"},
+					{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"},
+					{Type: specs.UTSNamespace, Path: "/proc/42/ns/uts"},
+					{Type: specs.MountNamespace, Path: "/proc/42/ns/mnt"},
+				}
+			},
+			want: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.PIDNamespace},
+					{Type: specs.IPCNamespace, Path: "/proc/7/ns/ipc"},
+					{Type: specs.UTSNamespace, Path: "/proc/7/ns/uts"},
+					{Type: specs.MountNamespace},
+				}
+			},
+		},
+		{
+			name: "bind sources from the shared directory",
+			view: guestView{binds: map[int]string{1: "/run/colo/shared/c1/mounts/1-data", 2: "/run/colo/shm"}},
+			in: func(s *specs.Spec) {
+				s.Mounts = []specs.Mount{
+					{Destination: "/proc", Type: "proc", Source: "proc"},
+					{Destination: "/data", Type: "bind", Source: "/srv/data", Options: []string{"rbind", "ro"}},
+					{Destination: "/dev/shm", Type: "bind", Source: "/run/containerd/sandboxes/p/shm", Options: []string{"rbind"}},
+				}
+			},
+			want: func(s *specs.Spec) {
+				s.Mounts = []specs.Mount{
+					{Destination: "/proc", Type: "proc", Source: "proc"},
+					{Destination: "/data", Type: "bind", Source: "/run/colo/shared/c1/mounts/1-data", Options: []string{"rbind", "ro"}},
+					{Destination: "/dev/shm", Type: "bind", Source: "/run/colo/shm", Options: []string{"rbind"}},
 				}
 			},
 		},
@@ -151,7 +190,7 @@ func TestGuestSpec(t *testing.T) {
 			want.Root.Path = "/run/colo/shared/c1/rootfs"
 			tc.want(want)
 
-			got, err := GuestSpec(context.Background(), in, "c1")
+			got, err := GuestSpec(context.Background(), in, "c1", tc.view)
 			if err != nil {
 				t.Fatal(err)
 			}

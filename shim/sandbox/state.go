@@ -34,6 +34,9 @@ type State struct {
 	Hypervisor    config.Hypervisor `json:"hypervisor"`
 	HypervisorPid int               `json:"hypervisor_pid,omitempty"`
 	VirtiofsdPid  int               `json:"virtiofsd_pid,omitempty"`
+	// NetNS is the pod's network namespace, where Mirrors are.
+	NetNS   string        `json:"netns,omitempty"`
+	Mirrors []MirrorState `json:"mirrors,omitempty"`
 }
 
 func writeState(dir string, st State) error {

@@ -1,0 +1,311 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// nicTimeout bounds the wait for a NIC to show up: a hot-plugged device
+// takes a moment to be probed.
+const nicTimeout = 10 * time.Second
+
+// netHandle opens netlink in the service's network namespace: the guest's
+// own, or the one ServiceConfig.NetNS names (tests on the host).
+func (s *Service) netHandle() (*netlink.Handle, error) {
+	// Route sockets only: the guest kernel lacks modules for others
+	// (xfrm), and a handle asks for every family by default.
+	if s.netns == "" {
+		return netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
+	ns, err := netns.GetFromPath(s.netns)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", s.netns, err)
+	}
+	defer ns.Close()
+	return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+}
+
+// UpdateInterface gives the NIC with the request's MAC the name, MTU and
+// addresses of the pod interface it stands in for, and brings it up.
+func (s *Service) UpdateInterface(ctx context.Context, req *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
+	want := req.GetInterface()
+	mac, err := net.ParseMAC(want.GetHwAddr())
+	if err != nil {
+		return nil, fmt.Errorf("interface %s: hw_addr %q: %w", want.GetName(), want.GetHwAddr(), errdefs.ErrInvalidArgument)
+	}
+	var addrs []*netlink.Addr
+	for _, a := range want.GetAddresses() {
+		ip, err := netip.ParseAddr(a.GetAddress())
+		if err != nil || int(a.GetPrefixLen()) > ip.BitLen() {
+			return nil, fmt.Errorf("interface %s: address %s/%d: %w", want.GetName(), a.GetAddress(), a.GetPrefixLen(), errdefs.ErrInvalidArgument)
+		}
+		addrs = append(addrs, &netlink.Addr{
+			IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(int(a.GetPrefixLen()), ip.BitLen())},
+			// No duplicate address detection: the address moved here
+			// from the pod's veth, and must work at once.
+			Flags: unix.IFA_F_NODAD,
+		})
+	}
+	nl, err := s.netHandle()
+	if err != nil {
+		return nil, err
+	}
+	defer nl.Close()
+	s.netMu.Lock()
+	defer s.netMu.Unlock()
+	link, err := waitLinkByMAC(ctx, nl, mac)
+	if err != nil {
+		return nil, fmt.Errorf("interface %s: %w", want.GetName(), err)
+	}
+	if name := want.GetName(); name != "" && link.Attrs().Name != name {
+		if err := rename(nl, link, name); err != nil {
+			return nil, fmt.Errorf("interface %s: %w", name, err)
+		}
+	}
+	if mtu := int(want.GetMtu()); mtu > 0 && mtu != link.Attrs().MTU {
+		if err := nl.LinkSetMTU(link, mtu); err != nil {
+			return nil, fmt.Errorf("interface %s: MTU %d: %w", want.GetName(), mtu, err)
+		}
+	}
+	for _, a := range addrs {
+		if err := nl.AddrReplace(link, a); err != nil {
+			return nil, fmt.Errorf("interface %s: address %s: %w", want.GetName(), a.IPNet, err)
+		}
+	}
+	if err := nl.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("interface %s: up: %w", want.GetName(), err)
+	}
+	if link, err = nl.LinkByIndex(link.Attrs().Index); err != nil {
+		return nil, err
+	}
+	return describeLink(nl, link)
+}
+
+// waitLinkByMAC finds the link with the MAC, waiting a while for a device
+// that is still being probed.
+func waitLinkByMAC(ctx context.Context, nl *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
+	ctx, cancel := context.WithTimeout(ctx, nicTimeout)
+	defer cancel()
+	for {
+		links, err := nl.LinkList()
+		if err != nil {
+			return nil, fmt.Errorf("list interfaces: %w", err)
+		}
+		for _, l := range links {
+			if l.Attrs().HardwareAddr.String() == mac.String() {
+				return l, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no NIC with MAC %s in the guest: %w", mac, errdefs.ErrNotFound)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// rename names link name; a guest NIC that holds the name already (the
+// kernel names NICs eth0, eth1... in probe order) gets its own index as a
+// name first.
+func rename(nl *netlink.Handle, link netlink.Link, name string) error {
+	if other, err := nl.LinkByName(name); err == nil && other.Attrs().Index != link.Attrs().Index {
+		if err := setName(nl, other, fmt.Sprintf("if%d", other.Attrs().Index)); err != nil {
+			return err
+		}
+	}
+	return setName(nl, link, name)
+}
+
+// setName renames a link, which must be down for it.
+func setName(nl *netlink.Handle, link netlink.Link, name string) error {
+	up := link.Attrs().Flags&net.FlagUp != 0
+	if up {
+		if err := nl.LinkSetDown(link); err != nil {
+			return fmt.Errorf("down %s: %w", link.Attrs().Name, err)
+		}
+	}
+	if err := nl.LinkSetName(link, name); err != nil {
+		return fmt.Errorf("rename %s to %s: %w", link.Attrs().Name, name, err)
+	}
+	if up {
+		if err := nl.LinkSetUp(link); err != nil {
+			return fmt.Errorf("up %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func describeLink(nl *netlink.Handle, link netlink.Link) (*agentproto.Interface, error) {
+	a := link.Attrs()
+	iface := &agentproto.Interface{Name: a.Name, HwAddr: a.HardwareAddr.String(), Mtu: uint32(a.MTU)}
+	addrs, err := nl.AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", a.Name, err)
+	}
+	for _, ad := range addrs {
+		ones, _ := ad.Mask.Size()
+		iface.Addresses = append(iface.Addresses, &agentproto.IPAddress{Address: ad.IP.String(), PrefixLen: uint32(ones)})
+	}
+	return iface, nil
+}
+
+// UpdateRoutes adds (or replaces) the routes, in order: a route through a
+// gateway must come after the route that reaches the gateway.
+func (s *Service) UpdateRoutes(ctx context.Context, req *agentproto.UpdateRoutesRequest) (*agentproto.UpdateRoutesResponse, error) {
+	nl, err := s.netHandle()
+	if err != nil {
+		return nil, err
+	}
+	defer nl.Close()
+	s.netMu.Lock()
+	defer s.netMu.Unlock()
+	resp := &agentproto.UpdateRoutesResponse{}
+	for _, r := range req.GetRoutes() {
+		route, err := toRoute(nl, r)
+		if err != nil {
+			return nil, err
+		}
+		if err := nl.RouteReplace(route); err != nil {
+			return nil, fmt.Errorf("route %s via %q dev %s: %w", routeDest(r), r.GetGateway(), r.GetDevice(), err)
+		}
+		resp.Routes = append(resp.Routes, r)
+	}
+	return resp, nil
+}
+
+func routeDest(r *agentproto.Route) string {
+	if r.GetDest() == "" {
+		return "default"
+	}
+	return r.GetDest()
+}
+
+func toRoute(nl *netlink.Handle, r *agentproto.Route) (*netlink.Route, error) {
+	link, err := nl.LinkByName(r.GetDevice())
+	if err != nil {
+		return nil, fmt.Errorf("route %s: device %q: %w", routeDest(r), r.GetDevice(), errdefs.ErrNotFound)
+	}
+	route := &netlink.Route{LinkIndex: link.Attrs().Index, Scope: netlink.Scope(r.GetScope()), MTU: int(r.GetMtu())}
+	family := 0
+	if d := r.GetDest(); d != "" {
+		p, err := netip.ParsePrefix(d)
+		if err != nil {
+			return nil, fmt.Errorf("route %s: %w", d, errdefs.ErrInvalidArgument)
+		}
+		route.Dst = &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+		family = p.Addr().BitLen()
+	}
+	for _, f := range []struct {
+		what string
+		v    string
+		to   *net.IP
+	}{{"gateway", r.GetGateway(), &route.Gw}, {"source", r.GetSource(), &route.Src}} {
+		if f.v == "" {
+			continue
+		}
+		ip, err := netip.ParseAddr(f.v)
+		if err != nil || family != 0 && ip.BitLen() != family {
+			return nil, fmt.Errorf("route %s: %s %q: %w", routeDest(r), f.what, f.v, errdefs.ErrInvalidArgument)
+		}
+		*f.to = ip.AsSlice()
+		family = ip.BitLen()
+	}
+	if family == 0 {
+		return nil, fmt.Errorf("route: neither destination nor gateway: %w", errdefs.ErrInvalidArgument)
+	}
+	if route.Dst == nil {
+		// The default route of its family.
+		route.Family = netlink.FAMILY_V4
+		if family == 128 {
+			route.Family = netlink.FAMILY_V6
+		}
+	}
+	return route, nil
+}
+
+// AddARPNeighbors adds permanent neighbour entries.
+func (s *Service) AddARPNeighbors(ctx context.Context, req *agentproto.AddARPNeighborsRequest) (*emptypb.Empty, error) {
+	nl, err := s.netHandle()
+	if err != nil {
+		return nil, err
+	}
+	defer nl.Close()
+	s.netMu.Lock()
+	defer s.netMu.Unlock()
+	for _, n := range req.GetNeighbors() {
+		ip, err := netip.ParseAddr(n.GetIpAddress())
+		if err != nil {
+			return nil, fmt.Errorf("neighbour %q: %w", n.GetIpAddress(), errdefs.ErrInvalidArgument)
+		}
+		mac, err := net.ParseMAC(n.GetHwAddr())
+		if err != nil {
+			return nil, fmt.Errorf("neighbour %s: hw_addr %q: %w", ip, n.GetHwAddr(), errdefs.ErrInvalidArgument)
+		}
+		link, err := nl.LinkByName(n.GetDevice())
+		if err != nil {
+			return nil, fmt.Errorf("neighbour %s: device %q: %w", ip, n.GetDevice(), errdefs.ErrNotFound)
+		}
+		state := int(n.GetState())
+		if state == 0 {
+			state = netlink.NUD_PERMANENT
+		}
+		family := netlink.FAMILY_V4
+		if ip.Is6() {
+			family = netlink.FAMILY_V6
+		}
+		if err := nl.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: family, State: state, IP: ip.AsSlice(), HardwareAddr: mac}); err != nil {
+			return nil, fmt.Errorf("neighbour %s on %s: %w", ip, n.GetDevice(), err)
+		}
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// ListInterfaces lists the guest's interfaces but loopback.
+func (s *Service) ListInterfaces(ctx context.Context, req *agentproto.ListInterfacesRequest) (*agentproto.ListInterfacesResponse, error) {
+	nl, err := s.netHandle()
+	if err != nil {
+		return nil, err
+	}
+	defer nl.Close()
+	links, err := nl.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	resp := &agentproto.ListInterfacesResponse{}
+	for _, l := range links {
+		if l.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		iface, err := describeLink(nl, l)
+		if err != nil {
+			return nil, err
+		}
+		resp.Interfaces = append(resp.Interfaces, iface)
+	}
+	return resp, nil
+}
+
+// loopbackUp brings up lo: containers of a pod share the guest's network
+// namespace and talk over localhost.
+func loopbackUp() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("loopback up: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,156 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/colo-runtime/colo/agentproto"
+)
+
+// guestNet is a network namespace standing in for the guest, and a service
+// that configures it.
+func guestNet(t *testing.T) (*Service, *netlink.Handle, net.HardwareAddr) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	name := fmt.Sprintf("colo-agent-test-%d", os.Getpid())
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, err := netns.NewNamed(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.Set(orig); err != nil {
+		t.Fatal(err)
+	}
+	orig.Close()
+	runtime.UnlockOSThread()
+	t.Cleanup(func() { ns.Close(); netns.DeleteNamed(name) })
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nl.Close)
+	// Both ends in the test namespace: "nic0" is the guest NIC, "eth0" a
+	// NIC that holds the name the pod's interface has.
+	if err := nl.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "nic0"}, PeerName: "eth0"}); err != nil {
+		t.Fatal(err)
+	}
+	nic, err := nl.LinkByName("nic0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := NewService(ServiceConfig{StateDir: t.TempDir(), NoPivotRoot: true, NetNS: "/var/run/netns/" + name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc, nl, nic.Attrs().HardwareAddr
+}
+
+// TestNetwork: the NIC found by MAC takes the pod interface's name (the
+// NIC in the way is renamed), MTU and addresses and comes up; routes, a
+// route MTU and neighbours follow; bad input names what was wrong.
+func TestNetwork(t *testing.T) {
+	svc, nl, mac := guestNet(t)
+	ctx := context.Background()
+	got, err := svc.UpdateInterface(ctx, &agentproto.UpdateInterfaceRequest{Interface: &agentproto.Interface{
+		Name: "eth0", HwAddr: mac.String(), Mtu: 1400,
+		Addresses: []*agentproto.IPAddress{{Address: "10.97.0.5", PrefixLen: 24}, {Address: "fd00:97::5", PrefixLen: 64}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.GetName() != "eth0" || got.GetMtu() != 1400 || len(got.GetAddresses()) < 2 {
+		t.Errorf("interface %v, want eth0 with MTU 1400 and both addresses", got)
+	}
+	link, err := nl.LinkByName("eth0")
+	if err != nil || link.Attrs().HardwareAddr.String() != mac.String() || link.Attrs().Flags&net.FlagUp == 0 {
+		t.Fatalf("eth0 = %v, %v; want the NIC with %s, up", link, err, mac)
+	}
+
+	_, err = svc.UpdateRoutes(ctx, &agentproto.UpdateRoutesRequest{Routes: []*agentproto.Route{
+		{Dest: "10.96.0.0/16", Gateway: "10.97.0.1", Device: "eth0", Mtu: 1300},
+		{Gateway: "10.97.0.1", Device: "eth0"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	routes, err := nl.RouteList(link, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	for _, r := range routes {
+		seen = append(seen, fmt.Sprintf("%v via %v mtu %d", r.Dst, r.Gw, r.MTU))
+	}
+	all := strings.Join(seen, "; ")
+	for _, want := range []string{"10.96.0.0/16 via 10.97.0.1 mtu 1300", "0.0.0.0/0 via 10.97.0.1 mtu 0"} {
+		if !strings.Contains(all, want) {
+			t.Errorf("routes %q lack %q", all, want)
+		}
+	}
+
+	if _, err := svc.AddARPNeighbors(ctx, &agentproto.AddARPNeighborsRequest{Neighbors: []*agentproto.Neighbor{
+		{IpAddress: "10.97.0.9", HwAddr: "02:00:00:00:00:09", Device: "eth0"},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	neighs, err := nl.NeighList(link.Attrs().Index, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, n := range neighs {
+		found = found || n.IP.String() == "10.97.0.9" && n.HardwareAddr.String() == "02:00:00:00:00:09" && n.State == netlink.NUD_PERMANENT
+	}
+	if !found {
+		t.Errorf("no permanent neighbour 10.97.0.9 in %v", neighs)
+	}
+
+	list, err := svc.ListInterfaces(ctx, &agentproto.ListInterfacesRequest{})
+	if err != nil || len(list.GetInterfaces()) != 2 {
+		t.Errorf("ListInterfaces = %v, %v; want both NICs", list, err)
+	}
+
+	for _, tc := range []struct {
+		name string
+		call func() error
+		want string
+	}{
+		{"bad MAC", func() error {
+			_, err := svc.UpdateInterface(ctx, &agentproto.UpdateInterfaceRequest{Interface: &agentproto.Interface{Name: "x", HwAddr: "nope"}})
+			return err
+		}, `hw_addr "nope"`},
+		{"bad address", func() error {
+			_, err := svc.UpdateInterface(ctx, &agentproto.UpdateInterfaceRequest{Interface: &agentproto.Interface{Name: "x", HwAddr: mac.String(),
+				Addresses: []*agentproto.IPAddress{{Address: "10.0.0.1", PrefixLen: 40}}}})
+			return err
+		}, "10.0.0.1/40"},
+		{"unknown route device", func() error {
+			_, err := svc.UpdateRoutes(ctx, &agentproto.UpdateRoutesRequest{Routes: []*agentproto.Route{{Gateway: "10.97.0.1", Device: "eth9"}}})
+			return err
+		}, `device "eth9"`},
+		{"mixed families", func() error {
+			_, err := svc.UpdateRoutes(ctx, &agentproto.UpdateRoutesRequest{Routes: []*agentproto.Route{{Dest: "fd00::/64", Gateway: "10.97.0.1", Device: "eth0"}}})
+			return err
+		}, `gateway "10.97.0.1"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.call(); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want one naming %s", err, tc.want)
+			}
+		})
+	}
+}
