@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -126,7 +127,7 @@ func mountStorage(st *agentproto.Storage) error {
 		// remount of the new mount.
 		mflags &= unix.MS_BIND | unix.MS_REC
 	}
-	if err := unix.Mount(source, mp, fstype, mflags, data); err != nil {
+	if err := mountShare(source, mp, fstype, mflags, data); err != nil {
 		return fmt.Errorf("mount %s storage %q on %s: %w", st.GetDriver(), source, mp, err)
 	}
 	if bind && flags&^(unix.MS_BIND|unix.MS_REC) != 0 {
@@ -136,6 +137,25 @@ func mountStorage(st *agentproto.Storage) error {
 		}
 	}
 	return nil
+}
+
+// shareTimeout bounds the wait for a 9p or virtio-fs device to show up: a
+// VM restored from a template gets its virtio-fs device hot-plugged just
+// before the mount is asked for.
+const shareTimeout = 10 * time.Second
+
+// mountShare is mount(2), retried while a 9p or virtio-fs device with the
+// tag is not there yet (ENOENT from 9p, EINVAL from virtio-fs).
+func mountShare(source, target, fstype string, flags uintptr, data string) error {
+	deadline := time.Now().Add(shareTimeout)
+	for {
+		err := unix.Mount(source, target, fstype, flags, data)
+		share := fstype == "9p" || fstype == "virtiofs"
+		if err == nil || !share || !(errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func joinOptions(a, b string) string {

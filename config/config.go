@@ -65,9 +65,15 @@ type Hypervisor struct {
 	// (default 5s).
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 	// HotplugPorts is how many PCIe root ports a q35 VM gets for devices
-	// added after boot, such as a pod's late network interfaces (default
-	// 2; microvm has none).
+	// added after boot: a pod's NICs and virtio-fs share when the VM comes
+	// from a template, and interfaces that appear later (default 6;
+	// microvm has none).
 	HotplugPorts int `toml:"hotplug_ports"`
+	// Template starts VMs from a snapshot of a guest booted once per
+	// configuration and guest image (kept in runtime.template_dir),
+	// instead of booting each (default true; q35 with the serial agent
+	// channel only).
+	Template bool `toml:"template"`
 }
 
 // Agent configures the channel to colo-agent.
@@ -83,7 +89,10 @@ type Agent struct {
 
 // Storage configures how container filesystems reach the guest.
 type Storage struct {
-	// SharedFS: "virtio-fs" (default) or "9p".
+	// SharedFS: "9p" (default) or "virtio-fs". With 9p, VMs restored
+	// from a template share the pages of its memory; virtio-fs is faster
+	// for file I/O, but its daemon maps all guest memory, so each VM's
+	// memory is its own.
 	SharedFS string `toml:"shared_fs"`
 	// Virtiofsd is the virtio-fs daemon binary (default
 	// /usr/lib/qemu/virtiofsd, shipped by Debian's qemu-system-common).
@@ -95,6 +104,10 @@ type Runtime struct {
 	// StateDir holds one directory per sandbox with its sockets, pid files,
 	// mounts and state.json (default /run/colo).
 	StateDir string `toml:"state_dir"`
+	// TemplateDir keeps the VM templates (hypervisor.template), one per
+	// VM configuration and guest image (default /run/colo/templates: a
+	// tmpfs, as they are memory images).
+	TemplateDir string `toml:"template_dir"`
 }
 
 // Default returns the built-in configuration.
@@ -110,18 +123,20 @@ func Default() Config {
 			Initrd:          "/usr/share/colo/initrd.img",
 			BootTimeout:     Duration(30 * time.Second),
 			ShutdownTimeout: Duration(5 * time.Second),
-			HotplugPorts:    2,
+			HotplugPorts:    6,
+			Template:        true,
 		},
 		Agent: Agent{
 			Channel:  "auto",
 			LogLevel: "warn",
 		},
 		Storage: Storage{
-			SharedFS:  "virtio-fs",
+			SharedFS:  "9p",
 			Virtiofsd: "/usr/lib/qemu/virtiofsd",
 		},
 		Runtime: Runtime{
-			StateDir: "/run/colo",
+			StateDir:    "/run/colo",
+			TemplateDir: "/run/colo/templates",
 		},
 	}
 }
@@ -209,6 +224,7 @@ func (c Config) Validate() error {
 	for _, p := range []struct{ field, path string }{
 		{"hypervisor.kernel", h.Kernel},
 		{"hypervisor.initrd", h.Initrd},
+		{"runtime.template_dir", c.Runtime.TemplateDir},
 		{"runtime.state_dir", c.Runtime.StateDir},
 	} {
 		if !filepath.IsAbs(p.path) {

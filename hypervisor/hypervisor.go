@@ -68,6 +68,10 @@ type VMConfig struct {
 	// NICs are attached at boot; AddNIC attaches more later.
 	NICs    []NIC
 	Channel AgentChannel
+	// TemplateDir, if set, is where the driver may keep snapshots of
+	// booted guests, to start VMs of the same configuration from instead
+	// of booting them.
+	TemplateDir string
 }
 
 // VM is a running virtual machine.

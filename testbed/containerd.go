@@ -331,7 +331,7 @@ func Tail(s string, n int) string {
 // [runtime]). It returns the file's path.
 func (c *Containerd) WriteColoConfig(name, extra string) (string, error) {
 	p := filepath.Join(c.Dir, name+".toml")
-	body := fmt.Sprintf("[runtime]\nstate_dir = %q\n\n%s\n", c.StateDir, extra)
+	body := fmt.Sprintf("[runtime]\nstate_dir = %q\ntemplate_dir = %q\n\n%s\n", c.StateDir, filepath.Join(c.Dir, "templates"), extra)
 	return p, os.WriteFile(p, []byte(body), 0o644)
 }
 

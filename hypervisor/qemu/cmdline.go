@@ -43,6 +43,28 @@ type launch struct {
 	vhostNet bool
 	// hotplugPorts are PCIe root ports for devices added later (q35).
 	hotplugPorts int
+	// snapshot is how the VM relates to a template: none (it boots),
+	// template (it boots to be saved) or clone (it is restored).
+	snapshot snapshotMode
+	// memPath backs a template's or clone's memory with a file for
+	// sharing pages between clones (see templateMemory).
+	memPath string
+}
+
+// snapshotMode says whether a VM boots, boots to become a template, or is
+// restored from one.
+type snapshotMode int
+
+const (
+	snapshotNone snapshotMode = iota
+	snapshotTemplate
+	snapshotClone
+)
+
+// hotplugged tells whether the share is added after a clone is restored:
+// vhost-user devices cannot be migrated, so templates have none.
+func (l launch) hotplugged(s hypervisor.Share) bool {
+	return l.snapshot != snapshotNone && s.Kind == hypervisor.ShareVirtioFS
 }
 
 // kernelCmdline is the guest kernel's command line.
@@ -71,8 +93,9 @@ func (l launch) args() []string {
 		virtioFS = virtioFS || s.Kind == hypervisor.ShareVirtioFS
 	}
 	machine := l.machine
-	if virtioFS {
-		// vhost-user devices need guest memory the daemon can map.
+	if virtioFS || l.snapshot != snapshotNone {
+		// vhost-user devices need guest memory the daemon can map;
+		// templates keep their memory in a file or a migration stream.
 		machine += ",memory-backend=mem"
 	}
 
@@ -94,7 +117,17 @@ func (l launch) args() []string {
 		"-smp", strconv.Itoa(l.vm.VCPUs),
 		"-m", strconv.Itoa(l.vm.MemoryMB)+"M",
 	)
-	if virtioFS {
+	switch {
+	case l.memPath != "":
+		// A template writes its memory to the file (share=on); each
+		// clone maps it copy-on-write (share=off), so clones share the
+		// pages they do not change.
+		share := "on"
+		if l.snapshot == snapshotClone {
+			share = "off"
+		}
+		a = append(a, "-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", l.vm.MemoryMB, escape(l.memPath), share))
+	case virtioFS || l.snapshot != snapshotNone:
 		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", l.vm.MemoryMB))
 	}
 	a = append(a,
@@ -113,13 +146,18 @@ func (l launch) args() []string {
 		a = append(a,
 			"-device", dev("virtio-serial")+",id=vser0",
 			"-chardev", fmt.Sprintf("socket,id=agent,fd=%d,server=on,wait=off", l.agentFD),
-			"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentproto.SerialPortName,
+			// The id makes QEMU report the guest opening the port
+			// (VSERPORT_CHANGE): a template is saved once its agent listens.
+			"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentproto.SerialPortName+",id="+agentPortID,
 		)
 	case hypervisor.ChannelVsock:
 		a = append(a, "-device", fmt.Sprintf("%s,id=vsock0,guest-cid=%d,vhostfd=%d", dev("vhost-vsock"), l.cid, l.vhostFD))
 	}
 
 	for i, n := range l.vm.NICs {
+		if l.snapshot != snapshotNone {
+			break // hot-plugged into a clone
+		}
 		a = append(a,
 			"-netdev", netdevArg(n.ID, strconv.Itoa(l.nicFDs[i]), l.vhostNet),
 			"-device", nicDeviceArg(dev("virtio-net"), n, ""),
@@ -129,12 +167,18 @@ func (l launch) args() []string {
 		for i := range l.hotplugPorts {
 			a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", hotplugPort(i), i+1))
 		}
+		// A new generation id for every VM: the guest kernel reseeds its
+		// RNG when it changes, so clones of one template do not share
+		// random state (or boot ids).
+		a = append(a, "-device", "vmgenid,guid=auto")
 	}
 
 	for i, s := range l.vm.Shares {
 		switch s.Kind {
 		case hypervisor.Share9P:
-			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none", i, escape(s.Path))
+			// The share holds a mount per container rootfs and volume:
+			// multidevs=remap keeps their inode numbers apart in the guest.
+			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none,multidevs=remap", i, escape(s.Path))
 			if s.ReadOnly {
 				fsdev += ",readonly=on"
 			}
@@ -145,13 +189,32 @@ func (l launch) args() []string {
 		case hypervisor.ShareVirtioFS:
 			// Read-only is up to virtiofsd and the guest's mount: the
 			// device has no such switch.
-			a = append(a,
-				"-chardev", fmt.Sprintf("socket,id=fs%d,path=%s", i, escape(s.Path)),
-				"-device", fmt.Sprintf("%s,chardev=fs%d,tag=%s", dev("vhost-user-fs"), i, escape(s.Tag)),
-			)
+			if l.snapshot == snapshotTemplate {
+				continue
+			}
+			a = append(a, "-chardev", fmt.Sprintf("socket,id=fs%d,path=%s", i, escape(s.Path)))
+			if !l.hotplugged(s) {
+				a = append(a, "-device", virtioFSDeviceArg(dev("vhost-user-fs"), i, s.Tag, ""))
+			}
 		}
 	}
+	if l.snapshot == snapshotClone {
+		a = append(a, "-incoming", "defer")
+	}
 	return a
+}
+
+// agentPortID is the device id of the agent's virtio-serial port.
+const agentPortID = "agentport"
+
+// virtioFSDeviceArg is the virtio-fs device on chardev fs<i>; bus may be
+// empty.
+func virtioFSDeviceArg(driver string, i int, tag, bus string) string {
+	d := fmt.Sprintf("%s,chardev=fs%d,tag=%s,id=fs%d-dev", driver, i, escape(tag), i)
+	if bus != "" {
+		d += ",bus=" + bus
+	}
+	return d
 }
 
 // hotplugPort names the i-th PCIe root port for hot-plugged devices.

@@ -53,10 +53,11 @@ func TestArgs(t *testing.T) {
 			common(base + " colo.channel=serial from=config colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
-				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
-				"-fsdev", "local,id=fs0,path=/run/vm/shared,,x,security_model=none",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "vmgenid,guid=auto",
+				"-fsdev", "local,id=fs0,path=/run/vm/shared,,x,security_model=none,multidevs=remap",
 				"-device", "virtio-9p-pci,fsdev=fs0,mount_tag=colo-shared",
-				"-fsdev", "local,id=fs1,path=/ro,security_model=none,readonly=on",
+				"-fsdev", "local,id=fs1,path=/ro,security_model=none,multidevs=remap,readonly=on",
 				"-device", "virtio-9p-pci,fsdev=fs1,mount_tag=ro"},
 		},
 	}, {
@@ -77,7 +78,7 @@ func TestArgs(t *testing.T) {
 			common(base + " colo.channel=vsock tsc_early_khz=2300000 colo.log=debug"),
 			{"-device", "vhost-vsock-device,id=vsock0,guest-cid=1234,vhostfd=4",
 				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
-				"-device", "vhost-user-fs-device,chardev=fs0,tag=colo-shared"},
+				"-device", "vhost-user-fs-device,chardev=fs0,tag=colo-shared,id=fs0-dev"},
 		},
 	}, {
 		name: "q35 nics and hotplug ports",
@@ -98,13 +99,61 @@ func TestArgs(t *testing.T) {
 			common(base + " colo.channel=serial colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
-				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
 				"-netdev", "tap,id=eth0,fd=5,vhost=on",
 				"-device", "virtio-net-pci,netdev=eth0,id=eth0-dev,mac=02:00:00:00:00:01,host_mtu=1450",
 				"-netdev", "tap,id=eth1,fd=6,vhost=on",
 				"-device", "virtio-net-pci,netdev=eth1,id=eth1-dev,mac=02:00:00:00:00:02",
 				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
-				"-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2"},
+				"-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
+				"-device", "vmgenid,guid=auto"},
+		},
+	}, {
+		name: "template with 9p: memory in a file, shared",
+		l: launch{
+			machine: "q35", accel: accelTCG, snapshot: snapshotTemplate, memPath: "/t/memory",
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.Shares = []hypervisor.Share{{Tag: "colo-shared", Kind: hypervisor.Share9P, Path: "/t/share0"}}
+				c.NICs = []hypervisor.NIC{{ID: "eth0", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}}}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4, hotplugPorts: 1,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M",
+				"-object", "memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=on"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+				"-device", "vmgenid,guid=auto",
+				"-fsdev", "local,id=fs0,path=/t/share0,security_model=none,multidevs=remap",
+				"-device", "virtio-9p-pci,fsdev=fs0,mount_tag=colo-shared"},
+		},
+	}, {
+		name: "clone with virtio-fs: memory from the stream, device hot-plugged",
+		l: launch{
+			machine: "q35", accel: accelTCG, snapshot: snapshotClone,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.Shares = []hypervisor.Share{{Tag: "colo-shared", Kind: hypervisor.ShareVirtioFS, Path: "/run/vm/virtiofsd.sock"}}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4, hotplugPorts: 1,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M",
+				"-object", "memory-backend-memfd,id=mem,size=512M,share=on"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
+				"-device", "vmgenid,guid=auto",
+				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
+				"-incoming", "defer"},
 		},
 	}} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/containerd/log"
@@ -62,6 +63,7 @@ type Driver struct {
 	kernelParams []string
 	hotplugPorts int
 	vhostNet     bool
+	bootTimeout  time.Duration
 	// Used when a VMConfig leaves them zero.
 	vcpus    int
 	memoryMB int
@@ -90,10 +92,14 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 		kernelParams: strings.Fields(cfg.KernelParams),
 		hotplugPorts: cfg.HotplugPorts,
 		vhostNet:     canOpen(vhostNetDevice),
+		bootTimeout:  time.Duration(cfg.BootTimeout),
 		vcpus:        cfg.VCPUs,
 		memoryMB:     cfg.MemoryMB,
 		kernel:       cfg.Kernel,
 		initrd:       cfg.Initrd,
+	}
+	if d.bootTimeout <= 0 {
+		d.bootTimeout = 30 * time.Second
 	}
 	switch d.machine {
 	case "":
@@ -114,12 +120,34 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 	return d, nil
 }
 
-// Start launches QEMU and returns once QMP answers query-status.
-func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervisor.VM, retErr error) {
+// Start launches QEMU and returns once QMP answers query-status. With
+// templates on (and a q35 VM on the serial channel) the VM is restored from
+// a snapshot of a booted guest, made on first use, instead of booting.
+func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hypervisor.VM, error) {
 	cfg, err := d.complete(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: vm %s: %w", cfg.ID, err)
 	}
+	l := d.launch(cfg)
+	if d.clonable(cfg) {
+		vm, err := d.startClone(ctx, l)
+		if err == nil {
+			return vm, nil
+		}
+		if !errors.Is(err, errTemplateUnusable) {
+			return nil, fmt.Errorf("qemu: vm %s: %w", cfg.ID, err)
+		}
+		log.G(ctx).WithError(err).WithField("vm", cfg.ID).Warn("qemu: booting instead of restoring from a template")
+	}
+	vm, err := d.start(ctx, l)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: vm %s: %w", cfg.ID, err)
+	}
+	return vm, nil
+}
+
+// launch is the launch of cfg with the driver's settings, booting.
+func (d *Driver) launch(cfg hypervisor.VMConfig) launch {
 	l := launch{
 		vm:           cfg,
 		machine:      d.machine,
@@ -132,7 +160,14 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 	if d.machine == "q35" {
 		l.hotplugPorts = d.hotplugPorts
 	}
+	return l
+}
 
+// start runs QEMU as l describes and connects to QMP. On error nothing is
+// left running.
+func (d *Driver) start(ctx context.Context, l launch) (_ *VM, retErr error) {
+	cfg := l.vm
+	var err error
 	// files are what QEMU inherits; the parent's copies are closed once it
 	// runs. created are removed again when Start fails.
 	var files []*os.File
@@ -143,7 +178,6 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 		}
 		if retErr != nil {
 			removeFiles(ctx, created)
-			retErr = fmt.Errorf("qemu: vm %s: %w", cfg.ID, retErr)
 		}
 	}()
 	pass := func(f *os.File) int {
@@ -176,21 +210,24 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 		l.vhostFD, l.cid = pass(f), cid
 	}
 
-	for _, n := range cfg.NICs {
-		// A dup: QEMU's copy is closed with the others once it runs, the
-		// caller's stays the caller's.
-		fd, err := unix.FcntlInt(n.TAP.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			return nil, fmt.Errorf("nic %s: %w", n.ID, err)
+	if l.snapshot == snapshotNone {
+		for _, n := range cfg.NICs {
+			// A dup: QEMU's copy is closed with the others once it runs,
+			// the caller's stays the caller's.
+			fd, err := unix.FcntlInt(n.TAP.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				return nil, fmt.Errorf("nic %s: %w", n.ID, err)
+			}
+			l.nicFDs = append(l.nicFDs, pass(os.NewFile(uintptr(fd), "tap-"+n.ID)))
 		}
-		l.nicFDs = append(l.nicFDs, pass(os.NewFile(uintptr(fd), "tap-"+n.ID)))
 	}
 
 	args := l.args()
 	logger := log.G(ctx).WithField("vm", cfg.ID)
 	logger.WithFields(log.Fields{
-		"accel":  d.accel,
-		"reason": d.accelReason,
+		"accel":    d.accel,
+		"reason":   d.accelReason,
+		"snapshot": l.snapshot,
 	}).Infof("qemu: starting %s", d.machine)
 	logger.Debugf("qemu: %s %q", d.path, args)
 
@@ -198,8 +235,12 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (_ hypervis
 	cmd.Dir = cfg.Dir
 	cmd.ExtraFiles = files
 	// Its own process group, so signals meant for the shim's group do not
-	// reach it; no Pdeathsig, so VMs outlive a shim upgrade.
+	// reach it; no Pdeathsig, so VMs outlive a shim upgrade. A template VM
+	// lives only while it is being made: it dies with its maker.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if l.snapshot == snapshotTemplate {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	vm, err := startVM(ctx, cmd, l)
 	if err != nil {
 		return nil, err

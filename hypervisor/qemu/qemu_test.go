@@ -716,3 +716,51 @@ func TestNICs(t *testing.T) {
 		t.Error("a netdev of the failed AddNIC is left")
 	}
 }
+
+// TestTemplate: the first VM of a configuration makes its template, the
+// next ones are restored from it; clones run (their guest answers on the
+// agent channel) and a 9p share is each clone's own.
+func TestTemplate(t *testing.T) {
+	ctx, logs := testContext(t)
+	d := newDriver(t, "q35")
+	templates := t.TempDir()
+	for i := range 2 {
+		dir := vmDir(t)
+		shared := filepath.Join(dir, "shared")
+		if err := os.Mkdir(shared, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		vm, err := d.Start(ctx, hypervisor.VMConfig{
+			ID: fmt.Sprintf("clone%d", i), Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates,
+			Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.Share9P, Path: shared}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bootCtx, cancel := context.WithTimeout(ctx, time.Minute)
+		if report := readAgent(t, bootCtx, vm); len(report) != 0 {
+			t.Errorf("clone %d reported %q", i, report)
+		}
+		cancel()
+		if args := strings.Join(vm.(*VM).cmd.Args, " "); !strings.Contains(args, "-incoming defer") || !strings.Contains(args, "path="+shared) {
+			t.Errorf("clone %d was not restored with its own share: %s", i, args)
+		}
+		stopped(t, vm, dir)
+	}
+	if n := strings.Count(logs.String(), "qemu: template made"); n != 1 {
+		t.Errorf("%d templates made for one configuration, want 1", n)
+	}
+	entries, _ := os.ReadDir(templates)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if len(names) != 2 || !strings.HasSuffix(names[1], ".lock") {
+		t.Fatalf("template dir holds %v, want a template and its lock", names)
+	}
+	for _, f := range []string{templateState, templateMemory} {
+		if _, err := os.Stat(filepath.Join(templates, names[0], f)); err != nil {
+			t.Errorf("template: %v", err)
+		}
+	}
+}

@@ -59,6 +59,10 @@ type VM struct {
 	stopOnce sync.Once
 	stopErr  error
 
+	// agentOpen is closed when the guest opens the agent's serial port.
+	agentOpen     chan struct{}
+	agentOpenOnce sync.Once
+
 	// ports[i] is the device on hotplug port i ("" when free).
 	hotplugMu sync.Mutex
 	ports     []string
@@ -92,15 +96,16 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 	}
 
 	vm := &VM{
-		id:      cfg.ID,
-		dir:     cfg.Dir,
-		channel: cfg.Channel,
-		cid:     l.cid,
-		cmd:     cmd,
-		logger:  log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
-		done:    make(chan struct{}),
-		ports:   make([]string, l.hotplugPorts),
-		vhost:   l.vhostNet,
+		id:        cfg.ID,
+		dir:       cfg.Dir,
+		channel:   cfg.Channel,
+		cid:       l.cid,
+		cmd:       cmd,
+		logger:    log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
+		done:      make(chan struct{}),
+		ports:     make([]string, l.hotplugPorts),
+		agentOpen: make(chan struct{}),
+		vhost:     l.vhostNet,
 	}
 	var readers sync.WaitGroup
 	readers.Go(func() { vm.copyLines(outR, false) })
@@ -189,6 +194,15 @@ func (vm *VM) connect(ctx context.Context, path string) error {
 
 func (vm *VM) event(e Event) {
 	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
+	if e.Name == "VSERPORT_CHANGE" {
+		var data struct {
+			ID   string `json:"id"`
+			Open bool   `json:"open"`
+		}
+		if json.Unmarshal(e.Data, &data) == nil && data.ID == agentPortID && data.Open {
+			vm.agentOpenOnce.Do(func() { close(vm.agentOpen) })
+		}
+	}
 	if e.Name == "SHUTDOWN" {
 		var data struct {
 			Reason string `json:"reason"`
@@ -237,8 +251,7 @@ func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
 	}
 	vm.hotplugMu.Lock()
 	defer vm.hotplugMu.Unlock()
-	port := slices.Index(vm.ports, "")
-	if port < 0 {
+	if !slices.Contains(vm.ports, "") {
 		return fmt.Errorf("qemu: vm %s: nic %s: no free hotplug port (hypervisor.hotplug_ports = %d on q35; microvm has none)", vm.id, nic.ID, len(vm.ports))
 	}
 	fdName := "fd-" + nic.ID
@@ -272,17 +285,11 @@ func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
 		"id":     nicDeviceID(nic.ID),
 		"netdev": nic.ID,
 		"mac":    nic.MAC.String(),
-		"bus":    hotplugPort(port),
 	}
 	if nic.MTU > 0 {
 		dev["host_mtu"] = nic.MTU
 	}
-	if _, err := vm.qmp.Execute(ctx, "device_add", dev); err != nil {
-		return fmt.Errorf("qemu: vm %s: nic %s: %w", vm.id, nic.ID, err)
-	}
-	vm.ports[port] = nicDeviceID(nic.ID)
-	vm.logger.WithFields(log.Fields{"nic": nic.ID, "mac": nic.MAC, "port": hotplugPort(port)}).Info("qemu: nic hot-plugged")
-	return nil
+	return vm.plugLocked(ctx, dev)
 }
 
 // Stop asks QEMU to quit, kills it when ctx ends first, waits for it and

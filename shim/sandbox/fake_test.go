@@ -599,6 +599,7 @@ func (a *fakeAgent) spec(id string) *specs.Spec {
 func testConfig(dir, sharedFS string) config.Config {
 	c := config.Default()
 	c.Runtime.StateDir = dir
+	c.Runtime.TemplateDir = filepath.Join(filepath.Dir(dir), "templates")
 	c.Storage.SharedFS = sharedFS
 	c.Agent.Channel = "serial"
 	c.Hypervisor.BootTimeout = config.Duration(30 * time.Second)

@@ -405,6 +405,10 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 	h := s.cfg.Hypervisor
 	channel := agentChannel(s.cfg.Agent.Channel)
+	templateDir := ""
+	if h.Template {
+		templateDir = s.cfg.Runtime.TemplateDir
+	}
 	return hypervisor.VMConfig{
 		ID:       s.id,
 		Dir:      filepath.Join(s.dir, vmDir),
@@ -417,6 +421,7 @@ func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 		KernelParams: []string{"colo.log=" + s.cfg.Agent.LogLevel},
 		Shares:       []hypervisor.Share{share},
 		Channel:      channel,
+		TemplateDir:  templateDir,
 	}
 }
 

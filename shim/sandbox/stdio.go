@@ -100,23 +100,31 @@ func openPipes(ctx context.Context, s Stdio, o owner) (_ *pipes, retErr error) {
 			p.close()
 		}
 	}()
-	if s.Stdin != "" {
-		// The fifo package opens a read end in the background, once a
+	switch {
+	case s.Stdin != "" && s.Terminal:
+		// Our write end first (O_RDWR opens a fifo without waiting for a
+		// reader); with it the read end opens at once. Opening the read
+		// end later could find every writer gone, the client's too, and
+		// wait for ever: our end holds what the client wrote meanwhile.
+		keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
+		}
+		p.stdinKeep = keep
+		r, err := os.OpenFile(s.Stdin, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
+		}
+		p.stdin = r
+	case s.Stdin != "":
+		// The fifo package opens the read end in the background, once a
 		// writer comes, and reads wait for that: the client's end may
-		// open after this request.
+		// open after this request, and cannot write before ours is open.
 		r, err := fifo.OpenFifo(context.WithoutCancel(ctx), s.Stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
 		}
 		p.stdin = r
-		if s.Terminal {
-			// O_RDWR opens a fifo without waiting for a reader.
-			keep, err := os.OpenFile(s.Stdin, os.O_RDWR, 0)
-			if err != nil {
-				return nil, fmt.Errorf("open stdin %s: %w", s.Stdin, err)
-			}
-			p.stdinKeep = keep
-		}
 	}
 	if u, err := url.Parse(s.Stdout); err == nil && (u.Scheme == "file" || isBinaryScheme(u.Scheme)) {
 		// A log URI takes both output streams.

@@ -244,7 +244,7 @@ func realVMs(t *testing.T) string {
 	}
 	cfgPath := filepath.Join(dir, "colo.toml")
 	cfgText := "[hypervisor]\naccel = \"tcg\"\nkernel = \"" + filepath.Join(guest, "vmlinux") + "\"\ninitrd = \"" +
-		filepath.Join(guest, "initrd.img") + "\"\nboot_timeout = \"60s\"\n[runtime]\nstate_dir = \"" + filepath.Join(dir, "state") + "\"\n"
+		filepath.Join(guest, "initrd.img") + "\"\nboot_timeout = \"60s\"\n[runtime]\nstate_dir = \"" + filepath.Join(dir, "state") + "\"\ntemplate_dir = \"" + filepath.Join(dir, "templates") + "\"\n"
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}
