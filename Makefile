@@ -80,7 +80,7 @@ demo: build guest
 	$(GO) run ./testbed/demo
 
 # Measures colo beside runc; writes docs/benchmarks.{md,json,png}.
-BENCH_FLAGS ?= -n 5 -pods 10
+BENCH_FLAGS ?= -n 7 -pods 10
 bench: build guest
 	$(GO) run ./bench $(BENCH_FLAGS)
 

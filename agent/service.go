@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -200,13 +201,47 @@ func (s *Service) GetGuestDetails(ctx context.Context, req *agentproto.GetGuestD
 	if err != nil {
 		return nil, err
 	}
+	var rss uint64
+	for _, p := range []string{"/proc/1/status", "/proc/self/status"} {
+		v, err := statusKB(p, "VmRSS")
+		if err != nil {
+			return nil, err
+		}
+		rss += v << 10
+	}
+	total, err := statusKB("/proc/meminfo", "MemTotal")
+	if err != nil {
+		return nil, err
+	}
+	avail, err := statusKB("/proc/meminfo", "MemAvailable")
+	if err != nil {
+		return nil, err
+	}
 	return &agentproto.GetGuestDetailsResponse{
 		KernelRelease: unix.ByteSliceToString(uts.Release[:]),
 		OnlineCpus:    uint32(cpus.Count()),
 		MemTotalBytes: uint64(si.Totalram) * uint64(si.Unit),
 		AgentVersion:  s.version,
 		BootId:        bootID,
+		AgentRssBytes: rss,
+		MemUsedBytes:  (total - avail) << 10,
 	}, nil
+}
+
+// statusKB reads the "key: N kB" line of a /proc file such as
+// /proc/PID/status or /proc/meminfo.
+func statusKB(path, key string) (uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if ok && k == key {
+			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s", path, key)
 }
 
 func (s *Service) SetGuestTime(ctx context.Context, req *agentproto.SetGuestTimeRequest) (*emptypb.Empty, error) {

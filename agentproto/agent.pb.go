@@ -370,6 +370,10 @@ type GetGuestDetailsResponse struct {
 	MemTotalBytes uint64                 `protobuf:"varint,3,opt,name=mem_total_bytes,json=memTotalBytes,proto3" json:"mem_total_bytes,omitempty"`
 	AgentVersion  string                 `protobuf:"bytes,4,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
 	BootId        string                 `protobuf:"bytes,5,opt,name=boot_id,json=bootId,proto3" json:"boot_id,omitempty"`
+	// Resident memory of the agent: PID 1 and the service together.
+	AgentRssBytes uint64 `protobuf:"varint,6,opt,name=agent_rss_bytes,json=agentRssBytes,proto3" json:"agent_rss_bytes,omitempty"`
+	// Memory the guest has in use (MemTotal - MemAvailable).
+	MemUsedBytes  uint64 `protobuf:"varint,7,opt,name=mem_used_bytes,json=memUsedBytes,proto3" json:"mem_used_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -437,6 +441,20 @@ func (x *GetGuestDetailsResponse) GetBootId() string {
 		return x.BootId
 	}
 	return ""
+}
+
+func (x *GetGuestDetailsResponse) GetAgentRssBytes() uint64 {
+	if x != nil {
+		return x.AgentRssBytes
+	}
+	return 0
+}
+
+func (x *GetGuestDetailsResponse) GetMemUsedBytes() uint64 {
+	if x != nil {
+		return x.MemUsedBytes
+	}
+	return 0
 }
 
 type SetGuestTimeRequest struct {
@@ -2569,14 +2587,16 @@ const file_agent_proto_rawDesc = "" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x127\n" +
 	"\thost_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bhostTime\"\x17\n" +
 	"\x15DestroySandboxRequest\"\x18\n" +
-	"\x16GetGuestDetailsRequest\"\xc7\x01\n" +
+	"\x16GetGuestDetailsRequest\"\x95\x02\n" +
 	"\x17GetGuestDetailsResponse\x12%\n" +
 	"\x0ekernel_release\x18\x01 \x01(\tR\rkernelRelease\x12\x1f\n" +
 	"\vonline_cpus\x18\x02 \x01(\rR\n" +
 	"onlineCpus\x12&\n" +
 	"\x0fmem_total_bytes\x18\x03 \x01(\x04R\rmemTotalBytes\x12#\n" +
 	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\x12\x17\n" +
-	"\aboot_id\x18\x05 \x01(\tR\x06bootId\"E\n" +
+	"\aboot_id\x18\x05 \x01(\tR\x06bootId\x12&\n" +
+	"\x0fagent_rss_bytes\x18\x06 \x01(\x04R\ragentRssBytes\x12$\n" +
+	"\x0emem_used_bytes\x18\a \x01(\x04R\fmemUsedBytes\"E\n" +
 	"\x13SetGuestTimeRequest\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"I\n" +
 	"\x13OnlineCPUMemRequest\x12\x17\n" +

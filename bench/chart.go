@@ -19,9 +19,21 @@ func chart(path string, r Report) error {
 		data  map[string]Stats
 	}{
 		{"cold start", r.Cold},
-		{fmt.Sprintf("parallel start p50 (%d)", r.Pods), r.Parallel},
-		{"exec", r.Exec},
 	}
+	// Each optimisation turned off: colo's cold start without it.
+	for i, v := range r.Variants {
+		groups = append(groups, struct {
+			label string
+			data  map[string]Stats
+		}{fmt.Sprintf("cold start, variant %d", i+1), map[string]Stats{"colo": v.Cold}})
+	}
+	groups = append(groups, []struct {
+		label string
+		data  map[string]Stats
+	}{
+		{fmt.Sprintf("parallel p50 (%d)", r.Pods), r.Parallel},
+		{"exec", r.Exec},
+	}...)
 	w := vg.Points(18)
 	for i, name := range []string{"runc", "colo"} {
 		var v plotter.Values
@@ -43,5 +55,5 @@ func chart(path string, r Report) error {
 		names = append(names, g.label)
 	}
 	p.NominalX(names...)
-	return p.Save(7*vg.Inch, 4*vg.Inch, path)
+	return p.Save(vg.Length(len(groups)+2)*vg.Inch, 4*vg.Inch, path)
 }

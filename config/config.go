@@ -46,7 +46,9 @@ type Hypervisor struct {
 	// Accel: "auto" (default: KVM where it can boot a guest, else TCG),
 	// "kvm" or "tcg".
 	Accel string `toml:"accel"`
-	// VCPUs is the number of guest vCPUs (default 1).
+	// VCPUs is the number of guest vCPUs (default 2: a container starts
+	// faster when the agent and the container's init run side by side, and
+	// co-location gives vCPUs different priorities).
 	VCPUs int `toml:"vcpus"`
 	// MemoryMB is the guest memory in MiB (default 256).
 	MemoryMB int `toml:"memory_mb"`
@@ -104,6 +106,10 @@ type Runtime struct {
 	// StateDir holds one directory per sandbox with its sockets, pid files,
 	// mounts and state.json (default /run/colo).
 	StateDir string `toml:"state_dir"`
+	// MaxParallelStarts is how many VMs (with their first container) the
+	// host's shims start at once; the others wait their turn (default 0:
+	// as many as the host has CPUs).
+	MaxParallelStarts int `toml:"max_parallel_starts"`
 	// TemplateDir keeps the VM templates (hypervisor.template), one per
 	// VM configuration and guest image (default /run/colo/templates: a
 	// tmpfs, as they are memory images).
@@ -117,7 +123,7 @@ func Default() Config {
 			Name:            "qemu",
 			Machine:         "q35",
 			Accel:           "auto",
-			VCPUs:           1,
+			VCPUs:           2,
 			MemoryMB:        256,
 			Kernel:          "/usr/share/colo/vmlinux",
 			Initrd:          "/usr/share/colo/initrd.img",
@@ -230,6 +236,9 @@ func (c Config) Validate() error {
 		if !filepath.IsAbs(p.path) {
 			errs = append(errs, fmt.Errorf("%s = %q: want an absolute path", p.field, p.path))
 		}
+	}
+	if c.Runtime.MaxParallelStarts < 0 {
+		errs = append(errs, fmt.Errorf("runtime.max_parallel_starts = %d: want 0 (the host's CPUs) or more", c.Runtime.MaxParallelStarts))
 	}
 	oneOf("agent.channel", c.Agent.Channel, "auto", "vsock", "serial")
 	oneOf("agent.log_level", c.Agent.LogLevel, "debug", "info", "warn", "error")

@@ -18,9 +18,9 @@ func TestParse(t *testing.T) {
 		{name: "empty is the defaults", toml: "", check: func(c Config) bool { return c == Default() }},
 		{
 			name: "overrides",
-			toml: "[hypervisor]\nvcpus = 2\nboot_timeout = \"1m30s\"\n[storage]\nshared_fs = \"virtio-fs\"\n",
+			toml: "[hypervisor]\nvcpus = 3\nboot_timeout = \"1m30s\"\n[storage]\nshared_fs = \"virtio-fs\"\n",
 			check: func(c Config) bool {
-				return c.Hypervisor.VCPUs == 2 && time.Duration(c.Hypervisor.BootTimeout) == 90*time.Second &&
+				return c.Hypervisor.VCPUs == 3 && time.Duration(c.Hypervisor.BootTimeout) == 90*time.Second &&
 					c.Storage.SharedFS == "virtio-fs" && c.Hypervisor.MemoryMB == 256
 			},
 		},

@@ -38,6 +38,9 @@ func (c *Containerd) Leaks(ids ...string) []string {
 		if err != nil || path == c.StateDir {
 			return nil
 		}
+		if d.IsDir() && d.Name() == ".starts" {
+			return filepath.SkipDir // the host's start slots, kept on purpose
+		}
 		if !d.IsDir() {
 			leaks = append(leaks, "file "+path)
 		}

@@ -74,6 +74,8 @@ type service struct {
 	// sandboxes are the running sandboxes by pod (CRI sandbox id), for
 	// the pod's later containers.
 	sandboxes map[string]*sandbox.Sandbox
+
+	trim trimmer
 }
 
 // entry is a task: a container and the sandbox it runs in. c is nil while
@@ -199,6 +201,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		Checkpoint: r.Checkpoint,
 		Pid:        pid,
 	})
+	s.trim.soon(s.ctx)
 	return &taskAPI.CreateTaskResponse{Pid: pid}, nil
 }
 
