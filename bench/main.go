@@ -448,7 +448,7 @@ func memory(ctx context.Context, cd *testbed.Containerd, n int, flags []string) 
 	for _, pid := range cd.ShimPids(one) {
 		m.ShimPSSStarting, _ = smaps(pid)
 	}
-	time.Sleep(2 * time.Second) // let the guest settle, and the shim let go of its start-up pages
+	time.Sleep(3 * time.Second) // let the guest settle, and the shim let go of its start-up pages
 	procs := podProcesses(cd, one)
 	for _, p := range procs {
 		pss, rss := smaps(p.pid)

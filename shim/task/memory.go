@@ -15,8 +15,9 @@ import (
 )
 
 // trimDelay is how long after a create the shim lets go of its start-up
-// pages: long enough for the create's own work (the start that follows).
-const trimDelay = time.Second
+// pages: after the start that follows and the guest details the sandbox
+// logs a second after a create.
+const trimDelay = 2 * time.Second
 
 // trimmer lets go, a moment after each create, of the shim's mappings of
 // its executable's read-only pages (code and constants). Starting a VM runs
