@@ -15,7 +15,7 @@ GO_SRC := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
 export PATH := $(BIN):$(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: all setup build guest generate check-generated lint test unit e2e demo bench clean
+.PHONY: all setup build guest generate check-generated lint test unit e2e demo bench bench-colo clean
 
 all: build guest
 
@@ -83,6 +83,12 @@ demo: build guest
 BENCH_FLAGS ?= -n 7 -pods 10
 bench: build guest
 	$(GO) run ./bench $(BENCH_FLAGS)
+
+# The online probe's wake-up lateness beside offline load in runc and colo;
+# writes docs/colocation.{json,png} and the results in docs/colocation.md.
+bench-colo: build guest
+	$(GO) build -o $(BUILD)/bench ./bench
+	$(BUILD)/bench -colocation
 
 clean:
 	rm -rf $(BUILD)

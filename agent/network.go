@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -89,6 +90,9 @@ func (s *Service) UpdateInterface(ctx context.Context, req *agentproto.UpdateInt
 	}
 	if link, err = nl.LinkByIndex(link.Attrs().Index); err != nil {
 		return nil, err
+	}
+	if err := s.pinIRQs(ctx, link.Attrs().Name); err != nil {
+		log.G(ctx).WithError(err).Warn("pin network interrupts to the high-priority vCPUs")
 	}
 	return describeLink(nl, link)
 }

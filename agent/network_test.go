@@ -2,13 +2,16 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
@@ -152,5 +155,54 @@ func TestNetwork(t *testing.T) {
 				t.Errorf("error %v, want one naming %s", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestClasses: a guest cgroup per class with its cpuset and weight, and the
+// topology file; bad classes are refused.
+func TestClasses(t *testing.T) {
+	root := t.TempDir() // stands in for the guest's cgroup2 mount
+	svc, err := NewService(ServiceConfig{StateDir: t.TempDir(), NoPivotRoot: true, CgroupRoot: root, TopologyFile: filepath.Join(t.TempDir(), "topology.json")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	classes := []*agentproto.CPUClass{
+		{Name: "high", Cpus: []uint32{0}, Weight: 100},
+		{Name: "low", Cpus: []uint32{1, 2}, Weight: 10, OomScoreAdj: 500},
+	}
+	if err := svc.setupClasses(context.Background(), classes); err != nil {
+		t.Fatal(err)
+	}
+	for file, want := range map[string]string{
+		"colo-classes/cgroup.subtree_control": "+cpu +cpuset",
+		"colo-classes/high/cpuset.cpus":       "0",
+		"colo-classes/high/cpu.weight":        "100",
+		"colo-classes/low/cpuset.cpus":        "1,2",
+		"colo-classes/low/cpu.weight":         "10",
+	} {
+		if b, err := os.ReadFile(filepath.Join(root, file)); err != nil || string(b) != want {
+			t.Errorf("%s = %q, %v; want %q", file, b, err, want)
+		}
+	}
+	b, err := os.ReadFile(svc.topologyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var topo Topology
+	if err := json.Unmarshal(b, &topo); err != nil {
+		t.Fatal(err)
+	}
+	if len(topo.CPUs) != 3 || topo.CPUs[0].Class != "high" || topo.CPUs[2].Class != "low" || topo.Classes[1].OOMScoreAdj != 500 {
+		t.Errorf("topology %s", b)
+	}
+	for _, bad := range [][]*agentproto.CPUClass{
+		{{Name: "x", Weight: 100}},
+		{{Name: "../x", Cpus: []uint32{0}, Weight: 100}},
+		{{Name: "a", Cpus: []uint32{0}, Weight: 0}},
+		{{Name: "a", Cpus: []uint32{0}, Weight: 1}, {Name: "b", Cpus: []uint32{0}, Weight: 1}},
+	} {
+		if err := svc.setupClasses(context.Background(), bad); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("classes %v: %v, want invalid argument", bad, err)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -36,6 +37,12 @@ type ServiceConfig struct {
 	// NetNS is the network namespace whose interfaces the service
 	// configures; empty is its own (the guest's).
 	NetNS string
+	// CgroupRoot is where the guest's cgroup v2 is mounted (default
+	// /sys/fs/cgroup).
+	CgroupRoot string
+	// TopologyFile is where the CPU classes are published (default
+	// agentproto.TopologyFile).
+	TopologyFile string
 }
 
 // Service implements agentproto.AgentService.
@@ -56,6 +63,10 @@ type Service struct {
 	netns string
 	// netMu serializes changes to the guest's network.
 	netMu sync.Mutex
+
+	cgroupRoot, topologyFile string
+	// classes are the sandbox's CPU classes, highest first (under mu).
+	classes []*agentproto.CPUClass
 }
 
 // oomQueue bounds the OOM events not yet taken by the shim; more are
@@ -78,11 +89,13 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		noPivot = initramfs
 	}
 	return &Service{
-		version:    cfg.Version,
-		opts:       containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
-		containers: make(map[string]*container),
-		ooms:       make(chan string, oomQueue),
-		netns:      cfg.NetNS,
+		version:      cfg.Version,
+		opts:         containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
+		containers:   make(map[string]*container),
+		ooms:         make(chan string, oomQueue),
+		netns:        cfg.NetNS,
+		cgroupRoot:   cmp.Or(cfg.CgroupRoot, "/sys/fs/cgroup"),
+		topologyFile: cmp.Or(cfg.TopologyFile, agentproto.TopologyFile),
 	}, nil
 }
 
@@ -277,6 +290,9 @@ func (s *Service) CreateSandbox(ctx context.Context, req *agentproto.CreateSandb
 		if err := unix.Sethostname([]byte(h)); err != nil {
 			return nil, fmt.Errorf("set hostname %q: %w", h, err)
 		}
+	}
+	if err := s.setupClasses(ctx, req.GetCpuClasses()); err != nil {
+		return nil, err
 	}
 	mounts, err := mountStorages(ctx, req.GetStorages())
 	if err != nil {

@@ -221,7 +221,12 @@ type CreateSandboxRequest struct {
 	Storages []*Storage `protobuf:"bytes,3,rep,name=storages,proto3" json:"storages,omitempty"`
 	Dns      []string   `protobuf:"bytes,4,rep,name=dns,proto3" json:"dns,omitempty"`
 	// Guest wall clock at the time of the call, so the guest starts right.
-	HostTime      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=host_time,json=hostTime,proto3" json:"host_time,omitempty"`
+	HostTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=host_time,json=hostTime,proto3" json:"host_time,omitempty"`
+	// CPU priority classes, from the highest priority to the lowest: the
+	// agent makes a guest cgroup for each (ClassCgroup in doc.go), writes
+	// the topology file (TopologyFile) and pins network interrupts to the
+	// first class's CPUs.
+	CpuClasses    []*CPUClass `protobuf:"bytes,6,rep,name=cpu_classes,json=cpuClasses,proto3" json:"cpu_classes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -291,6 +296,85 @@ func (x *CreateSandboxRequest) GetHostTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *CreateSandboxRequest) GetCpuClasses() []*CPUClass {
+	if x != nil {
+		return x.CpuClasses
+	}
+	return nil
+}
+
+type CPUClass struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The guest CPUs (vCPU indices) of the class.
+	Cpus []uint32 `protobuf:"varint,2,rep,packed,name=cpus,proto3" json:"cpus,omitempty"`
+	// cpu.weight of the class's guest cgroup (1 to 10000).
+	Weight uint64 `protobuf:"varint,3,opt,name=weight,proto3" json:"weight,omitempty"`
+	// oom_score_adj of the class's containers' processes; the shim puts it
+	// in their specs.
+	OomScoreAdj   int32 `protobuf:"varint,4,opt,name=oom_score_adj,json=oomScoreAdj,proto3" json:"oom_score_adj,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CPUClass) Reset() {
+	*x = CPUClass{}
+	mi := &file_agent_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CPUClass) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CPUClass) ProtoMessage() {}
+
+func (x *CPUClass) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CPUClass.ProtoReflect.Descriptor instead.
+func (*CPUClass) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CPUClass) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CPUClass) GetCpus() []uint32 {
+	if x != nil {
+		return x.Cpus
+	}
+	return nil
+}
+
+func (x *CPUClass) GetWeight() uint64 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *CPUClass) GetOomScoreAdj() int32 {
+	if x != nil {
+		return x.OomScoreAdj
+	}
+	return 0
+}
+
 type DestroySandboxRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -299,7 +383,7 @@ type DestroySandboxRequest struct {
 
 func (x *DestroySandboxRequest) Reset() {
 	*x = DestroySandboxRequest{}
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -311,7 +395,7 @@ func (x *DestroySandboxRequest) String() string {
 func (*DestroySandboxRequest) ProtoMessage() {}
 
 func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[4]
+	mi := &file_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -324,7 +408,7 @@ func (x *DestroySandboxRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroySandboxRequest.ProtoReflect.Descriptor instead.
 func (*DestroySandboxRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_proto_rawDescGZIP(), []int{5}
 }
 
 type GetGuestDetailsRequest struct {
@@ -335,7 +419,7 @@ type GetGuestDetailsRequest struct {
 
 func (x *GetGuestDetailsRequest) Reset() {
 	*x = GetGuestDetailsRequest{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -347,7 +431,7 @@ func (x *GetGuestDetailsRequest) String() string {
 func (*GetGuestDetailsRequest) ProtoMessage() {}
 
 func (x *GetGuestDetailsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -360,7 +444,7 @@ func (x *GetGuestDetailsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetGuestDetailsRequest.ProtoReflect.Descriptor instead.
 func (*GetGuestDetailsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 type GetGuestDetailsResponse struct {
@@ -380,7 +464,7 @@ type GetGuestDetailsResponse struct {
 
 func (x *GetGuestDetailsResponse) Reset() {
 	*x = GetGuestDetailsResponse{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -392,7 +476,7 @@ func (x *GetGuestDetailsResponse) String() string {
 func (*GetGuestDetailsResponse) ProtoMessage() {}
 
 func (x *GetGuestDetailsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -405,7 +489,7 @@ func (x *GetGuestDetailsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetGuestDetailsResponse.ProtoReflect.Descriptor instead.
 func (*GetGuestDetailsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetGuestDetailsResponse) GetKernelRelease() string {
@@ -466,7 +550,7 @@ type SetGuestTimeRequest struct {
 
 func (x *SetGuestTimeRequest) Reset() {
 	*x = SetGuestTimeRequest{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -478,7 +562,7 @@ func (x *SetGuestTimeRequest) String() string {
 func (*SetGuestTimeRequest) ProtoMessage() {}
 
 func (x *SetGuestTimeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -491,7 +575,7 @@ func (x *SetGuestTimeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGuestTimeRequest.ProtoReflect.Descriptor instead.
 func (*SetGuestTimeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SetGuestTimeRequest) GetTime() *timestamppb.Timestamp {
@@ -511,7 +595,7 @@ type OnlineCPUMemRequest struct {
 
 func (x *OnlineCPUMemRequest) Reset() {
 	*x = OnlineCPUMemRequest{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -523,7 +607,7 @@ func (x *OnlineCPUMemRequest) String() string {
 func (*OnlineCPUMemRequest) ProtoMessage() {}
 
 func (x *OnlineCPUMemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -536,7 +620,7 @@ func (x *OnlineCPUMemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OnlineCPUMemRequest.ProtoReflect.Descriptor instead.
 func (*OnlineCPUMemRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *OnlineCPUMemRequest) GetNbCpus() uint32 {
@@ -561,7 +645,7 @@ type GetOOMEventRequest struct {
 
 func (x *GetOOMEventRequest) Reset() {
 	*x = GetOOMEventRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +657,7 @@ func (x *GetOOMEventRequest) String() string {
 func (*GetOOMEventRequest) ProtoMessage() {}
 
 func (x *GetOOMEventRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +670,7 @@ func (x *GetOOMEventRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOOMEventRequest.ProtoReflect.Descriptor instead.
 func (*GetOOMEventRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 type GetOOMEventResponse struct {
@@ -598,7 +682,7 @@ type GetOOMEventResponse struct {
 
 func (x *GetOOMEventResponse) Reset() {
 	*x = GetOOMEventResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -610,7 +694,7 @@ func (x *GetOOMEventResponse) String() string {
 func (*GetOOMEventResponse) ProtoMessage() {}
 
 func (x *GetOOMEventResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -623,7 +707,7 @@ func (x *GetOOMEventResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOOMEventResponse.ProtoReflect.Descriptor instead.
 func (*GetOOMEventResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetOOMEventResponse) GetContainerId() string {
@@ -641,7 +725,7 @@ type GetMetricsRequest struct {
 
 func (x *GetMetricsRequest) Reset() {
 	*x = GetMetricsRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -653,7 +737,7 @@ func (x *GetMetricsRequest) String() string {
 func (*GetMetricsRequest) ProtoMessage() {}
 
 func (x *GetMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -666,7 +750,7 @@ func (x *GetMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMetricsRequest.ProtoReflect.Descriptor instead.
 func (*GetMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 type GetMetricsResponse struct {
@@ -679,7 +763,7 @@ type GetMetricsResponse struct {
 
 func (x *GetMetricsResponse) Reset() {
 	*x = GetMetricsResponse{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +775,7 @@ func (x *GetMetricsResponse) String() string {
 func (*GetMetricsResponse) ProtoMessage() {}
 
 func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +788,7 @@ func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetMetricsResponse) GetMetrics() string {
@@ -733,7 +817,7 @@ type CreateContainerRequest struct {
 
 func (x *CreateContainerRequest) Reset() {
 	*x = CreateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +829,7 @@ func (x *CreateContainerRequest) String() string {
 func (*CreateContainerRequest) ProtoMessage() {}
 
 func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +842,7 @@ func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerRequest.ProtoReflect.Descriptor instead.
 func (*CreateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CreateContainerRequest) GetContainerId() string {
@@ -819,7 +903,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +915,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +928,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -864,7 +948,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -876,7 +960,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -889,7 +973,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -908,7 +992,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1004,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1017,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -952,7 +1036,7 @@ type PauseContainerRequest struct {
 
 func (x *PauseContainerRequest) Reset() {
 	*x = PauseContainerRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -964,7 +1048,7 @@ func (x *PauseContainerRequest) String() string {
 func (*PauseContainerRequest) ProtoMessage() {}
 
 func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -977,7 +1061,7 @@ func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseContainerRequest.ProtoReflect.Descriptor instead.
 func (*PauseContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PauseContainerRequest) GetContainerId() string {
@@ -996,7 +1080,7 @@ type ResumeContainerRequest struct {
 
 func (x *ResumeContainerRequest) Reset() {
 	*x = ResumeContainerRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1092,7 @@ func (x *ResumeContainerRequest) String() string {
 func (*ResumeContainerRequest) ProtoMessage() {}
 
 func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1105,7 @@ func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeContainerRequest.ProtoReflect.Descriptor instead.
 func (*ResumeContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ResumeContainerRequest) GetContainerId() string {
@@ -1042,7 +1126,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1138,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1151,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1093,7 +1177,7 @@ type StatsContainerRequest struct {
 
 func (x *StatsContainerRequest) Reset() {
 	*x = StatsContainerRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1189,7 @@ func (x *StatsContainerRequest) String() string {
 func (*StatsContainerRequest) ProtoMessage() {}
 
 func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1202,7 @@ func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerRequest.ProtoReflect.Descriptor instead.
 func (*StatsContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StatsContainerRequest) GetContainerId() string {
@@ -1139,7 +1223,7 @@ type StatsContainerResponse struct {
 
 func (x *StatsContainerResponse) Reset() {
 	*x = StatsContainerResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1235,7 @@ func (x *StatsContainerResponse) String() string {
 func (*StatsContainerResponse) ProtoMessage() {}
 
 func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1248,7 @@ func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerResponse.ProtoReflect.Descriptor instead.
 func (*StatsContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatsContainerResponse) GetMetrics() *anypb.Any {
@@ -1183,7 +1267,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1279,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1292,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListProcessesRequest) GetContainerId() string {
@@ -1228,7 +1312,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1324,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1337,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1279,7 +1363,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1375,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1388,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1330,7 +1414,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1342,7 +1426,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1355,7 +1439,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -1416,7 +1500,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1428,7 +1512,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1441,7 +1525,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -1464,7 +1548,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1476,7 +1560,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1489,7 +1573,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -1530,7 +1614,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1626,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1639,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -1584,7 +1668,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1596,7 +1680,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1609,7 +1693,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -1643,7 +1727,7 @@ type RemoveProcessRequest struct {
 
 func (x *RemoveProcessRequest) Reset() {
 	*x = RemoveProcessRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1655,7 +1739,7 @@ func (x *RemoveProcessRequest) String() string {
 func (*RemoveProcessRequest) ProtoMessage() {}
 
 func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1668,7 +1752,7 @@ func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveProcessRequest.ProtoReflect.Descriptor instead.
 func (*RemoveProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RemoveProcessRequest) GetContainerId() string {
@@ -1696,7 +1780,7 @@ type WriteStreamRequest struct {
 
 func (x *WriteStreamRequest) Reset() {
 	*x = WriteStreamRequest{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1708,7 +1792,7 @@ func (x *WriteStreamRequest) String() string {
 func (*WriteStreamRequest) ProtoMessage() {}
 
 func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1721,7 +1805,7 @@ func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *WriteStreamRequest) GetContainerId() string {
@@ -1754,7 +1838,7 @@ type WriteStreamResponse struct {
 
 func (x *WriteStreamResponse) Reset() {
 	*x = WriteStreamResponse{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1766,7 +1850,7 @@ func (x *WriteStreamResponse) String() string {
 func (*WriteStreamResponse) ProtoMessage() {}
 
 func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1779,7 +1863,7 @@ func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamResponse.ProtoReflect.Descriptor instead.
 func (*WriteStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WriteStreamResponse) GetLen() uint32 {
@@ -1799,7 +1883,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1811,7 +1895,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1824,7 +1908,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -1853,7 +1937,7 @@ type ReadStreamRequest struct {
 
 func (x *ReadStreamRequest) Reset() {
 	*x = ReadStreamRequest{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1865,7 +1949,7 @@ func (x *ReadStreamRequest) String() string {
 func (*ReadStreamRequest) ProtoMessage() {}
 
 func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1878,7 +1962,7 @@ func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamRequest.ProtoReflect.Descriptor instead.
 func (*ReadStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReadStreamRequest) GetContainerId() string {
@@ -1912,7 +1996,7 @@ type ReadStreamResponse struct {
 
 func (x *ReadStreamResponse) Reset() {
 	*x = ReadStreamResponse{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2008,7 @@ func (x *ReadStreamResponse) String() string {
 func (*ReadStreamResponse) ProtoMessage() {}
 
 func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2021,7 @@ func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamResponse.ProtoReflect.Descriptor instead.
 func (*ReadStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ReadStreamResponse) GetData() []byte {
@@ -1966,7 +2050,7 @@ type TtyWinResizeRequest struct {
 
 func (x *TtyWinResizeRequest) Reset() {
 	*x = TtyWinResizeRequest{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1978,7 +2062,7 @@ func (x *TtyWinResizeRequest) String() string {
 func (*TtyWinResizeRequest) ProtoMessage() {}
 
 func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1991,7 +2075,7 @@ func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtyWinResizeRequest.ProtoReflect.Descriptor instead.
 func (*TtyWinResizeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *TtyWinResizeRequest) GetContainerId() string {
@@ -2033,7 +2117,7 @@ type IPAddress struct {
 
 func (x *IPAddress) Reset() {
 	*x = IPAddress{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2129,7 @@ func (x *IPAddress) String() string {
 func (*IPAddress) ProtoMessage() {}
 
 func (x *IPAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2142,7 @@ func (x *IPAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IPAddress.ProtoReflect.Descriptor instead.
 func (*IPAddress) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *IPAddress) GetAddress() string {
@@ -2090,7 +2174,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2102,7 +2186,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2115,7 +2199,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Interface) GetName() string {
@@ -2168,7 +2252,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2264,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2277,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Route) GetDest() string {
@@ -2250,7 +2334,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2262,7 +2346,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2275,7 +2359,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Neighbor) GetIpAddress() string {
@@ -2315,7 +2399,7 @@ type UpdateInterfaceRequest struct {
 
 func (x *UpdateInterfaceRequest) Reset() {
 	*x = UpdateInterfaceRequest{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2327,7 +2411,7 @@ func (x *UpdateInterfaceRequest) String() string {
 func (*UpdateInterfaceRequest) ProtoMessage() {}
 
 func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2340,7 +2424,7 @@ func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateInterfaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateInterfaceRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UpdateInterfaceRequest) GetInterface() *Interface {
@@ -2359,7 +2443,7 @@ type UpdateRoutesRequest struct {
 
 func (x *UpdateRoutesRequest) Reset() {
 	*x = UpdateRoutesRequest{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2371,7 +2455,7 @@ func (x *UpdateRoutesRequest) String() string {
 func (*UpdateRoutesRequest) ProtoMessage() {}
 
 func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2384,7 +2468,7 @@ func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UpdateRoutesRequest) GetRoutes() []*Route {
@@ -2403,7 +2487,7 @@ type UpdateRoutesResponse struct {
 
 func (x *UpdateRoutesResponse) Reset() {
 	*x = UpdateRoutesResponse{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2415,7 +2499,7 @@ func (x *UpdateRoutesResponse) String() string {
 func (*UpdateRoutesResponse) ProtoMessage() {}
 
 func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2428,7 +2512,7 @@ func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UpdateRoutesResponse) GetRoutes() []*Route {
@@ -2447,7 +2531,7 @@ type AddARPNeighborsRequest struct {
 
 func (x *AddARPNeighborsRequest) Reset() {
 	*x = AddARPNeighborsRequest{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2459,7 +2543,7 @@ func (x *AddARPNeighborsRequest) String() string {
 func (*AddARPNeighborsRequest) ProtoMessage() {}
 
 func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2472,7 +2556,7 @@ func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddARPNeighborsRequest.ProtoReflect.Descriptor instead.
 func (*AddARPNeighborsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *AddARPNeighborsRequest) GetNeighbors() []*Neighbor {
@@ -2490,7 +2574,7 @@ type ListInterfacesRequest struct {
 
 func (x *ListInterfacesRequest) Reset() {
 	*x = ListInterfacesRequest{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2502,7 +2586,7 @@ func (x *ListInterfacesRequest) String() string {
 func (*ListInterfacesRequest) ProtoMessage() {}
 
 func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2515,7 +2599,7 @@ func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesRequest.ProtoReflect.Descriptor instead.
 func (*ListInterfacesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 type ListInterfacesResponse struct {
@@ -2527,7 +2611,7 @@ type ListInterfacesResponse struct {
 
 func (x *ListInterfacesResponse) Reset() {
 	*x = ListInterfacesResponse{}
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2539,7 +2623,7 @@ func (x *ListInterfacesResponse) String() string {
 func (*ListInterfacesResponse) ProtoMessage() {}
 
 func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2552,7 +2636,7 @@ func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesResponse.ProtoReflect.Descriptor instead.
 func (*ListInterfacesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{46}
+	return file_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListInterfacesResponse) GetInterfaces() []*Interface {
@@ -2578,14 +2662,21 @@ const file_agent_proto_rawDesc = "" +
 	"\x06fstype\x18\x03 \x01(\tR\x06fstype\x12\x18\n" +
 	"\aoptions\x18\x04 \x03(\tR\aoptions\x12\x1f\n" +
 	"\vmount_point\x18\x05 \x01(\tR\n" +
-	"mountPoint\"\xd0\x01\n" +
+	"mountPoint\"\x8a\x02\n" +
 	"\x14CreateSandboxRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x122\n" +
 	"\bstorages\x18\x03 \x03(\v2\x16.colo.agent.v1.StorageR\bstorages\x12\x10\n" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x127\n" +
-	"\thost_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bhostTime\"\x17\n" +
+	"\thost_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bhostTime\x128\n" +
+	"\vcpu_classes\x18\x06 \x03(\v2\x17.colo.agent.v1.CPUClassR\n" +
+	"cpuClasses\"n\n" +
+	"\bCPUClass\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04cpus\x18\x02 \x03(\rR\x04cpus\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\x04R\x06weight\x12\"\n" +
+	"\room_score_adj\x18\x04 \x01(\x05R\voomScoreAdj\"\x17\n" +
 	"\x15DestroySandboxRequest\"\x18\n" +
 	"\x16GetGuestDetailsRequest\"\x95\x02\n" +
 	"\x17GetGuestDetailsResponse\x12%\n" +
@@ -2772,136 +2863,138 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_agent_proto_goTypes = []any{
 	(*CheckRequest)(nil),            // 0: colo.agent.v1.CheckRequest
 	(*CheckResponse)(nil),           // 1: colo.agent.v1.CheckResponse
 	(*Storage)(nil),                 // 2: colo.agent.v1.Storage
 	(*CreateSandboxRequest)(nil),    // 3: colo.agent.v1.CreateSandboxRequest
-	(*DestroySandboxRequest)(nil),   // 4: colo.agent.v1.DestroySandboxRequest
-	(*GetGuestDetailsRequest)(nil),  // 5: colo.agent.v1.GetGuestDetailsRequest
-	(*GetGuestDetailsResponse)(nil), // 6: colo.agent.v1.GetGuestDetailsResponse
-	(*SetGuestTimeRequest)(nil),     // 7: colo.agent.v1.SetGuestTimeRequest
-	(*OnlineCPUMemRequest)(nil),     // 8: colo.agent.v1.OnlineCPUMemRequest
-	(*GetOOMEventRequest)(nil),      // 9: colo.agent.v1.GetOOMEventRequest
-	(*GetOOMEventResponse)(nil),     // 10: colo.agent.v1.GetOOMEventResponse
-	(*GetMetricsRequest)(nil),       // 11: colo.agent.v1.GetMetricsRequest
-	(*GetMetricsResponse)(nil),      // 12: colo.agent.v1.GetMetricsResponse
-	(*CreateContainerRequest)(nil),  // 13: colo.agent.v1.CreateContainerRequest
-	(*StartContainerRequest)(nil),   // 14: colo.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 15: colo.agent.v1.StartContainerResponse
-	(*RemoveContainerRequest)(nil),  // 16: colo.agent.v1.RemoveContainerRequest
-	(*PauseContainerRequest)(nil),   // 17: colo.agent.v1.PauseContainerRequest
-	(*ResumeContainerRequest)(nil),  // 18: colo.agent.v1.ResumeContainerRequest
-	(*UpdateContainerRequest)(nil),  // 19: colo.agent.v1.UpdateContainerRequest
-	(*StatsContainerRequest)(nil),   // 20: colo.agent.v1.StatsContainerRequest
-	(*StatsContainerResponse)(nil),  // 21: colo.agent.v1.StatsContainerResponse
-	(*ListProcessesRequest)(nil),    // 22: colo.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),             // 23: colo.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 24: colo.agent.v1.ListProcessesResponse
-	(*ExecProcessRequest)(nil),      // 25: colo.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 26: colo.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 27: colo.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 28: colo.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 29: colo.agent.v1.WaitProcessResponse
-	(*RemoveProcessRequest)(nil),    // 30: colo.agent.v1.RemoveProcessRequest
-	(*WriteStreamRequest)(nil),      // 31: colo.agent.v1.WriteStreamRequest
-	(*WriteStreamResponse)(nil),     // 32: colo.agent.v1.WriteStreamResponse
-	(*CloseStdinRequest)(nil),       // 33: colo.agent.v1.CloseStdinRequest
-	(*ReadStreamRequest)(nil),       // 34: colo.agent.v1.ReadStreamRequest
-	(*ReadStreamResponse)(nil),      // 35: colo.agent.v1.ReadStreamResponse
-	(*TtyWinResizeRequest)(nil),     // 36: colo.agent.v1.TtyWinResizeRequest
-	(*IPAddress)(nil),               // 37: colo.agent.v1.IPAddress
-	(*Interface)(nil),               // 38: colo.agent.v1.Interface
-	(*Route)(nil),                   // 39: colo.agent.v1.Route
-	(*Neighbor)(nil),                // 40: colo.agent.v1.Neighbor
-	(*UpdateInterfaceRequest)(nil),  // 41: colo.agent.v1.UpdateInterfaceRequest
-	(*UpdateRoutesRequest)(nil),     // 42: colo.agent.v1.UpdateRoutesRequest
-	(*UpdateRoutesResponse)(nil),    // 43: colo.agent.v1.UpdateRoutesResponse
-	(*AddARPNeighborsRequest)(nil),  // 44: colo.agent.v1.AddARPNeighborsRequest
-	(*ListInterfacesRequest)(nil),   // 45: colo.agent.v1.ListInterfacesRequest
-	(*ListInterfacesResponse)(nil),  // 46: colo.agent.v1.ListInterfacesResponse
-	(*timestamppb.Timestamp)(nil),   // 47: google.protobuf.Timestamp
-	(*anypb.Any)(nil),               // 48: google.protobuf.Any
-	(*emptypb.Empty)(nil),           // 49: google.protobuf.Empty
+	(*CPUClass)(nil),                // 4: colo.agent.v1.CPUClass
+	(*DestroySandboxRequest)(nil),   // 5: colo.agent.v1.DestroySandboxRequest
+	(*GetGuestDetailsRequest)(nil),  // 6: colo.agent.v1.GetGuestDetailsRequest
+	(*GetGuestDetailsResponse)(nil), // 7: colo.agent.v1.GetGuestDetailsResponse
+	(*SetGuestTimeRequest)(nil),     // 8: colo.agent.v1.SetGuestTimeRequest
+	(*OnlineCPUMemRequest)(nil),     // 9: colo.agent.v1.OnlineCPUMemRequest
+	(*GetOOMEventRequest)(nil),      // 10: colo.agent.v1.GetOOMEventRequest
+	(*GetOOMEventResponse)(nil),     // 11: colo.agent.v1.GetOOMEventResponse
+	(*GetMetricsRequest)(nil),       // 12: colo.agent.v1.GetMetricsRequest
+	(*GetMetricsResponse)(nil),      // 13: colo.agent.v1.GetMetricsResponse
+	(*CreateContainerRequest)(nil),  // 14: colo.agent.v1.CreateContainerRequest
+	(*StartContainerRequest)(nil),   // 15: colo.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),  // 16: colo.agent.v1.StartContainerResponse
+	(*RemoveContainerRequest)(nil),  // 17: colo.agent.v1.RemoveContainerRequest
+	(*PauseContainerRequest)(nil),   // 18: colo.agent.v1.PauseContainerRequest
+	(*ResumeContainerRequest)(nil),  // 19: colo.agent.v1.ResumeContainerRequest
+	(*UpdateContainerRequest)(nil),  // 20: colo.agent.v1.UpdateContainerRequest
+	(*StatsContainerRequest)(nil),   // 21: colo.agent.v1.StatsContainerRequest
+	(*StatsContainerResponse)(nil),  // 22: colo.agent.v1.StatsContainerResponse
+	(*ListProcessesRequest)(nil),    // 23: colo.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),             // 24: colo.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 25: colo.agent.v1.ListProcessesResponse
+	(*ExecProcessRequest)(nil),      // 26: colo.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 27: colo.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 28: colo.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 29: colo.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 30: colo.agent.v1.WaitProcessResponse
+	(*RemoveProcessRequest)(nil),    // 31: colo.agent.v1.RemoveProcessRequest
+	(*WriteStreamRequest)(nil),      // 32: colo.agent.v1.WriteStreamRequest
+	(*WriteStreamResponse)(nil),     // 33: colo.agent.v1.WriteStreamResponse
+	(*CloseStdinRequest)(nil),       // 34: colo.agent.v1.CloseStdinRequest
+	(*ReadStreamRequest)(nil),       // 35: colo.agent.v1.ReadStreamRequest
+	(*ReadStreamResponse)(nil),      // 36: colo.agent.v1.ReadStreamResponse
+	(*TtyWinResizeRequest)(nil),     // 37: colo.agent.v1.TtyWinResizeRequest
+	(*IPAddress)(nil),               // 38: colo.agent.v1.IPAddress
+	(*Interface)(nil),               // 39: colo.agent.v1.Interface
+	(*Route)(nil),                   // 40: colo.agent.v1.Route
+	(*Neighbor)(nil),                // 41: colo.agent.v1.Neighbor
+	(*UpdateInterfaceRequest)(nil),  // 42: colo.agent.v1.UpdateInterfaceRequest
+	(*UpdateRoutesRequest)(nil),     // 43: colo.agent.v1.UpdateRoutesRequest
+	(*UpdateRoutesResponse)(nil),    // 44: colo.agent.v1.UpdateRoutesResponse
+	(*AddARPNeighborsRequest)(nil),  // 45: colo.agent.v1.AddARPNeighborsRequest
+	(*ListInterfacesRequest)(nil),   // 46: colo.agent.v1.ListInterfacesRequest
+	(*ListInterfacesResponse)(nil),  // 47: colo.agent.v1.ListInterfacesResponse
+	(*timestamppb.Timestamp)(nil),   // 48: google.protobuf.Timestamp
+	(*anypb.Any)(nil),               // 49: google.protobuf.Any
+	(*emptypb.Empty)(nil),           // 50: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
 	2,  // 0: colo.agent.v1.CreateSandboxRequest.storages:type_name -> colo.agent.v1.Storage
-	47, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
-	47, // 2: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
-	2,  // 3: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
-	48, // 4: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
-	23, // 5: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
-	47, // 6: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	37, // 7: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
-	38, // 8: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
-	39, // 9: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
-	39, // 10: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
-	40, // 11: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
-	38, // 12: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
-	0,  // 13: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
-	3,  // 14: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
-	4,  // 15: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
-	5,  // 16: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
-	7,  // 17: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
-	8,  // 18: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
-	9,  // 19: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
-	11, // 20: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
-	13, // 21: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
-	14, // 22: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
-	16, // 23: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
-	17, // 24: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
-	18, // 25: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
-	19, // 26: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
-	20, // 27: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
-	22, // 28: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
-	25, // 29: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
-	27, // 30: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
-	28, // 31: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
-	30, // 32: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
-	31, // 33: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
-	33, // 34: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
-	34, // 35: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
-	34, // 36: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
-	36, // 37: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
-	41, // 38: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
-	42, // 39: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
-	44, // 40: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
-	45, // 41: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
-	1,  // 42: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
-	49, // 43: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
-	49, // 44: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
-	6,  // 45: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
-	49, // 46: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
-	49, // 47: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
-	10, // 48: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
-	12, // 49: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
-	49, // 50: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
-	15, // 51: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
-	49, // 52: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
-	49, // 53: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
-	49, // 54: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
-	49, // 55: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
-	21, // 56: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
-	24, // 57: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
-	26, // 58: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
-	49, // 59: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	29, // 60: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
-	49, // 61: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
-	32, // 62: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
-	49, // 63: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	35, // 64: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
-	35, // 65: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
-	49, // 66: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
-	38, // 67: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
-	43, // 68: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
-	49, // 69: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
-	46, // 70: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
-	42, // [42:71] is the sub-list for method output_type
-	13, // [13:42] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	48, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
+	4,  // 2: colo.agent.v1.CreateSandboxRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
+	48, // 3: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
+	2,  // 4: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
+	49, // 5: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
+	24, // 6: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
+	48, // 7: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	38, // 8: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
+	39, // 9: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
+	40, // 10: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
+	40, // 11: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
+	41, // 12: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
+	39, // 13: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
+	0,  // 14: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
+	3,  // 15: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
+	5,  // 16: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
+	6,  // 17: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
+	8,  // 18: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
+	9,  // 19: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
+	10, // 20: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
+	12, // 21: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
+	14, // 22: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
+	15, // 23: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
+	17, // 24: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
+	18, // 25: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
+	19, // 26: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
+	20, // 27: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
+	21, // 28: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
+	23, // 29: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
+	26, // 30: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
+	28, // 31: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
+	29, // 32: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
+	31, // 33: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
+	32, // 34: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
+	34, // 35: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
+	35, // 36: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
+	35, // 37: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
+	37, // 38: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
+	42, // 39: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
+	43, // 40: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
+	45, // 41: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
+	46, // 42: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
+	1,  // 43: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
+	50, // 44: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
+	50, // 45: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
+	7,  // 46: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
+	50, // 47: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
+	50, // 48: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
+	11, // 49: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
+	13, // 50: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
+	50, // 51: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
+	16, // 52: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
+	50, // 53: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
+	50, // 54: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
+	50, // 55: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
+	50, // 56: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
+	22, // 57: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
+	25, // 58: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
+	27, // 59: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
+	50, // 60: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	30, // 61: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
+	50, // 62: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
+	33, // 63: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
+	50, // 64: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	36, // 65: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
+	36, // 66: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
+	50, // 67: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
+	39, // 68: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
+	44, // 69: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
+	50, // 70: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
+	47, // 71: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
+	43, // [43:72] is the sub-list for method output_type
+	14, // [14:43] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2915,7 +3008,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   47,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

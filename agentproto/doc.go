@@ -30,4 +30,13 @@ const (
 	// /dev/shm where the spec binds the pod's shm from the host (CRI): a
 	// host tmpfs shared over 9p or virtio-fs would not be shared memory.
 	SandboxShm = "/run/colo/shm"
+
+	// TopologyFile is the JSON file, in the guest and in every container,
+	// that says which vCPUs each CPU priority class has
+	// (docs/colocation.md).
+	TopologyFile = "/run/colo/topology.json"
 )
+
+// ClassCgroup is the guest cgroup of a CPU priority class; its containers'
+// cgroups are below it.
+func ClassCgroup(class string) string { return "/colo-classes/" + class }

@@ -38,8 +38,19 @@ func main() {
 	flag.IntVar(&o.pods, "pods", 10, "pods for the memory and parallel-start measurements")
 	flag.StringVar(&o.out, "out", "docs", "directory for benchmarks.{md,json,png}")
 	flag.StringVar(&o.coloConfig, "colo-config", "", "extra colo config (TOML) for the runs, e.g. '[hypervisor]\nmachine = \"microvm\"'")
+	colo := flag.Bool("colocation", false, "run the co-location benchmark instead (make bench-colo): docs/colocation.{md,json,png}")
+	coloRun := flag.Duration("colocation-run", 45*time.Second, "how long the probe runs in each co-location run")
 	flag.Parse()
-	if err := run(o); err != nil {
+	var err error
+	switch {
+	case *probeFlag > 0:
+		err = probe(*probeFlag)
+	case *colo:
+		err = colocation(o.out, *coloRun)
+	default:
+		err = run(o)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}

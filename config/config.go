@@ -32,6 +32,50 @@ type Config struct {
 	Agent      Agent      `toml:"agent"`
 	Storage    Storage    `toml:"storage"`
 	Runtime    Runtime    `toml:"runtime"`
+	Colocation Colocation `toml:"colocation"`
+}
+
+// Colocation configures CPU priority classes (docs/colocation.md): on the
+// host, each class's vCPU threads get a cgroup of their own under the
+// sandbox's, with the class's CPU weight; in the guest, containers that
+// choose a class (annotation io.colo.class) run on its vCPUs.
+type Colocation struct {
+	// Classes, from the highest priority to the lowest (default high:
+	// weight 100, low: weight 10 and oom_score_adj 500). The guest's
+	// network interrupts go to the first class's vCPUs.
+	Classes []Class `toml:"classes"`
+	// VCPUs names the class of each vCPU, in order (default: every vCPU
+	// in the first class). Pod annotation io.colo.vcpus ("high,low").
+	VCPUs []string `toml:"vcpus"`
+	// PodWeight, if not 0, is the CPU weight (1 to 10000) of the sandbox's
+	// own host cgroup: low for offline pods. Pod annotation
+	// io.colo.pod-weight.
+	PodWeight uint64 `toml:"pod_weight"`
+	// OverheadWeight is the CPU weight of the host cgroup of the
+	// hypervisor's other threads and helpers (default 100).
+	OverheadWeight uint64 `toml:"overhead_weight"`
+	// OverheadIdle runs those under SCHED_IDLE. Pod annotation
+	// io.colo.overhead-idle ("true").
+	OverheadIdle bool `toml:"overhead_idle"`
+	// Annotations are the pod annotations above that pods may set
+	// (default io.colo.vcpus and io.colo.overhead-idle).
+	Annotations []string `toml:"annotations"`
+}
+
+// Class is a CPU priority class.
+type Class struct {
+	Name string `toml:"name"`
+	// Weight is the CPU weight (1 to 10000; cgroup v1 gets 1024 shares
+	// per 100) of the class's vCPU threads on the host.
+	Weight uint64 `toml:"weight"`
+	// CPUs, if set, are the host CPUs its vCPU threads may run on ("2-3").
+	CPUs string `toml:"cpus"`
+	// GuestWeight is the CPU weight of the class's guest cgroup (default:
+	// Weight).
+	GuestWeight uint64 `toml:"guest_weight"`
+	// OOMScoreAdj is given to the processes of the class's containers, so
+	// that the guest's OOM killer takes low classes first.
+	OOMScoreAdj int `toml:"oom_score_adj"`
 }
 
 // Hypervisor configures the VM.
@@ -140,6 +184,14 @@ func Default() Config {
 			SharedFS:  "9p",
 			Virtiofsd: "/usr/lib/qemu/virtiofsd",
 		},
+		Colocation: Colocation{
+			Classes: []Class{
+				{Name: "high", Weight: 100},
+				{Name: "low", Weight: 10, OOMScoreAdj: 500},
+			},
+			OverheadWeight: 100,
+			Annotations:    []string{"io.colo.vcpus", "io.colo.overhead-idle"},
+		},
 		Runtime: Runtime{
 			StateDir:    "/run/colo",
 			TemplateDir: "/run/colo/templates",
@@ -239,6 +291,17 @@ func (c Config) Validate() error {
 	}
 	if c.Runtime.MaxParallelStarts < 0 {
 		errs = append(errs, fmt.Errorf("runtime.max_parallel_starts = %d: want 0 (the host's CPUs) or more", c.Runtime.MaxParallelStarts))
+	}
+	if len(c.Colocation.Classes) == 0 {
+		errs = append(errs, errors.New("colocation.classes: want at least one class"))
+	}
+	for _, cl := range c.Colocation.Classes {
+		if cl.OOMScoreAdj < -1000 || cl.OOMScoreAdj > 1000 {
+			errs = append(errs, fmt.Errorf("colocation class %q: oom_score_adj %d: want -1000 to 1000", cl.Name, cl.OOMScoreAdj))
+		}
+	}
+	for _, a := range c.Colocation.Annotations {
+		oneOf("colocation.annotations", a, "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle")
 	}
 	oneOf("agent.channel", c.Agent.Channel, "auto", "vsock", "serial")
 	oneOf("agent.log_level", c.Agent.LogLevel, "debug", "info", "warn", "error")

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -15,7 +16,7 @@ func TestParse(t *testing.T) {
 		check   func(Config) bool
 		wantErr []string
 	}{
-		{name: "empty is the defaults", toml: "", check: func(c Config) bool { return c == Default() }},
+		{name: "empty is the defaults", toml: "", check: func(c Config) bool { return reflect.DeepEqual(c, Default()) }},
 		{
 			name: "overrides",
 			toml: "[hypervisor]\nvcpus = 3\nboot_timeout = \"1m30s\"\n[storage]\nshared_fs = \"virtio-fs\"\n",

@@ -83,6 +83,8 @@ type VM interface {
 	DialAgent(ctx context.Context) (net.Conn, error)
 	// AddNIC hot-plugs a network interface into the running VM.
 	AddNIC(ctx context.Context, nic NIC) error
+	// VCPUThreads are the host thread ids of the vCPUs, by vCPU index.
+	VCPUThreads(ctx context.Context) ([]int, error)
 	// Stop shuts the VM down, gracefully first and by SIGKILL after the
 	// context's deadline, and returns once the process has exited.
 	Stop(ctx context.Context) error

@@ -696,6 +696,17 @@ func TestNICs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stopped(t, vm, dir)
+	// With debug-threads QEMU names its vCPU threads "CPU <index>/TCG".
+	tids, err := vm.VCPUThreads(ctx)
+	if err != nil || len(tids) != cfg.VCPUs {
+		t.Fatalf("VCPUThreads = %v, %v; want %d", tids, err, cfg.VCPUs)
+	}
+	for i, tid := range tids {
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", vm.Pid(), tid))
+		if !strings.HasPrefix(string(comm), fmt.Sprintf("CPU %d/", i)) {
+			t.Errorf("vCPU %d thread %d is %q", i, tid, comm)
+		}
+	}
 	late := hypervisor.NIC{ID: "eth1", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 2}, TAP: newTAP(t, prefix+"b")}
 	if err := vm.AddNIC(ctx, late); err != nil {
 		t.Fatal(err)

@@ -292,6 +292,29 @@ func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
 	return vm.plugLocked(ctx, dev)
 }
 
+// VCPUThreads asks QMP which host thread runs each vCPU.
+func (vm *VM) VCPUThreads(ctx context.Context) ([]int, error) {
+	raw, err := vm.qmp.Execute(ctx, "query-cpus-fast", nil)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: vm %s: %w", vm.id, err)
+	}
+	var cpus []struct {
+		Index  int `json:"cpu-index"`
+		Thread int `json:"thread-id"`
+	}
+	if err := json.Unmarshal(raw, &cpus); err != nil {
+		return nil, fmt.Errorf("qemu: vm %s: query-cpus-fast: %w", vm.id, err)
+	}
+	tids := make([]int, len(cpus))
+	for _, c := range cpus {
+		if c.Index < 0 || c.Index >= len(cpus) {
+			return nil, fmt.Errorf("qemu: vm %s: query-cpus-fast: vCPU index %d of %d", vm.id, c.Index, len(cpus))
+		}
+		tids[c.Index] = c.Thread
+	}
+	return tids, nil
+}
+
 // Stop asks QEMU to quit, kills it when ctx ends first, waits for it and
 // removes the driver's files. A VM that already exited is only cleaned up.
 func (vm *VM) Stop(ctx context.Context) error {

@@ -138,7 +138,11 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 // createInGuest creates the container in the guest and adds it to the
 // sandbox.
 func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
-	g, err := GuestSpec(ctx, c.spec, c.id, guestView{binds: c.binds, podPid: s.podPid(c)})
+	class, err := s.colo.class(c.spec)
+	if err != nil {
+		return err
+	}
+	g, err := GuestSpec(ctx, c.spec, c.id, guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(s.colo.classes) > 0})
 	if err != nil {
 		return err
 	}

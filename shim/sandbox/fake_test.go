@@ -143,6 +143,10 @@ func (v *fakeVM) AddNIC(context.Context, hypervisor.NIC) error {
 	return errors.New("fake VM: no hot-plug")
 }
 
+func (v *fakeVM) VCPUThreads(context.Context) ([]int, error) {
+	return []int{v.cmd.Process.Pid}, nil
+}
+
 func (v *fakeVM) Done() <-chan struct{} { return v.done }
 func (v *fakeVM) Err() error            { return v.err }
 

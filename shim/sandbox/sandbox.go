@@ -30,6 +30,7 @@ import (
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
 	"github.com/colo-runtime/colo/network"
+	"github.com/colo-runtime/colo/placement"
 	"github.com/colo-runtime/colo/storage"
 )
 
@@ -102,6 +103,7 @@ type Sandbox struct {
 	virtiofsd *storage.Virtiofsd
 	agent     *agentConn
 	net       *podNetwork // nil without a pod network namespace
+	colo      colocation
 	stateMu   sync.Mutex
 	state     State
 
@@ -138,6 +140,13 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if opts.Driver == nil {
 		return nil, nil, errors.New("sandbox: no hypervisor driver")
 	}
+	colo, err := newColocation(opts.Config, first.Spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := colo.class(first.Spec); err != nil {
+		return nil, nil, err
+	}
 	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, DirName(opts.ID))
 	if err := checkSocketPaths(dir); err != nil {
 		return nil, nil, err
@@ -163,6 +172,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 		ctx:        context.WithoutCancel(ctx),
 		containers: make(map[string]*Container),
 		stopping:   make(chan struct{}),
+		colo:       colo,
 		state:      State{Dir: dir, ID: opts.ID, Hypervisor: opts.Config.Hypervisor},
 	}
 
@@ -407,6 +417,9 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	if err := writeState(s.dir, s.state); err != nil {
 		return err
 	}
+	if err := s.place(ctx); err != nil {
+		return err
+	}
 	stage(ctx, "vm-launched", s.created, log.Fields{"pid": vm.Pid(), "channel": vmcfg.Channel})
 
 	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
@@ -424,10 +437,11 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	callCtx, cancel := context.WithTimeout(ctx, bootTimeout)
 	defer cancel()
 	_, err = s.agent.CreateSandbox(callCtx, &agentproto.CreateSandboxRequest{
-		SandboxId: s.id,
-		Hostname:  spec.Hostname,
-		Storages:  storages,
-		HostTime:  timestamppb.Now(),
+		SandboxId:  s.id,
+		Hostname:   spec.Hostname,
+		CpuClasses: s.colo.classes,
+		Storages:   storages,
+		HostTime:   timestamppb.Now(),
 	})
 	if err != nil {
 		return agentError("CreateSandbox", err)
@@ -435,6 +449,32 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	if err := configureGuest(callCtx, s.agent, netcfg); err != nil {
 		return err
 	}
+	return nil
+}
+
+// place puts the VM's threads into the host cgroups of their priority
+// classes (package placement), the sandbox's cgroup recorded first.
+func (s *Sandbox) place(ctx context.Context) error {
+	p := s.colo.plan
+	if p.Parent == "" {
+		return nil
+	}
+	s.state.Cgroup = p.Parent
+	if err := writeState(s.dir, s.state); err != nil {
+		return err
+	}
+	tids, err := s.vm.VCPUThreads(ctx)
+	if err != nil {
+		return err
+	}
+	t := placement.Threads{Pid: s.vm.Pid(), VCPUs: tids}
+	if s.virtiofsd != nil {
+		t.Helpers = append(t.Helpers, s.virtiofsd.Pid())
+	}
+	if err := placement.Apply(p, t); err != nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{"cgroup": p.Parent, "vcpus": p.VCPUClasses}).Debug("VM threads placed")
 	return nil
 }
 
@@ -511,6 +551,9 @@ func (s *Sandbox) Container(id string) (*Container, error) {
 func (s *Sandbox) AddContainer(ctx context.Context, cfg ContainerConfig) (_ *Container, retErr error) {
 	if !s.alive() {
 		return nil, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s: its VM is gone", s.id))
+	}
+	if _, err := s.colo.class(cfg.Spec); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	_, exists := s.containers[cfg.ID]
@@ -687,6 +730,11 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		}
 		cancel()
 	}
+	if s.state.Cgroup != "" && (s.vm == nil || s.vmStopped) && len(errs) == 0 {
+		if err := placement.Remove(s.state.Cgroup); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	// The TAPs go once the VM's copies are closed too.
 	if s.net != nil && (s.vm == nil || s.vmStopped) {
 		if err := s.net.close(); err != nil {
@@ -749,6 +797,11 @@ func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error
 	}
 	for _, m := range st.Mirrors {
 		if err := network.RemoveMirror(st.NetNS, m.Interface, m.Tap); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if st.Cgroup != "" && len(errs) == 0 {
+		if err := placement.Remove(st.Cgroup); err != nil {
 			errs = append(errs, err)
 		}
 	}

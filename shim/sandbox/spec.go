@@ -90,6 +90,10 @@ type guestView struct {
 	// podPid is the guest pid of the pod's first container, whose
 	// namespaces the pod's other containers join; 0 for none.
 	podPid uint32
+	// class is the container's CPU class, if it asks for one.
+	class *agentproto.CPUClass
+	// topology mounts the guest's topology file into the container.
+	topology bool
 }
 
 // nsProcName is a namespace's name under /proc/PID/ns.
@@ -128,6 +132,20 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 	if g.Hooks != nil {
 		log.G(ctx).WithField("hooks", g.Hooks).Debug("dropping OCI hooks: they would run in the guest")
 		g.Hooks = nil
+	}
+	if v.topology {
+		g.Mounts = append(g.Mounts, specs.Mount{Destination: agentproto.TopologyFile, Type: "bind",
+			Source: agentproto.TopologyFile, Options: []string{"rbind", "ro"}})
+	}
+	if c := v.class; c != nil {
+		if g.Linux == nil {
+			g.Linux = &specs.Linux{}
+		}
+		g.Linux.CgroupsPath = path.Join(agentproto.ClassCgroup(c.GetName()), containerID)
+		if g.Process != nil {
+			adj := int(c.GetOomScoreAdj())
+			g.Process.OOMScoreAdj = &adj
+		}
 	}
 	if g.Linux != nil {
 		var nss []specs.LinuxNamespace

@@ -10,6 +10,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/colo-runtime/colo/agentproto"
 )
 
 func TestValidateSpec(t *testing.T) {
@@ -149,6 +151,17 @@ func TestGuestSpec(t *testing.T) {
 					{Destination: "/data", Type: "bind", Source: "/run/colo/shared/c1/mounts/1-data", Options: []string{"rbind", "ro"}},
 					{Destination: "/dev/shm", Type: "bind", Source: "/run/colo/shm", Options: []string{"rbind"}},
 				}
+			},
+		},
+		{
+			name: "CPU class: its guest cgroup, its oom_score_adj, the topology file",
+			view: guestView{class: &agentproto.CPUClass{Name: "low", OomScoreAdj: 500}, topology: true},
+			in:   func(s *specs.Spec) { s.Linux.CgroupsPath = "/colo-test/c1" },
+			want: func(s *specs.Spec) {
+				s.Linux.CgroupsPath = "/colo-classes/low/c1"
+				adj := 500
+				s.Process.OOMScoreAdj = &adj
+				s.Mounts = append(s.Mounts, specs.Mount{Destination: "/run/colo/topology.json", Type: "bind", Source: "/run/colo/topology.json", Options: []string{"rbind", "ro"}})
 			},
 		},
 		{

@@ -37,6 +37,8 @@ type State struct {
 	// NetNS is the pod's network namespace, where Mirrors are.
 	NetNS   string        `json:"netns,omitempty"`
 	Mirrors []MirrorState `json:"mirrors,omitempty"`
+	// Cgroup is the host cgroup the VM's threads were placed under.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 func writeState(dir string, st State) error {
