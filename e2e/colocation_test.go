@@ -152,6 +152,8 @@ func TestColocation(t *testing.T) {
 	if len(topo.CPUs) != 2 || topo.CPUs[0].Class != "high" || topo.CPUs[1].Class != "low" {
 		t.Errorf("topology file %+v, want vCPU 0 high and 1 low", topo)
 	}
+	// The class's guest cgroup has vCPU 1 as its cpuset: the container
+	// below it may run there only.
 	if got := exec(low, "grep Cpus_allowed_list /proc/self/status; cat /proc/self/oom_score_adj"); got != "Cpus_allowed_list:\t1\n500" {
 		t.Errorf("low-class container: %q, want vCPU 1 and oom_score_adj 500", got)
 	}

@@ -62,6 +62,11 @@ func TestApply(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	helper := exec.Command("sleep", "1000")
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { helper.Process.Kill(); helper.Wait() }()
 	var tids []int
 	for deadline := time.Now().Add(10 * time.Second); len(tids) < 3 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		tids, _ = taskIDs(cmd.Process.Pid)
@@ -79,7 +84,7 @@ func TestApply(t *testing.T) {
 		t.Fatal(err)
 	}
 	vcpus := tids[1:3]
-	if err := Apply(p, Threads{Pid: cmd.Process.Pid, VCPUs: vcpus}); err != nil {
+	if err := Apply(p, Threads{Pid: cmd.Process.Pid, VCPUs: vcpus, Helpers: []int{helper.Process.Pid}}); err != nil {
 		t.Fatal(err)
 	}
 	want := map[int]string{vcpus[0]: parent + "/vcpu-high", vcpus[1]: parent + "/vcpu-low"}
@@ -92,6 +97,9 @@ func TestApply(t *testing.T) {
 			t.Errorf("thread %d in %q, want %q", tid, got, w)
 		}
 	}
+	if got := cgroupOf(t, helper.Process.Pid, helper.Process.Pid); got != parent+"/overhead" {
+		t.Errorf("helper in %q, want the overhead cgroup", got)
+	}
 	for group, shares := range map[string]string{"": "102", "vcpu-high": "2048", "vcpu-low": "51", "overhead": "204"} {
 		if got := readFile(t, filepath.Join("/sys/fs/cgroup/cpu", parent, group, "cpu.shares")); got != shares {
 			t.Errorf("%s/%s cpu.shares = %s, want %s", parent, group, got, shares)
@@ -102,6 +110,8 @@ func TestApply(t *testing.T) {
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
+	helper.Process.Kill()
+	helper.Wait()
 	if err := Remove(parent); err != nil {
 		t.Fatal(err)
 	}
