@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -16,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/colo-runtime/colo/agentproto"
+	"github.com/colo-runtime/colo/testbed"
 )
 
 // guestNet is a network namespace standing in for the guest, and a service
@@ -25,22 +25,16 @@ func guestNet(t *testing.T) (*Service, *netlink.Handle, net.HardwareAddr) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for network namespaces")
 	}
-	name := fmt.Sprintf("colo-agent-test-%d", os.Getpid())
-	runtime.LockOSThread()
-	orig, err := netns.Get()
+	path, remove, err := testbed.NewNetNS(fmt.Sprintf("colo-agent-test-%d", os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns, err := netns.NewNamed(name)
+	t.Cleanup(func() { remove() })
+	ns, err := netns.GetFromPath(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
-	orig.Close()
-	runtime.UnlockOSThread()
-	t.Cleanup(func() { ns.Close(); netns.DeleteNamed(name) })
+	t.Cleanup(func() { ns.Close() })
 	nl, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		t.Fatal(err)
@@ -55,7 +49,7 @@ func guestNet(t *testing.T) (*Service, *netlink.Handle, net.HardwareAddr) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := NewService(ServiceConfig{StateDir: t.TempDir(), NoPivotRoot: true, NetNS: "/var/run/netns/" + name})
+	svc, err := NewService(ServiceConfig{StateDir: t.TempDir(), NoPivotRoot: true, NetNS: path})
 	if err != nil {
 		t.Fatal(err)
 	}

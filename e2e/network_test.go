@@ -7,7 +7,6 @@ import (
 	"os"
 	osexec "os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,28 +28,22 @@ type podNet struct {
 
 func newNamedNS(t *testing.T, name string) *netlink.Handle {
 	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
+	path, remove, err := testbed.NewNetNS(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name)
+	ns, err := netns.GetFromPath(path)
 	if err != nil {
-		t.Fatalf("netns %s: %v", name, err)
+		t.Fatal(err)
 	}
 	defer ns.Close()
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		h.Close()
-		if err := netns.DeleteNamed(name); err != nil {
+		if err := remove(); err != nil {
 			t.Errorf("delete netns %s: %v", name, err)
 		}
 	})

@@ -6,12 +6,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/colo-runtime/colo/testbed"
 )
 
 // testNet is a pod namespace with a veth "eth0" whose peer "peer0"
@@ -22,22 +23,11 @@ type testNet struct {
 
 func newNamespace(t *testing.T, name string) {
 	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
+	_, remove, err := testbed.NewNetNS(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name)
-	if err != nil {
-		t.Fatalf("new netns %s: %v", name, err)
-	}
-	ns.Close()
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { netns.DeleteNamed(name) })
+	t.Cleanup(func() { remove() })
 }
 
 func setupNet(t *testing.T) testNet {

@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -18,13 +17,13 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/fifo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
 	"github.com/colo-runtime/colo/storage"
+	"github.com/colo-runtime/colo/testbed"
 )
 
 const virtiofsdBinary = "/usr/lib/qemu/virtiofsd"
@@ -254,24 +253,12 @@ func waitExit(t *testing.T, exits <-chan Exit) Exit {
 // /var/run/netns for the test.
 func emptyNetns(t *testing.T) string {
 	t.Helper()
-	name := fmt.Sprintf("colo-sandbox-test-%d", os.Getpid())
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
+	path, remove, err := testbed.NewNetNS(fmt.Sprintf("colo-sandbox-test-%d", os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns.Close()
-	if err := netns.Set(orig); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { netns.DeleteNamed(name) })
-	return filepath.Join("/var/run/netns", name)
+	t.Cleanup(func() { remove() })
+	return path
 }
 
 func TestLifecycle(t *testing.T) {
