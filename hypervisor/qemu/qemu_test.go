@@ -769,9 +769,44 @@ func TestTemplate(t *testing.T) {
 	if len(names) != 2 || !strings.HasSuffix(names[1], ".lock") {
 		t.Fatalf("template dir holds %v, want a template and its lock", names)
 	}
-	for _, f := range []string{templateState, templateMemory} {
+	for _, f := range []string{templateState, templateMemory, templateInputs} {
 		if _, err := os.Stat(filepath.Join(templates, names[0], f)); err != nil {
 			t.Errorf("template: %v", err)
 		}
+	}
+
+	// A rebuilt guest image gets a template of its own, and the old one,
+	// which no VM can come from any more, goes.
+	initrd := filepath.Join(t.TempDir(), "initrd.img")
+	b, err := os.ReadFile(guest.initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(initrd, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir := vmDir(t)
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates, Initrd: initrd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped(t, vm, dir)
+	if err := os.Chtimes(initrd, time.Now(), time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	dir = vmDir(t)
+	if vm, err = d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt-again", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates, Initrd: initrd}); err != nil {
+		t.Fatal(err)
+	}
+	stopped(t, vm, dir)
+	var dirs []string
+	entries, _ = os.ReadDir(templates)
+	for _, e := range entries {
+		if e.IsDir() {
+			dirs = append(dirs, e.Name())
+		}
+	}
+	if len(dirs) != 2 || !slices.Contains(dirs, names[0]) {
+		t.Errorf("templates %v, want the first one and the latest (the one in between is stale)", dirs)
 	}
 }

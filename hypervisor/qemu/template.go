@@ -36,7 +36,42 @@ import (
 const (
 	templateState  = "state"
 	templateMemory = "memory"
+	// templateInputs records the files a template was made from, so that
+	// a template whose guest image was rebuilt can be told stale.
+	templateInputs = "inputs.json"
 )
+
+// input is a file a template depends on, as it was.
+type input struct {
+	Path  string `json:"path"`
+	Size  int64  `json:"size"`
+	MTime int64  `json:"mtime_ns"`
+}
+
+// inputs are the files a VM's template depends on: the QEMU binary, the
+// kernel and the initrd.
+func (d *Driver) inputs(cfg hypervisor.VMConfig) ([]input, error) {
+	var in []input
+	for _, p := range []string{d.path, cfg.Kernel, cfg.Initrd} {
+		st, err := os.Stat(p)
+		if err != nil {
+			return nil, err
+		}
+		in = append(in, input{Path: p, Size: st.Size(), MTime: st.ModTime().UnixNano()})
+	}
+	return in, nil
+}
+
+// stale tells whether a file a template was made from changed or went.
+func stale(in []input) bool {
+	for _, i := range in {
+		st, err := os.Stat(i.Path)
+		if err != nil || st.Size() != i.Size || st.ModTime().UnixNano() != i.MTime {
+			return true
+		}
+	}
+	return false
+}
 
 // errTemplateUnusable means the VM cannot come from a template for a reason
 // that booting it does not share (a failed save or restore); Start boots it.
@@ -94,12 +129,12 @@ func (d *Driver) templateKey(cfg hypervisor.VMConfig) (string, error) {
 	for _, a := range d.templateLaunch(cfg, "/template").args() {
 		fmt.Fprintf(h, "%s\x00", a)
 	}
-	for _, p := range []string{d.path, cfg.Kernel, cfg.Initrd} {
-		st, err := os.Stat(p)
-		if err != nil {
-			return "", err
-		}
-		fmt.Fprintf(h, "%s %d %d\x00", p, st.Size(), st.ModTime().UnixNano())
+	in, err := d.inputs(cfg)
+	if err != nil {
+		return "", err
+	}
+	for _, i := range in {
+		fmt.Fprintf(h, "%s %d %d\x00", i.Path, i.Size, i.MTime)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
@@ -184,11 +219,54 @@ func (d *Driver) ensureTemplate(ctx context.Context, cfg hypervisor.VMConfig, di
 	if err := d.makeTemplate(ctx, cfg, tmp); err != nil {
 		return err
 	}
+	in, err := d.inputs(cfg)
+	if err == nil {
+		var b []byte
+		if b, err = json.Marshal(in); err == nil {
+			err = os.WriteFile(filepath.Join(tmp, templateInputs), b, 0o600)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", errTemplateUnusable, err)
+	}
 	if err := os.Rename(tmp, dir); err != nil {
 		return fmt.Errorf("%w: %w", errTemplateUnusable, err)
 	}
 	log.G(ctx).WithFields(log.Fields{"template": dir, "took": time.Since(begin)}).Info("qemu: template made")
+	removeStale(ctx, cfg.TemplateDir)
 	return nil
+}
+
+// removeStale removes the templates whose guest image or QEMU changed
+// since they were made: no VM can come from them any more, and their
+// memory sits in a tmpfs. Clones still running keep their own mappings.
+func removeStale(ctx context.Context, templateDir string) {
+	entries, _ := os.ReadDir(templateDir)
+	for _, e := range entries {
+		dir := filepath.Join(templateDir, e.Name())
+		b, err := os.ReadFile(filepath.Join(dir, templateInputs))
+		if !e.IsDir() || err != nil {
+			continue
+		}
+		var in []input
+		if json.Unmarshal(b, &in) != nil || !stale(in) {
+			continue
+		}
+		// Not while another shim makes or checks it.
+		nowait, cancel := context.WithCancel(ctx)
+		cancel()
+		unlock, err := lockFile(nowait, dir+".lock")
+		if err != nil {
+			continue
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			log.G(ctx).WithError(err).Warn("qemu: remove a stale template")
+		} else {
+			os.Remove(dir + ".lock")
+			log.G(ctx).WithField("template", dir).Info("qemu: stale template removed")
+		}
+		unlock()
+	}
 }
 
 // makeTemplate boots cfg's template in dir, waits for its agent to open
