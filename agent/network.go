@@ -38,6 +38,27 @@ func (s *Service) netHandle() (*netlink.Handle, error) {
 	return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 }
 
+// withNetlink runs fn with a netlink handle in the service's network
+// namespace, one change to the guest's network at a time.
+func (s *Service) withNetlink(fn func(*netlink.Handle) error) error {
+	nl, err := s.netHandle()
+	if err != nil {
+		return err
+	}
+	defer nl.Close()
+	s.netMu.Lock()
+	defer s.netMu.Unlock()
+	return fn(nl)
+}
+
+// family is the netlink address family of ip.
+func family(ip netip.Addr) int {
+	if ip.Is4() {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
+}
+
 // UpdateInterface gives the NIC with the request's MAC the name, MTU and
 // addresses of the pod interface it stands in for, and brings it up.
 func (s *Service) UpdateInterface(ctx context.Context, req *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
@@ -59,13 +80,18 @@ func (s *Service) UpdateInterface(ctx context.Context, req *agentproto.UpdateInt
 			Flags: unix.IFA_F_NODAD,
 		})
 	}
-	nl, err := s.netHandle()
-	if err != nil {
-		return nil, err
-	}
-	defer nl.Close()
-	s.netMu.Lock()
-	defer s.netMu.Unlock()
+	var iface *agentproto.Interface
+	err = s.withNetlink(func(nl *netlink.Handle) error {
+		var err error
+		iface, err = s.configureLink(ctx, nl, want, mac, addrs)
+		return err
+	})
+	return iface, err
+}
+
+// configureLink gives the NIC with the MAC the name, MTU and addresses
+// wanted, brings it up and pins its interrupts.
+func (s *Service) configureLink(ctx context.Context, nl *netlink.Handle, want *agentproto.Interface, mac net.HardwareAddr, addrs []*netlink.Addr) (*agentproto.Interface, error) {
 	link, err := waitLinkByMAC(ctx, nl, mac)
 	if err != nil {
 		return nil, fmt.Errorf("interface %s: %w", want.GetName(), err)
@@ -168,23 +194,22 @@ func describeLink(nl *netlink.Handle, link netlink.Link) (*agentproto.Interface,
 // UpdateRoutes adds (or replaces) the routes, in order: a route through a
 // gateway must come after the route that reaches the gateway.
 func (s *Service) UpdateRoutes(ctx context.Context, req *agentproto.UpdateRoutesRequest) (*agentproto.UpdateRoutesResponse, error) {
-	nl, err := s.netHandle()
+	resp := &agentproto.UpdateRoutesResponse{}
+	err := s.withNetlink(func(nl *netlink.Handle) error {
+		for _, r := range req.GetRoutes() {
+			route, err := toRoute(nl, r)
+			if err != nil {
+				return err
+			}
+			if err := nl.RouteReplace(route); err != nil {
+				return fmt.Errorf("route %s via %q dev %s: %w", routeDest(r), r.GetGateway(), r.GetDevice(), err)
+			}
+			resp.Routes = append(resp.Routes, r)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	defer nl.Close()
-	s.netMu.Lock()
-	defer s.netMu.Unlock()
-	resp := &agentproto.UpdateRoutesResponse{}
-	for _, r := range req.GetRoutes() {
-		route, err := toRoute(nl, r)
-		if err != nil {
-			return nil, err
-		}
-		if err := nl.RouteReplace(route); err != nil {
-			return nil, fmt.Errorf("route %s via %q dev %s: %w", routeDest(r), r.GetGateway(), r.GetDevice(), err)
-		}
-		resp.Routes = append(resp.Routes, r)
 	}
 	return resp, nil
 }
@@ -202,14 +227,15 @@ func toRoute(nl *netlink.Handle, r *agentproto.Route) (*netlink.Route, error) {
 		return nil, fmt.Errorf("route %s: device %q: %w", routeDest(r), r.GetDevice(), errdefs.ErrNotFound)
 	}
 	route := &netlink.Route{LinkIndex: link.Attrs().Index, Scope: netlink.Scope(r.GetScope()), MTU: int(r.GetMtu())}
-	family := 0
+	// Destination, gateway and source are all of one family.
+	var seen netip.Addr
 	if d := r.GetDest(); d != "" {
 		p, err := netip.ParsePrefix(d)
 		if err != nil {
 			return nil, fmt.Errorf("route %s: %w", d, errdefs.ErrInvalidArgument)
 		}
 		route.Dst = &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-		family = p.Addr().BitLen()
+		seen = p.Addr()
 	}
 	for _, f := range []struct {
 		what string
@@ -220,58 +246,50 @@ func toRoute(nl *netlink.Handle, r *agentproto.Route) (*netlink.Route, error) {
 			continue
 		}
 		ip, err := netip.ParseAddr(f.v)
-		if err != nil || family != 0 && ip.BitLen() != family {
+		if err != nil || seen.IsValid() && ip.BitLen() != seen.BitLen() {
 			return nil, fmt.Errorf("route %s: %s %q: %w", routeDest(r), f.what, f.v, errdefs.ErrInvalidArgument)
 		}
 		*f.to = ip.AsSlice()
-		family = ip.BitLen()
+		seen = ip
 	}
-	if family == 0 {
+	if !seen.IsValid() {
 		return nil, fmt.Errorf("route: neither destination nor gateway: %w", errdefs.ErrInvalidArgument)
 	}
 	if route.Dst == nil {
-		// The default route of its family.
-		route.Family = netlink.FAMILY_V4
-		if family == 128 {
-			route.Family = netlink.FAMILY_V6
-		}
+		route.Family = family(seen) // the default route of its family
 	}
 	return route, nil
 }
 
 // AddARPNeighbors adds permanent neighbour entries.
 func (s *Service) AddARPNeighbors(ctx context.Context, req *agentproto.AddARPNeighborsRequest) (*emptypb.Empty, error) {
-	nl, err := s.netHandle()
+	err := s.withNetlink(func(nl *netlink.Handle) error {
+		for _, n := range req.GetNeighbors() {
+			ip, err := netip.ParseAddr(n.GetIpAddress())
+			if err != nil {
+				return fmt.Errorf("neighbour %q: %w", n.GetIpAddress(), errdefs.ErrInvalidArgument)
+			}
+			mac, err := net.ParseMAC(n.GetHwAddr())
+			if err != nil {
+				return fmt.Errorf("neighbour %s: hw_addr %q: %w", ip, n.GetHwAddr(), errdefs.ErrInvalidArgument)
+			}
+			link, err := nl.LinkByName(n.GetDevice())
+			if err != nil {
+				return fmt.Errorf("neighbour %s: device %q: %w", ip, n.GetDevice(), errdefs.ErrNotFound)
+			}
+			state := int(n.GetState())
+			if state == 0 {
+				state = netlink.NUD_PERMANENT
+			}
+			neigh := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: family(ip), State: state, IP: ip.AsSlice(), HardwareAddr: mac}
+			if err := nl.NeighSet(neigh); err != nil {
+				return fmt.Errorf("neighbour %s on %s: %w", ip, n.GetDevice(), err)
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	defer nl.Close()
-	s.netMu.Lock()
-	defer s.netMu.Unlock()
-	for _, n := range req.GetNeighbors() {
-		ip, err := netip.ParseAddr(n.GetIpAddress())
-		if err != nil {
-			return nil, fmt.Errorf("neighbour %q: %w", n.GetIpAddress(), errdefs.ErrInvalidArgument)
-		}
-		mac, err := net.ParseMAC(n.GetHwAddr())
-		if err != nil {
-			return nil, fmt.Errorf("neighbour %s: hw_addr %q: %w", ip, n.GetHwAddr(), errdefs.ErrInvalidArgument)
-		}
-		link, err := nl.LinkByName(n.GetDevice())
-		if err != nil {
-			return nil, fmt.Errorf("neighbour %s: device %q: %w", ip, n.GetDevice(), errdefs.ErrNotFound)
-		}
-		state := int(n.GetState())
-		if state == 0 {
-			state = netlink.NUD_PERMANENT
-		}
-		family := netlink.FAMILY_V4
-		if ip.Is6() {
-			family = netlink.FAMILY_V6
-		}
-		if err := nl.NeighSet(&netlink.Neigh{LinkIndex: link.Attrs().Index, Family: family, State: state, IP: ip.AsSlice(), HardwareAddr: mac}); err != nil {
-			return nil, fmt.Errorf("neighbour %s on %s: %w", ip, n.GetDevice(), err)
-		}
 	}
 	return &emptypb.Empty{}, nil
 }

@@ -204,24 +204,15 @@ func colocation(out string, d time.Duration) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	// The colo pod at offline priority sets its own pod weight.
-	cd, err := testbed.Start(ctx, testbed.Options{Namespace: colocationNamespace,
+	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: colocationNamespace,
 		ColoConfig: "[colocation]\nannotations = [\"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n"})
 	if err != nil {
 		return err
 	}
 	defer func() {
 		removeCgroup(onlineCgroup())
-		leaks := cd.WaitNoLeaks(ctx)
-		if stopErr := cd.Stop(); err == nil {
-			err = stopErr
-		}
-		if err == nil && len(leaks) > 0 {
-			err = fmt.Errorf("left behind: %s", strings.Join(leaks, "; "))
-		}
+		stopBed(&err)
 	}()
-	if err := cd.ImportBusybox(ctx); err != nil {
-		return err
-	}
 	rep := ColocationReport{Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Duration: d.String()}
 	offline := []string{
 		"--annotation", sandbox.PodWeightAnnotation + "=2",

@@ -164,22 +164,11 @@ type Memory struct {
 func run(o options) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cd, err := testbed.Start(ctx, testbed.Options{Namespace: "bench", ColoConfig: o.coloConfig})
+	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: "bench", ColoConfig: o.coloConfig})
 	if err != nil {
 		return err
 	}
-	defer func() {
-		leaks := cd.WaitNoLeaks(ctx)
-		if stopErr := cd.Stop(); err == nil {
-			err = stopErr
-		}
-		if err == nil && len(leaks) > 0 {
-			err = fmt.Errorf("left behind: %s", strings.Join(leaks, "; "))
-		}
-	}()
-	if err := cd.ImportBusybox(ctx); err != nil {
-		return err
-	}
+	defer stopBed(&err)
 	rep := Report{
 		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Runs: o.runs, Pods: o.pods, ColoConfig: o.coloConfig,
 		Cold: map[string]Stats{}, Stages: map[string]Stats{}, Parallel: map[string]Stats{}, Exec: map[string]Stats{},
@@ -262,6 +251,30 @@ func run(o options) (err error) {
 		}
 	}
 	return write(o.out, rep)
+}
+
+// startTestbed starts a private containerd with the busybox image. Its
+// stop checks that nothing was left behind and joins what went wrong into
+// *err, unless *err is set already.
+func startTestbed(ctx context.Context, opts testbed.Options) (*testbed.Containerd, func(*error), error) {
+	cd, err := testbed.Start(ctx, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := func(err *error) {
+		leaks := cd.WaitNoLeaks(ctx)
+		if stopErr := cd.Stop(); *err == nil {
+			*err = stopErr
+		}
+		if *err == nil && len(leaks) > 0 {
+			*err = fmt.Errorf("left behind: %s", strings.Join(leaks, "; "))
+		}
+	}
+	if err := cd.ImportBusybox(ctx); err != nil {
+		stop(&err)
+		return nil, nil, err
+	}
+	return cd, stop, nil
 }
 
 // measureVariant starts colo with the variant's config: a first start,
