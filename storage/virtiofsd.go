@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,14 +51,38 @@ func (c VirtiofsdConfig) args() []string {
 }
 
 // Virtiofsd is a running virtiofsd process.
+//
+// virtiofsd forks a sandbox child once the VM connects; that child keeps
+// virtiofsd's stderr open and may outlive its parent. So the process's
+// exit is never inferred from its output: the daemon is waited for on its
+// own, its output is read from a pipe whose read end we close ourselves,
+// and Stop takes down every process of virtiofsd's process group before it
+// stops reading.
 type Virtiofsd struct {
 	cmd    *exec.Cmd
+	self   proc
 	socket string
 	stderr *lineTail
+	errR   *os.File
+	// drained is closed once the output reader has returned.
+	drained chan struct{}
 
 	done chan struct{}
 	err  error // why the process exited; set before done is closed
 }
+
+const (
+	// virtiofsdStopGrace bounds the wait for virtiofsd to exit on SIGTERM,
+	// whatever the caller's context allows, before everything of it is
+	// killed.
+	virtiofsdStopGrace = 5 * time.Second
+	// killWait bounds the wait for a SIGKILLed process to be gone.
+	killWait = 5 * time.Second
+	// drainGrace bounds reading a process's output once it exited: what
+	// is still buffered is read, a writer left holding the pipe is not
+	// waited for.
+	drainGrace = 500 * time.Millisecond
+)
 
 // StartVirtiofsd starts virtiofsd and returns once its socket is listening.
 // The daemon outlives ctx; only Stop ends it. On error nothing is left
@@ -71,22 +94,35 @@ func StartVirtiofsd(ctx context.Context, cfg VirtiofsdConfig) (_ *Virtiofsd, ret
 	if err := os.Remove(cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("virtiofsd: remove stale socket: %w", err)
 	}
-	cmd := exec.Command(cfg.Binary, cfg.args()...)
-	stderr, err := cmd.StderrPipe()
+	errR, errW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("virtiofsd: %w", err)
 	}
-	if err := cmd.Start(); err != nil {
+	cmd := exec.Command(cfg.Binary, cfg.args()...)
+	// An *os.File is handed to the process as it is: Wait does not wait
+	// for a copying goroutine, so it returns when the process exits.
+	cmd.Stderr = errW
+	// Its own process group, so that the sandbox child it forks can be
+	// found after the parent is gone.
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	err = cmd.Start()
+	errW.Close()
+	if err != nil {
+		errR.Close()
 		return nil, fmt.Errorf("virtiofsd: start %s: %w", cfg.Binary, err)
 	}
 	v := &Virtiofsd{
-		cmd:    cmd,
-		socket: cfg.SocketPath,
-		stderr: newLineTail(8),
-		done:   make(chan struct{}),
+		cmd:     cmd,
+		self:    procOf(cmd.Process.Pid),
+		socket:  cfg.SocketPath,
+		stderr:  newLineTail(8),
+		errR:    errR,
+		drained: make(chan struct{}),
+		done:    make(chan struct{}),
 	}
 	logger := log.G(ctx).WithFields(log.Fields{"virtiofsd": cmd.Process.Pid})
-	go v.wait(logger, stderr)
+	go v.drain(logger)
+	go v.wait()
 	defer func() {
 		if retErr != nil {
 			_ = v.Stop(context.WithoutCancel(ctx))
@@ -113,17 +149,28 @@ func StartVirtiofsd(ctx context.Context, cfg VirtiofsdConfig) (_ *Virtiofsd, ret
 	}
 }
 
-func (v *Virtiofsd) wait(logger *log.Entry, stderr io.Reader) {
-	sc := bufio.NewScanner(stderr)
+// drain keeps virtiofsd's last lines of output and logs them. It returns
+// at EOF or once Stop closes the pipe.
+func (v *Virtiofsd) drain(logger *log.Entry) {
+	defer close(v.drained)
+	sc := bufio.NewScanner(v.errR)
 	for sc.Scan() {
 		line := sc.Text()
 		v.stderr.add(line)
 		logger.Debug(line)
 	}
-	// Wait closes the pipe, so it must come after the last read.
+}
+
+func (v *Virtiofsd) wait() {
 	err := v.cmd.Wait()
 	if err == nil {
 		err = errors.New("exited with status 0")
+	}
+	// Give the reader a moment for the last lines, for Err's sake; a
+	// forked child holding the pipe open does not hold this up.
+	select {
+	case <-v.drained:
+	case <-time.After(drainGrace):
 	}
 	v.err = err
 	close(v.done)
@@ -145,44 +192,41 @@ func (v *Virtiofsd) Err() error {
 	}
 }
 
-// Stop ends virtiofsd: SIGTERM, then SIGKILL once ctx is done. It returns
-// once the process and the child it forks for its sandbox are gone, and
-// removes the socket and virtiofsd's pid file. Stopping a stopped
-// virtiofsd only removes what is left.
+// Stop ends virtiofsd: SIGTERM, then SIGKILL to it and every process it
+// forked once ctx is done or virtiofsdStopGrace has passed, whichever
+// comes first. It returns once they are all gone (or could not be killed
+// within killWait), stops reading their output, and removes the socket and
+// virtiofsd's pid file. Stopping a stopped virtiofsd only removes what is
+// left.
 func (v *Virtiofsd) Stop(ctx context.Context) error {
-	var children []proc
+	arg := "--socket-path=" + v.socket
+	procs := append([]proc{v.self}, groupMembers(v.Pid(), arg)...)
 	select {
 	case <-v.done:
 	default:
-		// The namespace sandbox runs in a child of the process we
-		// started; remember it before its parent dies and it is
-		// reparented.
-		children = childPids(v.Pid())
 		_ = v.cmd.Process.Signal(unix.SIGTERM)
-		select {
-		case <-v.done:
-		case <-ctx.Done():
-			_ = v.cmd.Process.Kill()
-			<-v.done
-		}
 	}
-	var errs []error
-	for _, c := range children {
-		if err := waitGone(ctx, c); err != nil {
-			_ = c.kill()
-			if err := waitGone(context.Background(), c); err != nil {
-				errs = append(errs, err)
-			}
-		}
+	graceCtx, cancel := context.WithTimeout(ctx, virtiofsdStopGrace)
+	err := waitAllGone(graceCtx, procs)
+	cancel()
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("virtiofsd: did not stop on SIGTERM; killing it")
+		// Members forked since the first look are found again here.
+		procs = append(procs, groupMembers(v.Pid(), arg)...)
+		err = killAll(procs)
 	}
-	errs = append(errs, removeVirtiofsdFiles(v.socket))
-	return errors.Join(errs...)
+	// Everything that could write to the pipe is gone: what is left in it
+	// is read, then the reader is stopped whatever holds the write end.
+	_ = v.errR.SetReadDeadline(time.Now().Add(drainGrace))
+	<-v.drained
+	v.errR.Close()
+	return errors.Join(err, removeVirtiofsdFiles(v.socket))
 }
 
 // CleanupVirtiofsd kills a virtiofsd left behind by a crashed shim and
 // removes its socket and pid file. pid is what the shim recorded (0 if
-// none); virtiofsd's own pid file is tried too. A pid is only killed if its
-// command line names socketPath, so a reused pid is never hit.
+// none); virtiofsd's own pid file is tried too. A process is only killed
+// if its command line names socketPath, so a reused pid is never hit.
 func CleanupVirtiofsd(ctx context.Context, pid int, socketPath string) error {
 	pids := []int{pid}
 	if b, err := os.ReadFile(virtiofsdPidFile(socketPath)); err == nil {
@@ -190,25 +234,44 @@ func CleanupVirtiofsd(ctx context.Context, pid int, socketPath string) error {
 			pids = append(pids, p)
 		}
 	}
-	var errs []error
+	arg := "--socket-path=" + socketPath
+	var all []proc
 	for _, p := range pids {
-		if p <= 0 || !cmdlineHas(p, "--socket-path="+socketPath) {
+		if p <= 0 {
 			continue
 		}
-		parent := procOf(p)
-		children := childPids(p)
-		log.G(ctx).WithField("pid", p).Info("killing virtiofsd left behind")
-		all := append([]proc{parent}, children...)
-		for _, c := range all {
-			_ = c.kill()
+		if cmdlineHas(p, arg) {
+			all = append(all, procOf(p))
 		}
-		for _, c := range all {
-			if err := waitGone(ctx, c); err != nil {
-				errs = append(errs, err)
-			}
-		}
+		// The sandbox child, even when its parent is gone already.
+		all = append(all, groupMembers(p, arg)...)
+	}
+	var errs []error
+	if len(all) > 0 {
+		log.G(ctx).WithField("pids", all).Info("killing virtiofsd left behind")
+		errs = append(errs, killAll(all))
 	}
 	errs = append(errs, removeVirtiofsdFiles(socketPath))
+	return errors.Join(errs...)
+}
+
+// killAll SIGKILLs procs and waits, at most killWait, for them to be gone.
+func killAll(procs []proc) error {
+	for _, p := range procs {
+		_ = p.kill()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), killWait)
+	defer cancel()
+	return waitAllGone(ctx, procs)
+}
+
+func waitAllGone(ctx context.Context, procs []proc) error {
+	var errs []error
+	for _, p := range procs {
+		if err := waitGone(ctx, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -268,11 +331,12 @@ func waitGone(ctx context.Context, p proc) error {
 
 type stat struct {
 	state string
+	pgrp  int
 	start string
 }
 
-// procStat reads the state (field 3) and start time (field 22) of a
-// process from /proc/<pid>/stat.
+// procStat reads the state (field 3), process group (field 5) and start
+// time (field 22) of a process from /proc/<pid>/stat.
 func procStat(pid int) (stat, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
@@ -287,23 +351,30 @@ func procStat(pid int) (stat, error) {
 	if len(f) < 20 {
 		return stat{}, fmt.Errorf("malformed /proc/%d/stat", pid)
 	}
-	return stat{state: f[0], start: f[19]}, nil
+	pgrp, err := strconv.Atoi(f[2])
+	if err != nil {
+		return stat{}, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
+	}
+	return stat{state: f[0], pgrp: pgrp, start: f[19]}, nil
 }
 
-// childPids lists the children of pid, from every thread's children file.
-func childPids(pid int) []proc {
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+// groupMembers lists the live processes of process group pgid, other than
+// its leader, whose command line has arg. virtiofsd's sandbox child is a
+// fork and keeps its parent's command line, so the check finds it while
+// it shuts out any process that took over a reused group id.
+func groupMembers(pgid int, arg string) []proc {
+	entries, _ := os.ReadDir("/proc")
 	var out []proc
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == pgid {
 			continue
 		}
-		for _, f := range strings.Fields(string(b)) {
-			if c, err := strconv.Atoi(f); err == nil {
-				out = append(out, procOf(c))
-			}
+		st, err := procStat(pid)
+		if err != nil || st.pgrp != pgid || !cmdlineHas(pid, arg) {
+			continue
 		}
+		out = append(out, proc{pid: pid, start: st.start})
 	}
 	return out
 }

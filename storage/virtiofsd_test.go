@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -161,7 +163,7 @@ func TestVirtiofsdConnected(t *testing.T) {
 			t.Fatalf("qemu exited: %v", err)
 		case <-time.After(10 * time.Millisecond):
 		}
-		children = childPids(v.Pid())
+		children = groupMembers(v.Pid(), "--socket-path="+cfg.SocketPath)
 	}
 	child := children[0]
 
@@ -194,6 +196,140 @@ func TestVirtiofsdConnected(t *testing.T) {
 		t.Errorf("virtiofsd's sandbox child %d still running", child.pid)
 	}
 	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
+}
+
+// TestMain lets the test binary stand in for a virtiofsd that misbehaves
+// the way the real one can: it forks a child that keeps stderr open and
+// ignores SIGTERM, and then (as the parent) dies on SIGTERM.
+func TestMain(m *testing.M) {
+	switch os.Getenv(fakeVirtiofsdEnv) {
+	case "parent":
+		fakeVirtiofsdParent()
+	case "child":
+		signal.Ignore(unix.SIGTERM)
+		fmt.Fprintln(os.Stderr, "child holding stderr")
+		time.Sleep(2 * time.Minute)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+const fakeVirtiofsdEnv = "COLO_TEST_FAKE_VIRTIOFSD"
+
+func fakeVirtiofsdParent() {
+	var socket string
+	for _, a := range os.Args[1:] {
+		if s, ok := strings.CutPrefix(a, "--socket-path="); ok {
+			socket = s
+		}
+	}
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer l.Close()
+	// The child keeps the parent's command line, as a fork would.
+	child := exec.Command(os.Args[0], os.Args[1:]...)
+	child.Env = append(os.Environ(), fakeVirtiofsdEnv+"=child")
+	child.Stderr = os.Stderr
+	if err := child.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Fprintln(os.Stderr, "parent listening")
+	time.Sleep(2 * time.Minute)
+	os.Exit(0)
+}
+
+// TestVirtiofsdStopOrphanHoldsStderr is the hang that Stop once had: the
+// parent exits on SIGTERM, but a child it forked keeps stderr open and
+// ignores SIGTERM. Stop must kill the child rather than wait for EOF.
+func TestVirtiofsdStopOrphanHoldsStderr(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	t.Setenv(fakeVirtiofsdEnv, "parent")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := VirtiofsdConfig{
+		Binary:     exe,
+		SocketPath: filepath.Join(dir, "virtiofsd.sock"),
+		SharedDir:  dir,
+	}
+	v, err := StartVirtiofsd(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	arg := "--socket-path=" + cfg.SocketPath
+	var children []proc
+	for len(children) == 0 {
+		children = groupMembers(v.Pid(), arg)
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	stopped := make(chan error, 1)
+	go func() { stopped <- v.Stop(context.Background()) }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(virtiofsdStopGrace + killWait + time.Minute):
+		_ = killAll(append(children, v.self))
+		t.Fatal("Stop did not return")
+	}
+	for _, c := range children {
+		if !c.gone() {
+			t.Errorf("forked child %d still running after Stop", c.pid)
+		}
+	}
+	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
+	if !strings.Contains(v.Err().Error(), "parent listening") {
+		t.Errorf("Err() = %v, want the parent's last output", v.Err())
+	}
+}
+
+// TestCleanupVirtiofsdOrphan: a crashed shim's virtiofsd whose parent is
+// gone already leaves its forked child; cleanup finds it by process group.
+func TestCleanupVirtiofsdOrphan(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	socket := filepath.Join(dir, "virtiofsd.sock")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, VirtiofsdConfig{SocketPath: socket, SharedDir: dir}.args()...)
+	cmd.Env = append(os.Environ(), fakeVirtiofsdEnv+"=parent")
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	arg := "--socket-path=" + socket
+	var children []proc
+	for len(children) == 0 {
+		children = groupMembers(cmd.Process.Pid, arg)
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Cleanup(func() { _ = killAll(children) })
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := CleanupVirtiofsd(ctx, cmd.Process.Pid, socket); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range children {
+		if !c.gone() {
+			t.Errorf("orphaned child %d still running after CleanupVirtiofsd", c.pid)
+		}
+	}
+	if _, err := os.Stat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left behind: %v", err)
+	}
 }
 
 func TestCleanupVirtiofsd(t *testing.T) {
