@@ -38,7 +38,8 @@ type Config struct {
 // Colocation configures CPU priority classes (docs/colocation.md): on the
 // host, each class's vCPU threads get a cgroup of their own under the
 // sandbox's, with the class's CPU weight; in the guest, containers that
-// choose a class (annotation io.colo.class) run on its vCPUs.
+// choose a class (annotation io.colo.class, where Annotations allows it)
+// run on its vCPUs.
 type Colocation struct {
 	// Classes, from the highest priority to the lowest (default high:
 	// weight 100, low: weight 10 and oom_score_adj 500). The guest's
@@ -57,9 +58,21 @@ type Colocation struct {
 	// OverheadIdle runs those under SCHED_IDLE. Pod annotation
 	// io.colo.overhead-idle ("true").
 	OverheadIdle bool `toml:"overhead_idle"`
-	// Annotations are the pod annotations above that pods may set
-	// (default io.colo.vcpus and io.colo.overhead-idle).
+	// Annotations are the io.colo.* annotations (ColocationAnnotations)
+	// that pods and containers may set (default none). They let a pod's
+	// author move their work to better vCPUs or away from the node's
+	// priorities, so the node's administrator opts in to each: one not
+	// listed is ignored.
 	Annotations []string `toml:"annotations"`
+}
+
+// ColocationAnnotations are the io.colo.* annotations colo knows, each of
+// which colocation.annotations may allow: io.colo.class (a container's
+// class), io.colo.vcpus, io.colo.pod-weight and io.colo.overhead-idle (a
+// pod's). Any other io.colo.* annotation is an error, so that a typo is
+// not mistaken for a setting that took effect.
+func ColocationAnnotations() []string {
+	return []string{"io.colo.class", "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle"}
 }
 
 // Class is a CPU priority class.
@@ -120,6 +133,13 @@ type Hypervisor struct {
 	// instead of booting each (default true; q35 with the serial agent
 	// channel only).
 	Template bool `toml:"template"`
+	// Sandbox runs QEMU under its seccomp filter (-sandbox on with
+	// obsolete, elevateprivileges, spawn and resourcecontrol denied;
+	// default true). Turning it off is unsafe: the guest is untrusted, and
+	// QEMU's device emulation is what stands between it and the host, so
+	// a guest that finds a bug there gets every system call a root process
+	// may make. Off is for debugging QEMU only.
+	Sandbox bool `toml:"sandbox"`
 }
 
 // Agent configures the channel to colo-agent.
@@ -175,6 +195,7 @@ func Default() Config {
 			ShutdownTimeout: Duration(5 * time.Second),
 			HotplugPorts:    6,
 			Template:        true,
+			Sandbox:         true,
 		},
 		Agent: Agent{
 			Channel:  "auto",
@@ -190,7 +211,6 @@ func Default() Config {
 				{Name: "low", Weight: 10, OOMScoreAdj: 500},
 			},
 			OverheadWeight: 100,
-			Annotations:    []string{"io.colo.vcpus", "io.colo.overhead-idle"},
 		},
 		Runtime: Runtime{
 			StateDir:    "/run/colo",
@@ -301,7 +321,7 @@ func (c Config) Validate() error {
 		}
 	}
 	for _, a := range c.Colocation.Annotations {
-		oneOf("colocation.annotations", a, "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle")
+		oneOf("colocation.annotations", a, ColocationAnnotations()...)
 	}
 	oneOf("agent.channel", c.Agent.Channel, "auto", "vsock", "serial")
 	oneOf("agent.log_level", c.Agent.LogLevel, "debug", "info", "warn", "error")

@@ -30,6 +30,21 @@ func TestParse(t *testing.T) {
 		{name: "bad enum", toml: "[hypervisor]\naccel = \"warp\"\n", wantErr: []string{`hypervisor.accel = "warp"`}},
 		{name: "bad duration", toml: "[hypervisor]\nboot_timeout = \"soon\"\n", wantErr: []string{"soon"}},
 		{name: "relative kernel", toml: "[hypervisor]\nkernel = \"vmlinux\"\n", wantErr: []string{"hypervisor.kernel", "absolute"}},
+		{name: "QEMU sandbox on by default", toml: "", check: func(c Config) bool { return c.Hypervisor.Sandbox }},
+		{name: "QEMU sandbox off", toml: "[hypervisor]\nsandbox = false\n", check: func(c Config) bool { return !c.Hypervisor.Sandbox }},
+		{name: "no co-location annotations allowed by default", toml: "", check: func(c Config) bool { return len(c.Colocation.Annotations) == 0 }},
+		{
+			name: "co-location annotations allowed",
+			toml: "[colocation]\nannotations = [\"io.colo.class\", \"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n",
+			check: func(c Config) bool {
+				return reflect.DeepEqual(c.Colocation.Annotations, ColocationAnnotations())
+			},
+		},
+		{
+			name:    "unknown co-location annotation",
+			toml:    "[colocation]\nannotations = [\"io.colo.class\", \"io.colo.vcpu\"]\n",
+			wantErr: []string{`colocation.annotations = "io.colo.vcpu"`, "io.colo.class"},
+		},
 		{
 			name:    "all errors at once",
 			toml:    "[hypervisor]\nvcpus = 0\nmemory_mb = 1\n[agent]\nchannel = \"pigeon\"\n",

@@ -71,7 +71,7 @@ func TestColocation(t *testing.T) {
 	n.addVeth("eth0", "10.77.5.2/24", "10.77.5.1/24", 1500)
 	checkNoLeaks(t, low, pod, "colo-bad-class", "colo-bad-vcpus")
 	cfg := coloConfig(t, "[colocation]\nvcpus = [\"high\", \"low\"]\noverhead_weight = 20\n"+
-		"annotations = [\"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n")
+		"annotations = [\"io.colo.class\", \"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n")
 	flags := func(kind string, annotations ...string) []string {
 		f := []string{"--null-io", "--runtime-config-path", cfg, "--with-ns=network:" + n.path(),
 			"--annotation", "io.kubernetes.cri.container-type=" + kind,

@@ -73,7 +73,8 @@ type pod struct {
 // configures one (metadata, labels, log directory, hostname, a cgroup
 // parent, namespace options), and registers its cleanup: what a failed
 // test left is stopped and removed, then the leak check runs.
-func runPod(ctx context.Context, t *testing.T, rs internalapi.RuntimeService, name, handler string) *pod {
+// Each mod changes the config before the pod is run.
+func runPod(ctx context.Context, t *testing.T, rs internalapi.RuntimeService, name, handler string, mods ...func(*runtimeapi.PodSandboxConfig)) *pod {
 	t.Helper()
 	p := &pod{rs: rs, uid: newUID(t)}
 	t.Cleanup(func() { p.cleanup(t) })
@@ -99,6 +100,9 @@ func runPod(ctx context.Context, t *testing.T, rs internalapi.RuntimeService, na
 			},
 		},
 	}
+	for _, mod := range mods {
+		mod(p.config)
+	}
 	id, err := rs.RunPodSandbox(ctx, p.config, handler)
 	if err != nil {
 		t.Fatalf("RunPodSandbox: %v", err)
@@ -117,6 +121,21 @@ func (p *pod) cgroupParent() string {
 // an emptyDir) at /data.
 func (p *pod) start(ctx context.Context, t *testing.T, name, volume string, command ...string) string {
 	t.Helper()
+	return p.startWith(ctx, t, name, func(c *runtimeapi.ContainerConfig) {
+		c.Command = command
+		c.Mounts = []*runtimeapi.Mount{{
+			ContainerPath: "/data",
+			HostPath:      volume,
+			Propagation:   runtimeapi.MountPropagation_PROPAGATION_PRIVATE,
+		}}
+	})
+}
+
+// startWith creates and starts a busybox container in the pod, as kubelet
+// does, with its log at <log directory>/<name>/0.log; mod completes the
+// config.
+func (p *pod) startWith(ctx context.Context, t *testing.T, name string, mod func(*runtimeapi.ContainerConfig)) string {
+	t.Helper()
 	// kubelet creates the container's log directory; the runtime the file.
 	if err := os.MkdirAll(filepath.Join(p.config.LogDirectory, name), 0o755); err != nil {
 		t.Fatal(err)
@@ -124,23 +143,18 @@ func (p *pod) start(ctx context.Context, t *testing.T, name, volume string, comm
 	config := &runtimeapi.ContainerConfig{
 		Metadata: &runtimeapi.ContainerMetadata{Name: name},
 		Image:    &runtimeapi.ImageSpec{Image: testbed.BusyboxImage},
-		Command:  command,
 		Labels: map[string]string{
 			"io.kubernetes.container.name": name,
 			"io.kubernetes.pod.uid":        p.uid,
 		},
 		LogPath: filepath.Join(name, "0.log"),
-		Mounts: []*runtimeapi.Mount{{
-			ContainerPath: "/data",
-			HostPath:      volume,
-			Propagation:   runtimeapi.MountPropagation_PROPAGATION_PRIVATE,
-		}},
 		Linux: &runtimeapi.LinuxContainerConfig{
 			SecurityContext: &runtimeapi.LinuxContainerSecurityContext{
 				NamespaceOptions: p.config.Linux.SecurityContext.NamespaceOptions,
 			},
 		},
 	}
+	mod(config)
 	id, err := p.rs.CreateContainer(ctx, p.id, config, p.config)
 	if err != nil {
 		t.Fatalf("CreateContainer %s: %v", name, err)

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
-	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/log"
@@ -15,158 +15,236 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// SetupShared creates dir (mode 0700 if missing), bind-mounts it on itself
-// and gives it a peer group of its own with shared propagation. Mounts made
-// under dir later (container rootfs) then also appear in the mount namespace
-// virtiofsd makes for itself, which is a slave copy taken when it starts.
-// Making it private first keeps those mounts from propagating into whatever
-// peer group the parent mount (often /run) belongs to.
-func SetupShared(dir string) (retErr error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create shared dir: %w", err)
+// The share of a sandbox is two trees in its directory (as Kata's
+// mounts/ and shared/):
+//
+//   - ShareMounts is host-only: every mount the shim makes for the guest
+//     (container rootfs, volumes) is made here, and the guest never sees
+//     this tree's own directories;
+//   - ShareView is what the guest is given: a read-only bind of
+//     ShareMounts that receives each mount made there (propagation), with
+//     that mount's own flags. The guest can write inside a writable rootfs
+//     or volume and nowhere else: not at the root, not in another
+//     container's directory, and it cannot rename or replace anything the
+//     host later acts on.
+const (
+	ShareMounts = "mounts"
+	ShareView   = "shared"
+)
+
+// SetupShare makes ShareMounts and ShareView below dir. record is called
+// with each mount's path relative to dir before the mount is made, so that
+// a crash never leaves a mount nobody knows of; undo them in reverse with
+// UnmountBeneath. On error what was made is recorded and left for that.
+func SetupShare(dir string, record func(rel string) error) error {
+	mounts, err := MkdirAllBeneath(dir, ShareMounts, 0o700)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", ShareMounts, err)
 	}
-	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind-mount shared dir %s on itself: %w", dir, err)
+	defer mounts.Close()
+	view, err := MkdirAllBeneath(dir, ShareView, 0o700)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", ShareView, err)
 	}
-	defer func() {
-		if retErr != nil {
-			_ = unix.Unmount(dir, unix.MNT_DETACH)
+	defer view.Close()
+
+	// ShareMounts becomes a mount of its own, private first so that what
+	// is mounted below it stays out of whatever peer group its parent
+	// (often /run) is in, then shared so that it reaches ShareView.
+	if err := record(ShareMounts); err != nil {
+		return err
+	}
+	if err := cloneMount(mounts, mounts, false, Writable); err != nil {
+		return fmt.Errorf("bind %s on itself: %w", ShareMounts, err)
+	}
+	if err := setPropagation(dir, ShareMounts, unix.MS_PRIVATE); err != nil {
+		return err
+	}
+	if err := setPropagation(dir, ShareMounts, unix.MS_SHARED); err != nil {
+		return err
+	}
+	// The view is read-only before it is anywhere: a read-only flag set
+	// after the fact would not reach the copies propagation made.
+	if err := record(ShareView); err != nil {
+		return err
+	}
+	src, err := OpenBeneath(dir, ShareMounts, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	if err := cloneMount(src, view, false, ReadOnly); err != nil {
+		return fmt.Errorf("bind %s read-only on %s: %w", ShareMounts, ShareView, err)
+	}
+	// A slave receives what is mounted in ShareMounts and sends nothing
+	// back; shared on top, so that virtiofsd's namespace (a slave copy
+	// taken when it starts) receives it in turn.
+	if err := setPropagation(dir, ShareView, unix.MS_SLAVE); err != nil {
+		return err
+	}
+	return setPropagation(dir, ShareView, unix.MS_SHARED)
+}
+
+// setPropagation changes the propagation of the mount at rel below root.
+func setPropagation(root, rel string, flag uintptr) error {
+	f, err := OpenBeneath(root, rel, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if mounted, err := isMountRoot(f); err != nil || !mounted {
+		if err == nil {
+			err = fmt.Errorf("%s is not a mount", f.Name())
 		}
-	}()
-	if err := unix.Mount("", dir, "", unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make shared dir %s private: %w", dir, err)
+		return err
 	}
-	if err := unix.Mount("", dir, "", unix.MS_SHARED|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("make shared dir %s rshared: %w", dir, err)
+	if err := unix.Mount("", procFD(f), "", flag, ""); err != nil {
+		return fmt.Errorf("set propagation of %s: %w", f.Name(), err)
 	}
 	return nil
 }
 
-// MountRootfs mounts containerd's rootfs mounts on target, creating target
-// and its parents (mode 0755: the guest walks them). On error nothing it
-// mounted stays mounted.
-func MountRootfs(ctx context.Context, mounts []mount.Mount, target string) error {
+// ReadOnlyMode says how a bind mount is read-only.
+type ReadOnlyMode int
+
+const (
+	// Writable leaves the mount as its source is.
+	Writable ReadOnlyMode = iota
+	// ReadOnly makes the mount itself read-only; mounts below it keep
+	// their own flags (Kubernetes' plain readOnly).
+	ReadOnly
+	// RecursiveReadOnly makes the mount and every mount below it
+	// read-only (OCI's "rro", Kubernetes' recursiveReadOnly).
+	RecursiveReadOnly
+)
+
+// cloneMount binds source on target (both open files, so no path is
+// resolved again) as one step: the mount is made detached, given its
+// flags, then moved into place, so that what propagation copies from
+// target already has them. recursive takes the mounts below source along.
+func cloneMount(source, target *os.File, recursive bool, ro ReadOnlyMode) error {
+	flags := uint(unix.OPEN_TREE_CLONE | unix.O_CLOEXEC)
+	if recursive {
+		flags |= unix.AT_RECURSIVE
+	}
+	fd, err := unix.OpenTree(int(source.Fd()), "", flags|unix.AT_EMPTY_PATH)
+	if err != nil {
+		return fmt.Errorf("open_tree %s: %w", source.Name(), err)
+	}
+	defer unix.Close(fd)
+	if ro != Writable {
+		attrFlags := uint(unix.AT_EMPTY_PATH)
+		if ro == RecursiveReadOnly {
+			attrFlags |= unix.AT_RECURSIVE
+		}
+		if err := unix.MountSetattr(fd, "", attrFlags, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY}); err != nil {
+			return fmt.Errorf("make bind of %s read-only: %w", source.Name(), err)
+		}
+	}
+	if err := unix.MoveMount(fd, "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move bind of %s to %s: %w", source.Name(), target.Name(), err)
+	}
+	return nil
+}
+
+// MountRootfs mounts containerd's rootfs mounts on rel below root (the
+// sandbox directory; rel inside ShareMounts), creating it and its parents
+// (mode 0755: the guest walks them) without following symlinks. On error
+// nothing it mounted stays mounted.
+func MountRootfs(ctx context.Context, mounts []mount.Mount, root, rel string) (retErr error) {
 	if len(mounts) == 0 {
 		return errors.New("no rootfs mounts given")
 	}
-	if err := os.MkdirAll(target, 0o755); err != nil {
+	target, err := MkdirAllBeneath(root, rel, 0o755)
+	if err != nil {
 		return fmt.Errorf("create rootfs mount point: %w", err)
 	}
-	if err := mount.All(mounts, target); err != nil {
-		if uerr := UnmountAll(ctx, target); uerr != nil {
-			log.G(ctx).WithError(uerr).WithField("target", target).Warn("undo partial rootfs mount")
+	defer target.Close()
+	defer func() {
+		if retErr != nil {
+			if err := UnmountBeneath(root, rel, true); err != nil {
+				log.G(ctx).WithError(err).WithField("target", target.Name()).Warn("undo partial rootfs mount")
+			}
 		}
-		return fmt.Errorf("mount rootfs at %s: %w", target, err)
+	}()
+	for i, m := range mounts {
+		// Stacked mounts go on top of what is there: the target is
+		// opened anew for each.
+		if i > 0 {
+			target.Close()
+			if target, err = OpenBeneath(root, rel, unix.O_PATH|unix.O_DIRECTORY); err != nil {
+				return err
+			}
+		}
+		if isBindMount(m) {
+			// A bind is made and then remounted for its flags, which
+			// propagation would not carry: clone it instead.
+			err = bindOnto(m.Source, target, slices.Contains(m.Options, "rbind"), mountReadOnly(m.Options))
+		} else {
+			err = m.Mount(procFD(target))
+		}
+		if err != nil {
+			return fmt.Errorf("mount rootfs at %s: %w", target.Name(), err)
+		}
 	}
 	return nil
 }
 
-// BindMount binds the host file or directory source on target, creating
-// target (and its parents, mode 0755) of the same kind; recursive takes
-// the mounts below source along (rbind), readonly makes the new mount
-// read-only. On error nothing stays mounted.
-func BindMount(source, target string, recursive, readonly bool) error {
+func isBindMount(m mount.Mount) bool {
+	return m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
+}
+
+// mountReadOnly reads the read-only options of a bind mount: "rro" is
+// recursive, "ro" the mount alone.
+func mountReadOnly(options []string) ReadOnlyMode {
+	switch {
+	case slices.Contains(options, "rro"):
+		return RecursiveReadOnly
+	case slices.Contains(options, "ro"):
+		return ReadOnly
+	}
+	return Writable
+}
+
+func bindOnto(source string, target *os.File, recursive bool, ro ReadOnlyMode) error {
+	// The source is a host path the orchestrator chose (a snapshot, a
+	// volume): it is resolved as given, once.
+	src, err := os.OpenFile(source, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("bind mount source: %w", err)
+	}
+	defer src.Close()
+	return cloneMount(src, target, recursive, ro)
+}
+
+// BindMount binds the host file or directory source on rel below root (the
+// sandbox directory; rel inside ShareMounts), creating rel (and its
+// parents, mode 0755) of the same kind without following symlinks;
+// recursive takes the mounts below source along (rbind), ro says how it
+// is read-only. On error nothing stays mounted.
+func BindMount(source, root, rel string, recursive bool, ro ReadOnlyMode) error {
 	st, err := os.Stat(source)
 	if err != nil {
 		return fmt.Errorf("bind mount source: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+	parent, err := MkdirAllBeneath(root, filepath.Dir(rel), 0o755)
+	if err != nil {
 		return fmt.Errorf("create bind mount point: %w", err)
 	}
+	parent.Close()
+	var target *os.File
 	if st.IsDir() {
-		err = os.Mkdir(target, 0o755)
+		target, err = MkdirAllBeneath(root, rel, 0o755)
 	} else {
-		var f *os.File
-		if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
-			err = f.Close()
-		}
+		target, err = CreateBeneath(root, rel, 0o644)
 	}
 	if err != nil {
 		return fmt.Errorf("create bind mount point: %w", err)
 	}
-	flags := uintptr(unix.MS_BIND)
-	if recursive {
-		flags |= unix.MS_REC
-	}
-	if err := unix.Mount(source, target, "", flags, ""); err != nil {
-		return fmt.Errorf("bind %s on %s: %w", source, target, err)
-	}
-	if readonly {
-		// A bind mount takes its flags only from a remount; nosuid and
-		// nodev must stay if source had them, or the remount fails.
-		var sfs unix.Statfs_t
-		if err := unix.Statfs(target, &sfs); err != nil {
-			_ = unix.Unmount(target, unix.MNT_DETACH)
-			return fmt.Errorf("statfs %s: %w", target, err)
-		}
-		var keep uintptr
-		for st, ms := range map[int64]uintptr{
-			unix.ST_NOSUID: unix.MS_NOSUID, unix.ST_NODEV: unix.MS_NODEV, unix.ST_NOEXEC: unix.MS_NOEXEC,
-			unix.ST_NOATIME: unix.MS_NOATIME, unix.ST_NODIRATIME: unix.MS_NODIRATIME, unix.ST_RELATIME: unix.MS_RELATIME,
-		} {
-			if sfs.Flags&st != 0 {
-				keep |= ms
-			}
-		}
-		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|keep, ""); err != nil {
-			_ = unix.Unmount(target, unix.MNT_DETACH)
-			return fmt.Errorf("make bind mount %s read-only: %w", target, err)
-		}
-	}
-	return nil
-}
-
-// UnmountAll unmounts every mount at or below dir, deepest first, and
-// checks that none is left. It is a no-op when dir does not exist. A mount
-// that stays busy is detached lazily (and logged) so that it no longer
-// pins the sandbox directory.
-func UnmountAll(ctx context.Context, dir string) error {
-	return unmountAll(ctx, dir, 0)
-}
-
-// DetachAll is UnmountAll for mounts that a running VM's file server may
-// hold open, such as a container's rootfs in a sandbox whose VM goes on
-// (the guest's 9p or virtio-fs client keeps files of a removed container
-// open for a while): it detaches them lazily at once, as Kata does, rather
-// than waiting in vain for them to be free.
-func DetachAll(ctx context.Context, dir string) error {
-	return unmountAll(ctx, dir, unix.MNT_DETACH)
-}
-
-func unmountAll(ctx context.Context, dir string, flags int) error {
-	dir, err := canonical(dir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
+	defer target.Close()
+	if err := bindOnto(source, target, recursive, ro); err != nil {
+		_ = UnmountBeneath(root, rel, true)
 		return err
-	}
-	points, err := MountsUnder(dir)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, p := range points {
-		if err := mount.UnmountAll(p, flags); err != nil {
-			if flags&unix.MNT_DETACH != 0 {
-				errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))
-				continue
-			}
-			log.G(ctx).WithError(err).WithField("mountpoint", p).Warn("unmount failed, detaching lazily")
-			if err := mount.UnmountAll(p, unix.MNT_DETACH); err != nil {
-				errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))
-			}
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	left, err := MountsUnder(dir)
-	if err != nil {
-		return err
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("mounts left under %s after unmounting: %s", dir, strings.Join(left, ", "))
 	}
 	return nil
 }
@@ -191,34 +269,11 @@ func MountsUnder(dir string) ([]string, error) {
 	return points, nil
 }
 
-// RemoveDir removes dir and everything in it, but only once no mount is
-// left below it: removing through a mount would delete a container's
-// files in the snapshot it came from.
+// RemoveDir removes dir (a sandbox directory: a path the host made) and
+// everything in it, but only once no mount is left below it: removing
+// through a mount would delete a container's files in the snapshot it came
+// from. Symlinks inside are removed as links, never followed.
 func RemoveDir(dir string) error {
-	cdir, err := canonical(dir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	left, err := MountsUnder(cdir)
-	if err != nil {
-		return err
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("refusing to remove %s: still mounted: %s", dir, strings.Join(left, ", "))
-	}
-	if err := os.RemoveAll(cdir); err != nil {
-		return fmt.Errorf("remove %s: %w", dir, err)
-	}
-	return nil
-}
-
-func canonical(p string) (string, error) {
-	p, err := filepath.Abs(p)
-	if err != nil {
-		return "", err
-	}
-	return filepath.EvalSymlinks(p)
+	dir = filepath.Clean(dir)
+	return RemoveBeneath(filepath.Dir(dir), filepath.Base(dir))
 }

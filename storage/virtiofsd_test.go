@@ -28,22 +28,14 @@ func requireVirtiofsd(t *testing.T) {
 
 // startVirtiofsd starts virtiofsd on a fresh shared dir and checks at the
 // end of the test that nothing of it is left.
-func startVirtiofsd(t *testing.T) (*Virtiofsd, VirtiofsdConfig) {
+func startVirtiofsd(t *testing.T) (*Virtiofsd, VirtiofsdConfig, *share) {
 	t.Helper()
-	dir := tempDir(t)
+	sh := newShare(t)
 	cfg := VirtiofsdConfig{
 		Binary:     virtiofsdBinary,
-		SocketPath: filepath.Join(dir, "virtiofsd.sock"),
-		SharedDir:  filepath.Join(dir, "shared"),
+		SocketPath: filepath.Join(sh.dir, "virtiofsd.sock"),
+		SharedDir:  filepath.Join(sh.dir, ShareView),
 	}
-	if err := SetupShared(cfg.SharedDir); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := UnmountAll(context.Background(), dir); err != nil {
-			t.Error(err)
-		}
-	})
 	v, err := StartVirtiofsd(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +44,7 @@ func startVirtiofsd(t *testing.T) (*Virtiofsd, VirtiofsdConfig) {
 		_ = v.Stop(context.Background())
 		assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
 	})
-	return v, cfg
+	return v, cfg, sh
 }
 
 func assertVirtiofsdGone(t *testing.T, pid int, socket string) {
@@ -69,7 +61,7 @@ func assertVirtiofsdGone(t *testing.T, pid int, socket string) {
 
 func TestVirtiofsdStartStop(t *testing.T) {
 	requireVirtiofsd(t)
-	v, cfg := startVirtiofsd(t)
+	v, cfg, _ := startVirtiofsd(t)
 
 	if ok, err := unixListening(cfg.SocketPath); !ok || err != nil {
 		t.Fatalf("socket not listening after start: %v %v", ok, err)
@@ -134,7 +126,7 @@ func TestVirtiofsdConnected(t *testing.T) {
 	if err != nil {
 		t.Skip("no qemu-system-x86_64")
 	}
-	v, cfg := startVirtiofsd(t)
+	v, cfg, sh := startVirtiofsd(t)
 
 	vm := exec.Command(qemu,
 		"-machine", "q35,accel=tcg", "-m", "64M", "-S",
@@ -167,25 +159,43 @@ func TestVirtiofsdConnected(t *testing.T) {
 	}
 	child := children[0]
 
-	// Mount something below the shared dir now, and look for it from
-	// inside virtiofsd's mount namespace (rooted at the shared dir).
-	sub := filepath.Join(cfg.SharedDir, "c1", "rootfs")
-	if err := os.MkdirAll(sub, 0o755); err != nil {
+	// Mount something in the host-only tree now, as a container's rootfs
+	// is, and look for it from inside virtiofsd's mount namespace (rooted
+	// at the view): it must arrive, read-only flags and all.
+	sh.mountTmpfs(t, ShareMounts+"/c1/rootfs")
+	lower := filepath.Join(tempDir(t), "lower")
+	if err := os.MkdirAll(lower, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, ""); err != nil {
+	roRel := ShareMounts + "/c1/mounts/ro"
+	_ = sh.record(roRel)
+	if err := BindMount(lower, sh.dir, roRel, false, ReadOnly); err != nil {
 		t.Fatal(err)
 	}
 	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", child.pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(mi), "/c1/rootfs") {
-		t.Errorf("mount below the shared dir did not reach virtiofsd's namespace:\n%s", mi)
+	var rootfs, ro string
+	for _, line := range strings.Split(string(mi), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 6 {
+			continue
+		}
+		switch {
+		case strings.HasSuffix(f[4], "/c1/rootfs"):
+			rootfs = f[5]
+		case strings.HasSuffix(f[4], "/c1/mounts/ro"):
+			ro = f[5]
+		}
 	}
-	if err := unix.Unmount(sub, 0); err != nil {
-		t.Fatal(err)
+	if !strings.HasPrefix(rootfs, "rw") {
+		t.Errorf("rootfs mount in virtiofsd's namespace: options %q, want rw:\n%s", rootfs, mi)
 	}
+	if !strings.HasPrefix(ro, "ro") {
+		t.Errorf("read-only volume in virtiofsd's namespace: options %q, want ro:\n%s", ro, mi)
+	}
+	sh.undo(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

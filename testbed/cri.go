@@ -163,7 +163,10 @@ func (r *CRI) writeCNIConfig() error {
 // restrict_oom_score_adj (root may lack CAP_SYS_RESOURCE, and then runc
 // fails to set the sandbox's oom_score_adj), netns mounts under the state
 // dir rather than /var/run/netns, CDI specs from an empty dir there rather
-// than /etc/cdi.
+// than /etc/cdi. The colo handler is configured as docs/kubernetes.md
+// says: privileged_without_host_devices, since CRI would otherwise give a
+// privileged container all the host's devices, which colo refuses as no
+// VM can have them.
 func (r *CRI) containerdConfig(coloConfig string) string {
 	return fmt.Sprintf(`
 [plugins."io.containerd.cri.v1.images"]
@@ -183,6 +186,7 @@ func (r *CRI) containerdConfig(coloConfig string) string {
         SystemdCgroup = false
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[2]s]
       runtime_type = %[3]q
+      privileged_without_host_devices = true
       pod_annotations = ["io.colo.*"]
       container_annotations = ["io.colo.*"]
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[2]s.options]

@@ -49,7 +49,19 @@ type launch struct {
 	// memPath backs a template's or clone's memory with a file for
 	// sharing pages between clones (see templateMemory).
 	memPath string
+	// sandbox turns on QEMU's seccomp filter (sandboxArg).
+	sandbox bool
 }
+
+// sandboxArg is QEMU's seccomp filter with every optional group denied:
+// obsolete system calls, changing ids (elevateprivileges), fork, exec and
+// namespaces (spawn), and priorities and affinity (resourcecontrol; the
+// shim places QEMU's threads from outside). colo's QEMU needs none of them:
+// the shim starts the helpers, and TAPs and migration files come in as file
+// descriptors. The guest is untrusted: one that breaks into device
+// emulation then cannot run a program, switch ids or leave QEMU's
+// namespaces, and mount, reboot and the like are denied in every mode.
+const sandboxArg = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 // snapshotMode says whether a VM boots, boots to become a template, or is
 // restored from one.
@@ -99,10 +111,11 @@ func (l launch) args() []string {
 		machine += ",memory-backend=mem"
 	}
 
-	a := []string{
-		"-name", "guest=" + escape(l.vm.ID) + ",debug-threads=on",
-		"-machine", machine,
+	a := []string{"-name", "guest=" + escape(l.vm.ID) + ",debug-threads=on"}
+	if l.sandbox {
+		a = append(a, "-sandbox", sandboxArg)
 	}
+	a = append(a, "-machine", machine)
 	if l.machine == "microvm" {
 		// Modern virtio-mmio: vhost-user devices (virtio-fs) do not work
 		// over the legacy interface QEMU defaults to.

@@ -166,6 +166,79 @@ func TestArgs(t *testing.T) {
 	}
 }
 
+func TestArgsSandbox(t *testing.T) {
+	const sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+	vm := hypervisor.VMConfig{
+		ID: "pod", Dir: "/run/vm", VCPUs: 1, MemoryMB: 256,
+		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img", Channel: hypervisor.ChannelSerial,
+	}
+	for _, tc := range []struct {
+		name string
+		l    launch
+		want []string // the arguments after -name's
+	}{
+		{"q35 on", launch{machine: "q35", sandbox: true}, []string{"-sandbox", sandbox, "-machine", "q35"}},
+		{"q35 off", launch{machine: "q35"}, []string{"-machine", "q35"}},
+		{"microvm on", launch{machine: "microvm", sandbox: true}, []string{"-sandbox", sandbox, "-machine", "microvm"}},
+		{"template on", launch{machine: "q35", sandbox: true, snapshot: snapshotTemplate}, []string{"-sandbox", sandbox, "-machine", "q35,memory-backend=mem"}},
+		{"clone on", launch{machine: "q35", sandbox: true, snapshot: snapshotClone}, []string{"-sandbox", sandbox, "-machine", "q35,memory-backend=mem"}},
+		{"clone off", launch{machine: "q35", snapshot: snapshotClone}, []string{"-machine", "q35,memory-backend=mem"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.l.vm, tc.l.accel, tc.l.pidfile = vm, accelTCG, "/run/vm/qemu.pid"
+			got := tc.l.args()
+			if !slices.Equal(got[2:2+len(tc.want)], tc.want) {
+				t.Errorf("args: got %q, want %q after -name", got, tc.want)
+			}
+			want := 0
+			if tc.l.sandbox {
+				want = 1
+			}
+			if n := strings.Count(strings.Join(got, " "), "-sandbox"); n != want {
+				t.Errorf("-sandbox %d times in %q, want %d", n, got, want)
+			}
+		})
+	}
+}
+
+// The sandbox is part of a template's key: a clone starts with the
+// command line of the template it comes from.
+func TestTemplateKeySandbox(t *testing.T) {
+	dir := t.TempDir()
+	var files []string
+	for _, name := range []string{"qemu", "vmlinux", "initrd.img"} {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, p)
+	}
+	cfg := hypervisor.VMConfig{
+		ID: "pod", Dir: "/run/vm", VCPUs: 1, MemoryMB: 256, Channel: hypervisor.ChannelSerial,
+		Kernel: files[1], Initrd: files[2], TemplateDir: dir,
+	}
+	keys := make(map[bool]string)
+	for _, sandbox := range []bool{true, false} {
+		d := &Driver{path: files[0], machine: "q35", accel: accelTCG, sandbox: sandbox}
+		key, err := d.templateKey(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[sandbox] = key
+	}
+	if keys[true] == keys[false] {
+		t.Errorf("one template key %s with the sandbox on and off", keys[true])
+	}
+}
+
+func TestConfinement(t *testing.T) {
+	got := confinement()
+	want := []string{"--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all,+chown,+dac_override,+fowner,+fsetid"}
+	if !slices.Equal(got, want) {
+		t.Errorf("setpriv options: got %q, want %q", got, want)
+	}
+}
+
 func with(c hypervisor.VMConfig, f func(*hypervisor.VMConfig)) hypervisor.VMConfig {
 	f(&c)
 	return c

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -49,6 +50,60 @@ const (
 	cpuinfo        = "/proc/cpuinfo"
 )
 
+// setprivBinary runs QEMU: Go's exec cannot shrink a child's capability
+// bounding set (SysProcAttr has only ambient capabilities), and doing it on a
+// locked thread of the shim would tie Pdeathsig to that thread. setpriv
+// (util-linux, essential on Debian) sets the limits and execs QEMU in the
+// same process, so the pid the driver records and QEMU's pid file agree.
+const setprivBinary = "setpriv"
+
+// qemuCapabilities are all QEMU keeps of root's capabilities. Its 9p server
+// (security_model=none) acts on the host files as the guest asks, for any
+// owner, and each is needed for that (measured with a guest driving a 9p
+// share, one capability left out at a time):
+//
+//	chown         chown(2) to the guest's owner, also of files the guest
+//	              creates as a user other than root (without it they
+//	              silently stay root's)
+//	dac_override  opening, writing and creating in files and directories
+//	              whatever their mode
+//	fowner        chmod, utimes, O_TRUNC and sticky-directory unlinks of
+//	              files QEMU (root) does not own
+//	fsetid        keeping a setgid bit whose group QEMU is not in
+//
+// Everything else goes. Not needed because QEMU gets its devices and TAP
+// queues as open files, or opens root-owned /dev/kvm and /dev/vhost-net as
+// their owner: net_admin, sys_admin, sys_rawio, sys_module, sys_boot,
+// sys_time, sys_ptrace, sys_resource, sys_nice (the shim places and
+// reprioritises QEMU's threads from outside). Dropped on purpose:
+//
+//	mknod            with security_model=none a guest's mknod makes a real
+//	                 device node on a host filesystem, e.g. /dev/sda's, open
+//	                 to whoever reaches the container's rootfs on the host
+//	                 (QEMU 7.2 unlinks it again at once, after the fact)
+//	dac_read_search  open_by_handle_at(2) opens any file of a filesystem
+//	                 from a guessed handle, outside the shared directory;
+//	                 dac_override covers what 9p reads
+//	setuid, setgid   9p never switches ids (under the sandbox the call
+//	                 would kill QEMU), so nothing needs them
+//	setfcap          9p with security_model=none passes only user.*
+//	                 attributes, so no file capabilities to set
+var qemuCapabilities = []string{"chown", "dac_override", "fowner", "fsetid"}
+
+// confinement are setpriv's options for QEMU: a bounding set of
+// qemuCapabilities, which a root process's exec turns into its permitted and
+// effective sets, with nothing inheritable or ambient to add back; and
+// no_new_privs, so that no exec (of a setuid binary, say, were the sandbox
+// off) gains privileges. No exec nor setuid call can undo either.
+func confinement() []string {
+	return []string{
+		"--no-new-privs",
+		"--inh-caps=-all",
+		"--ambient-caps=-all",
+		"--bounding-set=-all,+" + strings.Join(qemuCapabilities, ",+"),
+	}
+}
+
 // maxSocketPath is the longest path a unix socket can bind (sun_path is
 // 108 bytes with the terminating NUL).
 const maxSocketPath = 107
@@ -63,7 +118,10 @@ type Driver struct {
 	kernelParams []string
 	hotplugPorts int
 	vhostNet     bool
+	sandbox      bool
 	bootTimeout  time.Duration
+	// setpriv execs QEMU with its privileges cut down (see confinement).
+	setpriv string
 	// Used when a VMConfig leaves them zero.
 	vcpus    int
 	memoryMB int
@@ -86,13 +144,19 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
+	setpriv, err := exec.LookPath(setprivBinary)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %s (util-linux) drops QEMU's capabilities: %w", setprivBinary, err)
+	}
 	d := &Driver{
 		path:         path,
 		machine:      cfg.Machine,
 		kernelParams: strings.Fields(cfg.KernelParams),
 		hotplugPorts: cfg.HotplugPorts,
 		vhostNet:     canOpen(vhostNetDevice),
+		sandbox:      cfg.Sandbox,
 		bootTimeout:  time.Duration(cfg.BootTimeout),
+		setpriv:      setpriv,
 		vcpus:        cfg.VCPUs,
 		memoryMB:     cfg.MemoryMB,
 		kernel:       cfg.Kernel,
@@ -156,6 +220,7 @@ func (d *Driver) launch(cfg hypervisor.VMConfig) launch {
 		kernelParams: d.kernelParams,
 		pidfile:      filepath.Join(cfg.Dir, PidFile),
 		vhostNet:     d.vhostNet,
+		sandbox:      d.sandbox,
 	}
 	if d.machine == "q35" {
 		l.hotplugPorts = d.hotplugPorts
@@ -231,7 +296,7 @@ func (d *Driver) start(ctx context.Context, l launch) (_ *VM, retErr error) {
 	}).Infof("qemu: starting %s", d.machine)
 	logger.Debugf("qemu: %s %q", d.path, args)
 
-	cmd := exec.Command(d.path, args...)
+	cmd := exec.Command(d.setpriv, slices.Concat(confinement(), []string{"--", d.path}, args)...)
 	cmd.Dir = cfg.Dir
 	cmd.ExtraFiles = files
 	// Its own process group, so signals meant for the shim's group do not

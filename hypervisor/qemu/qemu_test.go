@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -255,6 +256,7 @@ func TestBoot(t *testing.T) {
 			}
 			defer stopped(t, vm, dir)
 			t.Logf("Start returned after %v", time.Since(started))
+			confined(t, vm, dir, true)
 
 			st, err := vm.(*VM).qmp.QueryStatus(ctx)
 			if err != nil || st.Status != "running" {
@@ -711,6 +713,7 @@ func TestNICs(t *testing.T) {
 	if err := vm.AddNIC(ctx, late); err != nil {
 		t.Fatal(err)
 	}
+	confined(t, vm, dir, true)
 	q := vm.(*VM).qmp
 	for _, n := range []hypervisor.NIC{boot, late} {
 		raw, err := q.Execute(ctx, "qom-get", map[string]any{"path": nicDeviceID(n.ID), "property": "mac"})
@@ -756,6 +759,7 @@ func TestTemplate(t *testing.T) {
 		if args := strings.Join(vm.(*VM).cmd.Args, " "); !strings.Contains(args, "-incoming defer") || !strings.Contains(args, "path="+shared) {
 			t.Errorf("clone %d was not restored with its own share: %s", i, args)
 		}
+		confined(t, vm, dir, true)
 		stopped(t, vm, dir)
 	}
 	if n := strings.Count(logs.String(), "qemu: template made"); n != 1 {
@@ -809,4 +813,155 @@ func TestTemplate(t *testing.T) {
 	if len(dirs) != 2 || !slices.Contains(dirs, names[0]) {
 		t.Errorf("templates %v, want the first one and the latest (the one in between is stale)", dirs)
 	}
+}
+
+// TestTemplateVirtioFS: a clone's virtio-fs device is hot-plugged after the
+// restore (vhost-user devices cannot be migrated), the sandbox allowing.
+func TestTemplateVirtioFS(t *testing.T) {
+	ctx, _ := testContext(t)
+	dir := vmDir(t)
+	shared := filepath.Join(dir, "shared")
+	if err := os.Mkdir(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
+		ID: "fs-clone", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: t.TempDir(),
+		Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.ShareVirtioFS, Path: startVirtiofsd(t, dir, shared)}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopped(t, vm, dir)
+	if !slices.Contains(vm.(*VM).cmd.Args, "-incoming") {
+		t.Fatalf("not restored from a template: %q", vm.(*VM).cmd.Args)
+	}
+	raw, err := vm.(*VM).qmp.Execute(ctx, "qom-get", map[string]any{"path": "fs0-dev", "property": "type"})
+	if err != nil || string(raw) != `"vhost-user-fs-pci"` {
+		t.Errorf("hot-plugged virtio-fs device: %s, %v", raw, err)
+	}
+	bootCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	readAgent(t, bootCtx, vm)
+	confined(t, vm, dir, true)
+}
+
+// confined checks that the running QEMU of vm is confined: QEMU itself (the
+// pid the driver reports, in the pid file, is not a wrapper's), its seccomp
+// filter on every thread if sandbox, no_new_privs, and no capabilities but
+// qemuCapabilities.
+func confined(t *testing.T, vm hypervisor.VM, dir string, sandbox bool) {
+	t.Helper()
+	pid := vm.Pid()
+	if b, err := os.ReadFile(filepath.Join(dir, PidFile)); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(pid) {
+		t.Errorf("pid file holds %q (%v), the driver reports pid %d", b, err, pid)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	if !strings.Contains(filepath.Base(args[0]), "qemu") {
+		t.Errorf("pid %d runs %q, not QEMU", pid, args[0])
+	}
+	i := slices.Index(args, "-sandbox")
+	switch {
+	case sandbox && (i < 0 || i+1 == len(args) || args[i+1] != "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"):
+		t.Errorf("QEMU's command line has no -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny: %q", args)
+	case !sandbox && i >= 0:
+		t.Errorf("QEMU's command line has -sandbox with the sandbox off: %q", args)
+	}
+
+	self := procStatus(t, "/proc/self/status")
+	var keep uint64
+	for _, c := range qemuCapabilities {
+		bit, ok := capabilityBits[c]
+		if !ok {
+			t.Fatalf("capability %q: add its number to capabilityBits", c)
+		}
+		keep |= 1 << bit
+	}
+	keep &= parseCaps(t, self["CapBnd"])
+	seccomp := "0"
+	if sandbox {
+		seccomp = "2" // SECCOMP_MODE_FILTER
+	}
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	if err != nil || len(tasks) == 0 {
+		t.Fatalf("threads of QEMU %d: %v", pid, err)
+	}
+	for _, task := range tasks {
+		st := procStatus(t, task)
+		if st["Seccomp"] != seccomp || st["NoNewPrivs"] != "1" {
+			t.Errorf("%s: Seccomp %q, NoNewPrivs %q; want %s and 1", task, st["Seccomp"], st["NoNewPrivs"], seccomp)
+		}
+		for _, set := range []string{"CapBnd", "CapPrm", "CapEff", "CapInh", "CapAmb"} {
+			got := parseCaps(t, st[set])
+			want := keep
+			if set == "CapInh" || set == "CapAmb" {
+				want = 0
+			}
+			if got != want {
+				t.Errorf("%s: %s %016x, want %016x (%s)", task, set, got, want, strings.Join(qemuCapabilities, ", "))
+			}
+			for _, c := range []string{"sys_admin", "net_admin", "mknod", "dac_read_search", "setuid", "sys_ptrace"} {
+				if got&(1<<capabilityBits[c]) != 0 {
+					t.Errorf("%s: %s has %s", task, set, c)
+				}
+			}
+		}
+	}
+}
+
+// capabilityBits are the numbers of the capabilities confined knows.
+var capabilityBits = map[string]uint{
+	"chown": unix.CAP_CHOWN, "dac_override": unix.CAP_DAC_OVERRIDE, "dac_read_search": unix.CAP_DAC_READ_SEARCH,
+	"fowner": unix.CAP_FOWNER, "fsetid": unix.CAP_FSETID, "setuid": unix.CAP_SETUID,
+	"sys_admin": unix.CAP_SYS_ADMIN, "net_admin": unix.CAP_NET_ADMIN, "mknod": unix.CAP_MKNOD,
+	"sys_ptrace": unix.CAP_SYS_PTRACE,
+}
+
+// procStatus reads the fields of a /proc status file.
+func procStatus(t *testing.T, path string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fields := make(map[string]string)
+	for line := range strings.Lines(string(b)) {
+		k, v, _ := strings.Cut(line, ":")
+		fields[k] = strings.TrimSpace(v)
+	}
+	return fields
+}
+
+func parseCaps(t *testing.T, hex string) uint64 {
+	t.Helper()
+	v, err := strconv.ParseUint(hex, 16, 64)
+	if err != nil {
+		t.Fatalf("capability set %q: %v", hex, err)
+	}
+	return v
+}
+
+// TestSandboxOff: hypervisor.sandbox = false leaves QEMU's seccomp filter
+// out, but not the rest of its confinement.
+func TestSandboxOff(t *testing.T) {
+	ctx, _ := testContext(t)
+	cfg := config.Default().Hypervisor
+	cfg.Kernel, cfg.Initrd, cfg.Sandbox = guest.kernel, guest.initrd, false
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := vmDir(t)
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "unsandboxed", Dir: dir, Channel: hypervisor.ChannelSerial})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopped(t, vm, dir)
+	bootCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	readAgent(t, bootCtx, vm)
+	confined(t, vm, dir, false)
 }

@@ -18,12 +18,17 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
+	// Registers the runtime-spec features type with typeurl.
+	_ "github.com/containerd/containerd/v2/core/runtime"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/typeurl/v2"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/hypervisor/driver"
@@ -220,6 +225,20 @@ func (m *manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeI
 				info.Version.Revision = s.Value
 			}
 		}
+	}
+	// The runtime-spec features containerd's CRI reads: mount options
+	// are the guest runc's (the agent runs containers with its
+	// libcontainer), "rro" among them, which CRI needs to offer
+	// Kubernetes' recursive read-only mounts. The share honours "ro" and
+	// "rro" on the host too (storage.BindMount).
+	feat := &features.Features{
+		OCIVersionMin: "1.0.0",
+		OCIVersionMax: specs.Version,
+		MountOptions:  specconv.KnownMountOptions(),
+	}
+	var err error
+	if info.Features, err = typeurl.MarshalAnyToProto(feat); err != nil {
+		return nil, fmt.Errorf("marshal %T: %w", feat, err)
 	}
 	opts, err := shim.ReadRuntimeOptions[any](optionsR)
 	if err != nil && !errors.Is(err, errdefs.ErrNotFound) {

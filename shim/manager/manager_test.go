@@ -1,10 +1,13 @@
 package manager
 
 import (
+	"slices"
+
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 	"os"
 	"path/filepath"
 	"testing"
@@ -58,21 +61,26 @@ func TestStopCleansSandbox(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := sandbox.State{Dir: dir, ID: "t1", Hypervisor: config.Default().Hypervisor}
+	record := func(rel string) error {
+		st.Mounts = append(st.Mounts, rel)
+		return nil
+	}
+	if err := storage.SetupShare(dir, record); err != nil {
+		t.Fatal(err)
+	}
+	rootfs := filepath.Join(dir, storage.ShareMounts, "t1", "rootfs")
+	if err := os.MkdirAll(rootfs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_ = record(storage.ShareMounts + "/t1/rootfs")
+	if err := unix.Mount("tmpfs", rootfs, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
 	b, err := json.Marshal(st)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, "state.json"), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := storage.SetupShared(filepath.Join(dir, "shared")); err != nil {
-		t.Fatal(err)
-	}
-	rootfs := filepath.Join(dir, "shared", "t1", "rootfs")
-	if err := os.MkdirAll(rootfs, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", rootfs, "tmpfs", 0, ""); err != nil {
 		t.Fatal(err)
 	}
 	bundle := filepath.Join(root, "bundle")
@@ -121,6 +129,13 @@ func TestInfo(t *testing.T) {
 	}
 	if info.Name != "io.containerd.colo.v2" || info.Version == nil || info.Options != nil {
 		t.Errorf("info = %+v", info)
+	}
+	fv, err := typeurl.UnmarshalAny(info.Features)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f, ok := fv.(*features.Features); !ok || !slices.Contains(f.MountOptions, "rro") {
+		t.Errorf("features = %+v, want mount option rro (CRI's recursive read-only)", fv)
 	}
 
 	opts, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigPath: "/etc/colo/x.toml"})

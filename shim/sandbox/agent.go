@@ -155,7 +155,26 @@ func agentError(call string, err error) error {
 	if errors.Is(err, ttrpc.ErrClosed) {
 		return fmt.Errorf("agent %s: connection to the guest closed: %w", call, errdefs.ErrUnavailable)
 	}
-	return fmt.Errorf("agent %s: %w", call, errgrpc.ToNative(err))
+	// The guest writes the message: it is clipped, its kind kept.
+	native := errgrpc.ToNative(err)
+	return fmt.Errorf("agent %s: %s: %w", call, clipTo(native.Error(), maxErrorText), errKind(native))
+}
+
+// errKind is the errdefs class of err, for an error whose message is not
+// passed on; errdefs.ErrUnknown if it has none.
+func errKind(err error) error {
+	for _, kind := range []error{
+		errdefs.ErrNotFound, errdefs.ErrAlreadyExists, errdefs.ErrInvalidArgument,
+		errdefs.ErrFailedPrecondition, errdefs.ErrUnavailable, errdefs.ErrNotImplemented,
+		context.DeadlineExceeded, context.Canceled, errdefs.ErrPermissionDenied,
+		errdefs.ErrResourceExhausted, errdefs.ErrAborted, errdefs.ErrOutOfRange, errdefs.ErrConflict,
+		errdefs.ErrDataLoss, errdefs.ErrUnauthenticated, errdefs.ErrInternal,
+	} {
+		if errors.Is(err, kind) {
+			return kind
+		}
+	}
+	return errdefs.ErrUnknown
 }
 
 // stage logs the time a start stage was reached; a benchmark reads these

@@ -1,13 +1,17 @@
 package sandbox
 
 import (
+	"context"
 	"fmt"
+	"maps"
 	"path"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/colo-runtime/colo/agentproto"
@@ -35,13 +39,46 @@ type colocation struct {
 	plan placement.Plan
 	// classes are the guest's, highest first.
 	classes []*agentproto.CPUClass
+	// allowClass is whether colocation.annotations lets containers pick
+	// their class (ClassAnnotation).
+	allowClass bool
+	// classIgnored logs that a container's class annotation is ignored:
+	// once per sandbox, as every container of a pod may carry it and
+	// each is looked at more than once on its way into the guest.
+	classIgnored func(value string)
+}
+
+// coloAnnotationPrefix marks the annotations that are colo's to read.
+const coloAnnotationPrefix = "io.colo."
+
+// checkAnnotations fails on an io.colo.* annotation colo does not know:
+// taken for a setting, a typo would otherwise leave the container at
+// priorities its author never meant.
+func checkAnnotations(spec *specs.Spec) error {
+	known := config.ColocationAnnotations()
+	for _, key := range slices.Sorted(maps.Keys(spec.Annotations)) {
+		if strings.HasPrefix(key, coloAnnotationPrefix) && !slices.Contains(known, key) {
+			return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(
+				"annotation %s: colo knows no such annotation (it knows %s)", clip(key), strings.Join(known, ", ")))
+		}
+	}
+	return nil
+}
+
+// annotationIgnored logs an annotation that colocation.annotations does
+// not allow. It is not an error: the annotation is the pod author's, the
+// allow-list the node's, and a pod moved to a node that does not allow
+// it still runs, at the node's priorities.
+func annotationIgnored(l *log.Entry, key, value string) {
+	l.WithFields(log.Fields{"annotation": key, "value": clip(value)}).Warnf(
+		"annotation %s ignored: the node's colo config does not allow it (add it to colocation.annotations)", key)
 }
 
 // newColocation reads the co-location set-up of a sandbox from the config
 // and its first container's spec (cgroupsPath and pod annotations, where
 // colocation.annotations allows them). Errors are invalid arguments that
 // name what was wrong.
-func newColocation(cfg config.Config, spec *specs.Spec) (colocation, error) {
+func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec) (colocation, error) {
 	cc := cfg.Colocation
 	vcpus := cfg.Hypervisor.VCPUs
 	p := placement.Plan{
@@ -61,12 +98,20 @@ func newColocation(cfg config.Config, spec *specs.Spec) (colocation, error) {
 	invalid := func(format string, args ...any) error {
 		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(format, args...))
 	}
-	for key, value := range spec.Annotations {
-		if !strings.HasPrefix(key, "io.colo.") || key == ClassAnnotation {
+	if err := checkAnnotations(spec); err != nil {
+		return colocation{}, err
+	}
+	l := log.G(context.WithoutCancel(ctx))
+	for _, key := range slices.Sorted(maps.Keys(spec.Annotations)) {
+		value := spec.Annotations[key]
+		// The class is a container's, checked at each container's
+		// create (class).
+		if !strings.HasPrefix(key, coloAnnotationPrefix) || key == ClassAnnotation {
 			continue
 		}
 		if !slices.Contains(cc.Annotations, key) {
-			return colocation{}, invalid("annotation %s: not allowed (colocation.annotations: %q)", key, cc.Annotations)
+			annotationIgnored(l, key, value)
+			continue
 		}
 		switch key {
 		case VCPUsAnnotation:
@@ -74,13 +119,13 @@ func newColocation(cfg config.Config, spec *specs.Spec) (colocation, error) {
 		case PodWeightAnnotation:
 			w, err := strconv.ParseUint(value, 10, 64)
 			if err != nil {
-				return colocation{}, invalid("annotation %s=%q: want a CPU weight (1 to 10000)", key, value)
+				return colocation{}, invalid("annotation %s=%q: want a CPU weight (1 to 10000)", key, clip(value))
 			}
 			p.ParentWeight = w
 		case OverheadIdleAnnotation:
 			idle, err := strconv.ParseBool(value)
 			if err != nil {
-				return colocation{}, invalid("annotation %s=%q: want true or false", key, value)
+				return colocation{}, invalid("annotation %s=%q: want true or false", key, clip(value))
 			}
 			p.OverheadIdle = idle
 		}
@@ -95,7 +140,14 @@ func newColocation(cfg config.Config, spec *specs.Spec) (colocation, error) {
 	if err := p.Validate(vcpus); err != nil {
 		return colocation{}, invalid("co-location: %v", err)
 	}
-	c := colocation{plan: p}
+	var once sync.Once
+	c := colocation{
+		plan:       p,
+		allowClass: slices.Contains(cc.Annotations, ClassAnnotation),
+		classIgnored: func(value string) {
+			once.Do(func() { annotationIgnored(l, ClassAnnotation, value) })
+		},
+	}
 	for _, cl := range cc.Classes {
 		gc := &agentproto.CPUClass{Name: cl.Name, Weight: cl.GuestWeight, OomScoreAdj: int32(cl.OOMScoreAdj)}
 		if gc.Weight == 0 {
@@ -114,10 +166,16 @@ func newColocation(cfg config.Config, spec *specs.Spec) (colocation, error) {
 }
 
 // class is the guest class a container's spec asks for (ClassAnnotation),
-// or nil for none.
+// or nil for none, and for one colocation.annotations does not allow.
 func (c colocation) class(spec *specs.Spec) (*agentproto.CPUClass, error) {
 	name, ok := spec.Annotations[ClassAnnotation]
 	if !ok {
+		return nil, nil
+	}
+	if !c.allowClass {
+		if c.classIgnored != nil {
+			c.classIgnored(name)
+		}
 		return nil, nil
 	}
 	for _, gc := range c.classes {
@@ -130,5 +188,5 @@ func (c colocation) class(spec *specs.Spec) (*agentproto.CPUClass, error) {
 		have = append(have, gc.GetName())
 	}
 	return nil, errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(
-		"annotation %s=%q: no such class with vCPUs in this sandbox (classes with vCPUs: %q; colocation.vcpus, %s)", ClassAnnotation, name, have, VCPUsAnnotation))
+		"annotation %s=%q: no such class with vCPUs in this sandbox (classes with vCPUs: %q; colocation.vcpus, %s)", ClassAnnotation, clip(name), have, VCPUsAnnotation))
 }

@@ -1,14 +1,46 @@
 package sandbox
 
 import (
+	"context"
+	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 
 	"github.com/colo-runtime/colo/config"
 )
+
+// allowAll lets pods set every co-location annotation.
+func allowAll(c *config.Colocation) { c.Annotations = config.ColocationAnnotations() }
+
+// logged returns a context whose log lines the returned hook keeps.
+func logged() (context.Context, *logtest.Hook) {
+	logger, hook := logtest.NewNullLogger()
+	return log.WithLogger(context.Background(), logrus.NewEntry(logger)), hook
+}
+
+// warnings are the messages of the warnings a hook kept.
+func warnings(hook *logtest.Hook) []string {
+	var w []string
+	for _, e := range hook.AllEntries() {
+		if e.Level == logrus.WarnLevel {
+			w = append(w, e.Message)
+		}
+	}
+	return w
+}
+
+func TestColocationAnnotationsKnown(t *testing.T) {
+	ours := []string{ClassAnnotation, VCPUsAnnotation, PodWeightAnnotation, OverheadIdleAnnotation}
+	if !reflect.DeepEqual(ours, config.ColocationAnnotations()) {
+		t.Errorf("the sandbox reads %q, config.ColocationAnnotations are %q", ours, config.ColocationAnnotations())
+	}
+}
 
 func TestNewColocation(t *testing.T) {
 	spec := func(cgroups string, annotations map[string]string) *specs.Spec {
@@ -20,6 +52,8 @@ func TestNewColocation(t *testing.T) {
 		spec    *specs.Spec
 		want    func(colocation) string // "" when right
 		wantErr string
+		// warn are substrings of the warnings logged, in order.
+		warn []string
 	}{
 		{
 			name: "defaults: every vCPU high, placed under the cgroupsPath",
@@ -32,8 +66,8 @@ func TestNewColocation(t *testing.T) {
 			},
 		},
 		{
-			name: "annotations",
-			cfg:  func(c *config.Colocation) { c.Annotations = append(c.Annotations, PodWeightAnnotation) },
+			name: "annotations allowed",
+			cfg:  allowAll,
 			spec: spec("pods/p1", map[string]string{VCPUsAnnotation: "high,low", PodWeightAnnotation: "2", OverheadIdleAnnotation: "true"}),
 			want: func(c colocation) string {
 				p := c.plan
@@ -42,6 +76,32 @@ func TestNewColocation(t *testing.T) {
 				}
 				return ""
 			},
+		},
+		{
+			name: "annotations ignored by default",
+			spec: spec("pods/p1", map[string]string{VCPUsAnnotation: "low,low", PodWeightAnnotation: "2", OverheadIdleAnnotation: "true", "other.annotation": "x"}),
+			want: func(c colocation) string {
+				p := c.plan
+				if strings.Join(p.VCPUClasses, ",") != "high,high" || p.ParentWeight != 0 || p.OverheadIdle {
+					return "want the config's set-up"
+				}
+				return ""
+			},
+			warn: []string{
+				"annotation io.colo.overhead-idle ignored", "annotation io.colo.pod-weight ignored", "annotation io.colo.vcpus ignored",
+			},
+		},
+		{
+			name: "some allowed, the rest ignored",
+			cfg:  func(c *config.Colocation) { c.Annotations = []string{OverheadIdleAnnotation} },
+			spec: spec("", map[string]string{PodWeightAnnotation: "2", OverheadIdleAnnotation: "true"}),
+			want: func(c colocation) string {
+				if c.plan.ParentWeight != 0 || !c.plan.OverheadIdle {
+					return "want only overhead-idle applied"
+				}
+				return ""
+			},
+			warn: []string{"annotation io.colo.pod-weight ignored: the node's colo config does not allow it (add it to colocation.annotations)"},
 		},
 		{
 			name: "systemd cgroups path: nothing placed",
@@ -53,13 +113,17 @@ func TestNewColocation(t *testing.T) {
 				return ""
 			},
 		},
-		{name: "annotation not allowed", spec: spec("", map[string]string{PodWeightAnnotation: "2"}), wantErr: "annotation io.colo.pod-weight: not allowed"},
-		{name: "unknown class", spec: spec("", map[string]string{VCPUsAnnotation: "high,mid"}), wantErr: `no class "mid"`},
-		{name: "wrong count", spec: spec("", map[string]string{VCPUsAnnotation: "high"}), wantErr: "1 vCPU classes"},
-		{name: "bad idle", spec: spec("", map[string]string{OverheadIdleAnnotation: "maybe"}), wantErr: `io.colo.overhead-idle="maybe"`},
+		{name: "unknown annotation", spec: spec("", map[string]string{"io.colo.vcpu": "high,low"}), wantErr: "annotation io.colo.vcpu: colo knows no such annotation"},
+		{name: "unknown annotation, even with all allowed", cfg: allowAll, spec: spec("", map[string]string{"io.colo.priority": "low"}), wantErr: "annotation io.colo.priority: colo knows no such"},
+		{name: "unknown class", cfg: allowAll, spec: spec("", map[string]string{VCPUsAnnotation: "high,mid"}), wantErr: `no class "mid"`},
+		{name: "wrong count", cfg: allowAll, spec: spec("", map[string]string{VCPUsAnnotation: "high"}), wantErr: "1 vCPU classes"},
+		{name: "bad idle", cfg: allowAll, spec: spec("", map[string]string{OverheadIdleAnnotation: "maybe"}), wantErr: `io.colo.overhead-idle="maybe"`},
+		{name: "bad pod weight", cfg: allowAll, spec: spec("", map[string]string{PodWeightAnnotation: "lots"}), wantErr: `io.colo.pod-weight="lots"`},
 		{
-			name: "bad pod weight", cfg: func(c *config.Colocation) { c.Annotations = append(c.Annotations, PodWeightAnnotation) },
-			spec: spec("", map[string]string{PodWeightAnnotation: "lots"}), wantErr: `io.colo.pod-weight="lots"`,
+			name: "bad value of an ignored annotation",
+			spec: spec("", map[string]string{PodWeightAnnotation: "lots"}),
+			want: func(c colocation) string { return "" },
+			warn: []string{"annotation io.colo.pod-weight ignored"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -67,7 +131,8 @@ func TestNewColocation(t *testing.T) {
 			if tc.cfg != nil {
 				tc.cfg(&cfg.Colocation)
 			}
-			c, err := newColocation(cfg, tc.spec)
+			ctx, hook := logged()
+			c, err := newColocation(ctx, cfg, tc.spec)
 			if tc.wantErr != "" {
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want invalid argument with %q", err, tc.wantErr)
@@ -80,13 +145,23 @@ func TestNewColocation(t *testing.T) {
 			if msg := tc.want(c); msg != "" {
 				t.Errorf("%s: %+v %v", msg, c.plan, c.classes)
 			}
+			got := warnings(hook)
+			if len(got) != len(tc.warn) {
+				t.Fatalf("warnings %q, want %q", got, tc.warn)
+			}
+			for i, w := range tc.warn {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("warning %q, want %q", got[i], w)
+				}
+			}
 		})
 	}
 }
 
 func TestColocationClass(t *testing.T) {
 	cfg := config.Default()
-	c, err := newColocation(cfg, &specs.Spec{Annotations: map[string]string{VCPUsAnnotation: "high,low"}})
+	allowAll(&cfg.Colocation)
+	c, err := newColocation(context.Background(), cfg, &specs.Spec{Annotations: map[string]string{VCPUsAnnotation: "high,low"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,11 +187,35 @@ func TestColocationClass(t *testing.T) {
 		}
 	}
 	// All vCPUs high: low has none, so no container can be in it.
-	c, err = newColocation(cfg, &specs.Spec{})
+	c, err = newColocation(context.Background(), cfg, &specs.Spec{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.class(&specs.Spec{Annotations: map[string]string{ClassAnnotation: "low"}}); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("class without vCPUs: %v", err)
+	}
+}
+
+// TestColocationClassIgnored: without io.colo.class in the allow-list a
+// container's class is ignored, even one that does not exist, and the
+// sandbox says so once, however many containers ask.
+func TestColocationClassIgnored(t *testing.T) {
+	cfg := config.Default()
+	cfg.Colocation.VCPUs = []string{"high", "low"}
+	cfg.Colocation.Annotations = []string{VCPUsAnnotation}
+	ctx, hook := logged()
+	c, err := newColocation(ctx, cfg, &specs.Spec{Annotations: map[string]string{ClassAnnotation: "low"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, class := range []string{"low", "mid", "low"} {
+		got, err := c.class(&specs.Spec{Annotations: map[string]string{ClassAnnotation: class}})
+		if got != nil || err != nil {
+			t.Errorf("class %q = %v, %v; want it ignored", class, got, err)
+		}
+	}
+	w := warnings(hook)
+	if len(w) != 1 || !strings.Contains(w[0], "annotation io.colo.class ignored") || !strings.Contains(w[0], "colocation.annotations") {
+		t.Errorf("warnings %q, want one naming io.colo.class and colocation.annotations", w)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path"
 	"path/filepath"
 	"sync"
 	"time"
@@ -100,8 +101,11 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 		}
 		mounts = []mount.Mount{{Type: "bind", Source: root, Options: []string{"rbind", "rw"}}}
 	}
-	target := filepath.Join(s.dir, sharedDir, cfg.ID, "rootfs")
-	if err := storage.MountRootfs(ctx, mounts, target); err != nil {
+	rootfs := path.Join(containerMounts(cfg.ID), "rootfs")
+	if err := s.recordMount(rootfs); err != nil {
+		return nil, err
+	}
+	if err := storage.MountRootfs(ctx, mounts, s.dir, rootfs); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -407,8 +411,10 @@ func (p *process) wait() {
 		if resp.GetOomKilled() {
 			log.G(ctx).WithFields(log.Fields{"container": p.containerID, "exec": p.execID, "exit_status": status}).Warn("process killed by the OOM killer")
 		}
-		if resp.GetExitedAt() != nil {
-			at = resp.GetExitedAt().AsTime()
+		// The guest's clock says when; a time the host knows cannot be
+		// (before the sandbox, in the future) is the host's now.
+		if g := resp.GetExitedAt().AsTime(); resp.GetExitedAt() != nil && !g.Before(p.sb.created) && !g.After(at) {
+			at = g
 		}
 	}
 	p.mu.Lock()

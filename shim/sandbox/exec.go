@@ -4,11 +4,18 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"time"
+
+	cgroupsv1 "github.com/containerd/cgroups/v3/cgroup1/stats"
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/typeurl/v2"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -162,7 +169,22 @@ func (c *Container) Stats(ctx context.Context) (*anypb.Any, error) {
 	if err != nil {
 		return nil, agentError("StatsContainer", err)
 	}
-	return resp.GetMetrics(), nil
+	// Handed to containerd as they are, so only the types containerd
+	// expects from a runtime get through, and they must decode.
+	m := resp.GetMetrics()
+	if m == nil || !slices.Contains(metricsTypes, m.MessageName()) {
+		return nil, fmt.Errorf("agent StatsContainer: metrics of type %q from the guest: %w", clip(m.GetTypeUrl()), errdefs.ErrUnknown)
+	}
+	if _, err := typeurl.UnmarshalAny(m); err != nil {
+		return nil, fmt.Errorf("agent StatsContainer: metrics from the guest do not decode: %w", errdefs.ErrUnknown)
+	}
+	return m, nil
+}
+
+// metricsTypes are containerd's cgroup metrics, by message name.
+var metricsTypes = []protoreflect.FullName{
+	proto.MessageName(&cgroupsv1.Metrics{}),
+	proto.MessageName(&cgroupsv2.Metrics{}),
 }
 
 // Update applies new resource limits to the container's cgroup in the
@@ -204,7 +226,14 @@ func (c *Container) Pids(ctx context.Context) ([]GuestProcess, error) {
 	}
 	var out []GuestProcess
 	for _, p := range resp.GetProcesses() {
-		out = append(out, GuestProcess{Pid: p.GetPid(), ExecID: p.GetExecId()})
+		// Only an exec id the container has goes to containerd.
+		exec := p.GetExecId()
+		if exec != "" {
+			if _, err := c.process(exec); err != nil {
+				exec = ""
+			}
+		}
+		out = append(out, GuestProcess{Pid: p.GetPid(), ExecID: exec})
 	}
 	return out, nil
 }

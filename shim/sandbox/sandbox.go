@@ -140,7 +140,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if opts.Driver == nil {
 		return nil, nil, errors.New("sandbox: no hypervisor driver")
 	}
-	colo, err := newColocation(opts.Config, first.Spec)
+	colo, err := newColocation(ctx, opts.Config, first.Spec)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -201,7 +201,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 		return nil, nil, err
 	}
 	s.bundleFile = bundleFile
-	if err := storage.SetupShared(filepath.Join(dir, sharedDir)); err != nil {
+	if err := storage.SetupShare(dir, s.recordMount); err != nil {
 		return nil, nil, err
 	}
 	release, err := startSlot(ctx, opts.Config.Runtime.StateDir, opts.Config.Runtime.MaxParallelStarts)
@@ -271,8 +271,14 @@ func (s *Sandbox) logGuest() {
 // guestLogDelay leaves the start that follows a create to itself.
 const guestLogDelay = time.Second
 
-// watchOOM relays the guest's OOM kills until the sandbox stops.
+// watchOOM relays the guest's OOM kills until the sandbox stops. The guest
+// is not trusted to name containers: an event for one that is not this
+// sandbox's is dropped, or a guest could raise OOMs for other tasks of
+// the host's containerd.
 func (s *Sandbox) watchOOM() {
+	// pace is the least time between two events taken from the guest.
+	const pace = 10 * time.Millisecond
+	warnings := logLimit{burst: 10, every: time.Minute}
 	for {
 		resp, err := s.agent.GetOOMEvent(s.ctx, &agentproto.GetOOMEventRequest{})
 		if err != nil {
@@ -284,7 +290,7 @@ func (s *Sandbox) watchOOM() {
 			if errdefs.IsNotImplemented(errgrpc.ToNative(err)) || !s.alive() {
 				return
 			}
-			log.G(s.ctx).WithError(err).Warn("OOM events from the guest")
+			log.G(s.ctx).WithField("error", clip(err.Error())).Warn("OOM events from the guest")
 			select {
 			case <-s.stopping:
 				return
@@ -292,8 +298,32 @@ func (s *Sandbox) watchOOM() {
 			}
 			continue
 		}
-		log.G(s.ctx).WithField("container", resp.GetContainerId()).Warn("OOM kill in the guest")
-		s.onOOM(resp.GetContainerId())
+		id := resp.GetContainerId()
+		s.mu.Lock()
+		_, ours := s.containers[id]
+		s.mu.Unlock()
+		if ok, held := warnings.allow(time.Now()); ok {
+			l := log.G(s.ctx).WithField("container", clip(id))
+			if held > 0 {
+				l = l.WithField("not_logged", held)
+			}
+			if ours {
+				l.Warn("OOM kill in the guest")
+			} else {
+				l.Warn("OOM event from the guest for a container not in this sandbox: dropped")
+			}
+		}
+		if ours {
+			s.onOOM(id)
+		}
+		// A guest answering at once, again and again, would keep the
+		// shim busy on the host. The agent queues what comes faster, and
+		// containerd needs one event to mark a task OOM-killed.
+		select {
+		case <-s.stopping:
+			return
+		case <-time.After(pace):
+		}
 	}
 }
 
@@ -349,7 +379,9 @@ func (s *Sandbox) Pid() int {
 // interfaces (if the spec joins a network namespace), starts the VM and the
 // agent session, and sets the guest up.
 func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
-	shared := filepath.Join(s.dir, sharedDir)
+	// The guest gets the read-only view; mounts are made in the
+	// host-only tree (storage.SetupShare).
+	shared := filepath.Join(s.dir, storage.ShareView)
 	share := hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.Share9P, Path: shared}
 	storages := []*agentproto.Storage{{
 		Driver:     "9p",
@@ -655,14 +687,16 @@ func (s *Sandbox) handOverBundleFile(leaving *Container) error {
 	return nil
 }
 
-// unmountRootfs takes a container's rootfs out of the shared directory of
-// a sandbox whose VM goes on.
+// unmountRootfs takes a container's rootfs and volumes out of the share
+// of a sandbox whose VM goes on. They are detached lazily, as Kata does:
+// the guest's 9p or virtio-fs client keeps files of a removed container
+// open for a while, and waiting for them would be in vain.
 func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {
-	dir := filepath.Join(s.dir, sharedDir, id)
-	if err := storage.DetachAll(ctx, dir); err != nil {
+	rel := containerMounts(id)
+	if err := s.unmountRecorded(ctx, rel, true); err != nil {
 		return err
 	}
-	return storage.RemoveDir(dir)
+	return storage.RemoveBeneath(s.dir, rel)
 }
 
 // Shutdown destroys the sandbox: the guest is told first, then the VM is
@@ -747,7 +781,7 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	if len(errs) == 0 {
-		if err := storage.UnmountAll(ctx, s.dir); err != nil {
+		if err := s.unmountRecorded(ctx, "", false); err != nil {
 			errs = append(errs, err)
 		} else if err := storage.RemoveDir(s.dir); err != nil {
 			errs = append(errs, err)
@@ -806,8 +840,10 @@ func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error
 		}
 	}
 	if len(errs) == 0 {
-		if err := storage.UnmountAll(ctx, dir); err != nil {
-			errs = append(errs, err)
+		left, err := unmountRecorded(ctx, dir, st.Mounts, "", false)
+		if err != nil {
+			st.Mounts = left
+			errs = append(errs, err, writeState(dir, st))
 		} else if err := storage.RemoveDir(dir); err != nil {
 			errs = append(errs, err)
 		}

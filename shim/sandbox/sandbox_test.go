@@ -270,7 +270,6 @@ func TestLifecycle(t *testing.T) {
 			cc := e.container("echo", "hello")
 			cc.Spec.Root.Readonly = true
 			cc.Spec.Annotations = map[string]string{"test.exit": "3"}
-			cc.Spec.Hooks = &specs.Hooks{CreateRuntime: []specs.Hook{{Path: "/usr/bin/true"}}}
 			cc.Spec.Linux.Namespaces = []specs.LinuxNamespace{
 				{Type: specs.NetworkNamespace, Path: emptyNetns(t)},
 				{Type: specs.PIDNamespace},

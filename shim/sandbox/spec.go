@@ -9,6 +9,10 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -38,10 +42,25 @@ func invalidSpec(format string, args ...any) error {
 }
 
 // ValidateSpec checks, on the host and before any VM starts, what the guest
-// would otherwise reject late or what colo cannot do yet. Errors are
-// errdefs.ErrInvalidArgument or, for what is valid but not supported yet,
-// errdefs.ErrNotImplemented.
+// would otherwise reject late or what colo cannot do yet: among them hooks
+// (checkHooks), host devices (checkDevices) and io.colo.* annotations colo
+// does not know (checkAnnotations), none of which may be left out quietly.
+// Errors are errdefs.ErrInvalidArgument or, for what is valid but not
+// supported yet, errdefs.ErrNotImplemented.
 func ValidateSpec(s *specs.Spec) error {
+	if err := validateSpec(s); err != nil {
+		return err
+	}
+	if err := checkHooks(s.Hooks); err != nil {
+		return err
+	}
+	if err := checkDevices(s.Linux.Devices); err != nil {
+		return err
+	}
+	return checkAnnotations(s)
+}
+
+func validateSpec(s *specs.Spec) error {
 	if s == nil {
 		return invalidSpec("empty")
 	}
@@ -71,6 +90,106 @@ func ValidateSpec(s *specs.Spec) error {
 		}
 	}
 	return nil
+}
+
+// maxNamed is how many hooks or devices an error names before it only
+// counts the rest: a privileged container can have hundreds of devices.
+const maxNamed = 8
+
+// namedList joins what an error names, at most maxNamed of them.
+func namedList(names []string) string {
+	if len(names) <= maxNamed {
+		return strings.Join(names, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(names[:maxNamed], ", "), len(names)-maxNamed)
+}
+
+// checkHooks refuses OCI hooks. A hook is a host binary that the runtime
+// runs at a point of the container's creation or life, many of them in the
+// container's namespaces, to act on its host resources (GPUs, network).
+// colo's container is created and lives inside a VM, where no host binary
+// can run and the host resources the hook would act on are not the
+// container's. Dropping them would leave the container without whatever
+// they were to set up, and no one the wiser.
+func checkHooks(h *specs.Hooks) error {
+	if h == nil {
+		return nil
+	}
+	var named []string
+	for _, kind := range []struct {
+		name  string
+		hooks []specs.Hook
+	}{
+		{"prestart", h.Prestart},
+		{"createRuntime", h.CreateRuntime},
+		{"createContainer", h.CreateContainer},
+		{"startContainer", h.StartContainer},
+		{"poststart", h.Poststart},
+		{"poststop", h.Poststop},
+	} {
+		for i, hook := range kind.hooks {
+			named = append(named, fmt.Sprintf("hooks.%s[%d] %s", kind.name, i, clip(hook.Path)))
+		}
+	}
+	if len(named) == 0 {
+		return nil
+	}
+	return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
+		"OCI hooks cannot run with colo: %s: a hook is a host binary to run on the container's host resources, "+
+			"and colo's container lives in a VM (hooks come from the CRI runtime handler's base_runtime_spec, "+
+			"CDI devices or NRI plugins: keep them off colo's handler)", namedList(named)))
+}
+
+// guestDevice is a character device's number.
+type guestDevice struct {
+	major, minor int64
+}
+
+// guestDevices are the character devices the guest's kernel has with the
+// same meaning as the host's: the node runc makes for one in the guest is
+// the device the spec asked for. They are runc's default devices (which
+// runc makes itself and containerd's specs often list), the console and
+// ptmx, and fuse (the guest loads it for virtio-fs: guest/modules). Any
+// other number names a host device, which in the guest would be another
+// device or none.
+var guestDevices = map[guestDevice]bool{
+	{1, 3}:    true, // /dev/null
+	{1, 5}:    true, // /dev/zero
+	{1, 7}:    true, // /dev/full
+	{1, 8}:    true, // /dev/random
+	{1, 9}:    true, // /dev/urandom
+	{5, 0}:    true, // /dev/tty
+	{5, 1}:    true, // /dev/console
+	{5, 2}:    true, // /dev/ptmx
+	{10, 229}: true, // /dev/fuse
+}
+
+// checkDevices refuses the devices of linux.devices the guest cannot
+// provide: host devices cannot be passed into the VM (no VFIO yet).
+func checkDevices(devices []specs.LinuxDevice) error {
+	var named []string
+	for i, d := range devices {
+		switch d.Type {
+		case "p":
+			// A FIFO is a file the guest makes like any other.
+			continue
+		case "c", "u":
+			if guestDevices[guestDevice{d.Major, d.Minor}] {
+				continue
+			}
+		case "b":
+		default:
+			return invalidSpec("linux.devices[%d] %s: type %q: want c, u, b or p", i, clip(d.Path), clip(d.Type))
+		}
+		named = append(named, fmt.Sprintf("linux.devices[%d] %s (%s %d:%d)", i, clip(d.Path), d.Type, d.Major, d.Minor))
+	}
+	if len(named) == 0 {
+		return nil
+	}
+	return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
+		"host devices cannot be passed into colo's VM (no VFIO yet): %s (a privileged container gets all the "+
+			"host's devices unless CRI's runtime handler sets privileged_without_host_devices = true, or with "+
+			"ctr run --privileged-without-host-devices)", namedList(named)))
 }
 
 func isBind(m specs.Mount) bool {
@@ -107,10 +226,10 @@ var nsProcName = map[specs.LinuxNamespaceType]string{
 
 // GuestSpec returns a copy of s for the guest: root.path points into the
 // shared directory (root.readonly is kept), bind mounts take their sources
-// from there too, hooks are dropped (they name host binaries), and host
-// namespace paths are rewritten. A network namespace to join (the pod's,
-// on the host) becomes the VM's own network namespace, where the pod's
-// interfaces are; a pod's other namespaces to join (the sandbox
+// from there too, and host namespace paths are rewritten. A spec with
+// hooks is refused (checkHooks), as ValidateSpec does earlier. A network
+// namespace to join (the pod's, on the host) becomes the VM's own network
+// namespace, where the pod's interfaces are; a pod's other namespaces to join (the sandbox
 // container's, by its host pid) become those of the pod's first container
 // in the guest; anything else to join becomes new.
 func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestView) (*specs.Spec, error) {
@@ -129,10 +248,12 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 	for i, src := range v.binds {
 		g.Mounts[i].Source = src
 	}
-	if g.Hooks != nil {
-		log.G(ctx).WithField("hooks", g.Hooks).Debug("dropping OCI hooks: they would run in the guest")
-		g.Hooks = nil
+	// libcontainer in the guest would run them, from the guest's files:
+	// refused here too, should a caller have skipped ValidateSpec.
+	if err := checkHooks(g.Hooks); err != nil {
+		return nil, err
 	}
+	g.Hooks = nil
 	if v.topology {
 		g.Mounts = append(g.Mounts, specs.Mount{Destination: agentproto.TopologyFile, Type: "bind",
 			Source: agentproto.TopologyFile, Options: []string{"rbind", "ro"}})
@@ -166,6 +287,63 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 		g.Linux.Namespaces = nss
 	}
 	return &g, nil
+}
+
+// maxLogged is the longest string from the guest or a spec that colo logs
+// or puts in an error whole: a hostile guest or pod author must not fill
+// the host's logs.
+const maxLogged = 128
+
+// maxErrorText is the longest error text from the guest passed on: the
+// agent's own errors (libcontainer's) can be long and are worth reading.
+const maxErrorText = 1024
+
+// clip makes a string from the guest or a spec fit to be logged: at most
+// maxLogged bytes, unprintable characters replaced.
+func clip(s string) string { return clipTo(s, maxLogged) }
+
+// clipTo is clip to at most max bytes.
+func clipTo(s string, max int) string {
+	cut := ""
+	if len(s) > max {
+		n := max
+		for n > 0 && !utf8.RuneStart(s[n]) {
+			n--
+		}
+		cut = fmt.Sprintf("...(%d bytes)", len(s))
+		s = s[:n]
+	}
+	return strings.Map(func(r rune) rune {
+		if unicode.IsPrint(r) {
+			return r
+		}
+		return '?'
+	}, s) + cut
+}
+
+// logLimit lets a few warnings through, then one per interval with the
+// count of those it held back, so that what the guest sends, however
+// often, cannot flood the shim's log. It is for one goroutine.
+type logLimit struct {
+	burst int
+	every time.Duration
+
+	logged     int
+	last       time.Time
+	suppressed int
+}
+
+// allow tells whether to log now and how many warnings were held back
+// since the last one logged.
+func (l *logLimit) allow(now time.Time) (bool, int) {
+	if l.logged < l.burst || now.Sub(l.last) >= l.every {
+		held := l.suppressed
+		l.logged++
+		l.last, l.suppressed = now, 0
+		return true, held
+	}
+	l.suppressed++
+	return false, 0
 }
 
 // PodAnnotation is the CRI annotation naming a container's pod sandbox;

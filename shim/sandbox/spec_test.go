@@ -5,8 +5,10 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -70,6 +72,288 @@ func TestValidateSpec(t *testing.T) {
 	}
 }
 
+func TestValidateSpecHooks(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		hooks *specs.Hooks
+		want  []string // substrings of the error; none: valid
+	}{
+		{name: "none"},
+		{name: "empty", hooks: &specs.Hooks{}},
+		{
+			name:  "prestart",
+			hooks: &specs.Hooks{Prestart: []specs.Hook{{Path: "/usr/bin/nvidia-container-runtime-hook", Args: []string{"prestart"}}}},
+			want:  []string{"hooks.prestart[0] /usr/bin/nvidia-container-runtime-hook", "host binary", "VM", "base_runtime_spec"},
+		},
+		{
+			name: "every kind, each named",
+			hooks: &specs.Hooks{
+				CreateRuntime:   []specs.Hook{{Path: "/bin/a"}, {Path: "/bin/b"}},
+				CreateContainer: []specs.Hook{{Path: "/bin/c"}},
+				StartContainer:  []specs.Hook{{Path: "/bin/d"}},
+				Poststart:       []specs.Hook{{Path: "/bin/e"}},
+				Poststop:        []specs.Hook{{Path: "/bin/f"}},
+			},
+			want: []string{
+				"hooks.createRuntime[0] /bin/a", "hooks.createRuntime[1] /bin/b", "hooks.createContainer[0] /bin/c",
+				"hooks.startContainer[0] /bin/d", "hooks.poststart[0] /bin/e", "hooks.poststop[0] /bin/f",
+			},
+		},
+		{
+			name:  "many: the first named, the rest counted",
+			hooks: &specs.Hooks{Poststop: make([]specs.Hook, 20)},
+			want:  []string{"hooks.poststop[7] ", "and 12 more"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := testSpec("true")
+			s.Hooks = tc.hooks
+			err := ValidateSpec(s)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsNotImplemented(err) {
+				t.Fatalf("ValidateSpec = %v, want not implemented", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if _, err := GuestSpec(context.Background(), s, "c1", guestView{}); !errdefs.IsNotImplemented(err) {
+				t.Errorf("GuestSpec = %v, want the hooks refused there too", err)
+			}
+		})
+	}
+}
+
+func TestValidateSpecDevices(t *testing.T) {
+	dev := func(path, typ string, major, minor int64) specs.LinuxDevice {
+		return specs.LinuxDevice{Path: path, Type: typ, Major: major, Minor: minor}
+	}
+	for _, tc := range []struct {
+		name    string
+		devices []specs.LinuxDevice
+		is      func(error) bool // nil: valid
+		want    []string
+	}{
+		{name: "none"},
+		{
+			name: "runc's defaults, console, ptmx, fuse",
+			devices: []specs.LinuxDevice{
+				dev("/dev/null", "c", 1, 3), dev("/dev/zero", "c", 1, 5), dev("/dev/full", "c", 1, 7),
+				dev("/dev/random", "c", 1, 8), dev("/dev/urandom", "c", 1, 9), dev("/dev/tty", "c", 5, 0),
+				dev("/dev/console", "c", 5, 1), dev("/dev/ptmx", "c", 5, 2), dev("/dev/fuse", "c", 10, 229),
+			},
+		},
+		{name: "a default at another path, unbuffered", devices: []specs.LinuxDevice{dev("/dev/sink", "u", 1, 3)}},
+		{name: "a FIFO", devices: []specs.LinuxDevice{dev("/dev/fifo", "p", 0, 0)}},
+		{
+			name:    "a block device",
+			devices: []specs.LinuxDevice{dev("/dev/null", "c", 1, 3), dev("/dev/sda", "b", 8, 0)},
+			is:      errdefs.IsNotImplemented,
+			want:    []string{"linux.devices[1] /dev/sda (b 8:0)", "no VFIO", "privileged_without_host_devices = true"},
+		},
+		{
+			name:    "a GPU and a tun",
+			devices: []specs.LinuxDevice{dev("/dev/nvidia0", "c", 195, 0), dev("/dev/net/tun", "c", 10, 200)},
+			is:      errdefs.IsNotImplemented,
+			want:    []string{"linux.devices[0] /dev/nvidia0 (c 195:0)", "linux.devices[1] /dev/net/tun (c 10:200)"},
+		},
+		{
+			name:    "a default's path, another device",
+			devices: []specs.LinuxDevice{dev("/dev/null", "c", 4, 0)},
+			is:      errdefs.IsNotImplemented,
+			want:    []string{"/dev/null (c 4:0)"},
+		},
+		{
+			name:    "a block device with a default's numbers",
+			devices: []specs.LinuxDevice{dev("/dev/null", "b", 1, 3)},
+			is:      errdefs.IsNotImplemented,
+			want:    []string{"/dev/null (b 1:3)"},
+		},
+		{
+			name:    "all the host's devices",
+			devices: slices.Repeat([]specs.LinuxDevice{dev("/dev/sdb", "b", 8, 16)}, 300),
+			is:      errdefs.IsNotImplemented,
+			want:    []string{"linux.devices[7] /dev/sdb", "and 292 more"},
+		},
+		{
+			name:    "no such type",
+			devices: []specs.LinuxDevice{dev("/dev/x", "z", 1, 3)},
+			is:      errdefs.IsInvalidArgument,
+			want:    []string{`linux.devices[0] /dev/x: type "z"`},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := testSpec("true")
+			s.Linux.Devices = tc.devices
+			err := ValidateSpec(s)
+			if tc.is == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !tc.is(err) {
+				t.Fatalf("ValidateSpec = %v, want an error of the right kind", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if n := len(err.Error()); n > 2000 {
+				t.Errorf("error of %d bytes", n)
+			}
+		})
+	}
+}
+
+func TestValidateSpecAnnotations(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		annotations map[string]string
+		want        string // in an invalid argument error; "": valid
+	}{
+		{name: "none"},
+		{name: "known", annotations: map[string]string{ClassAnnotation: "low", VCPUsAnnotation: "high,low", PodWeightAnnotation: "2", OverheadIdleAnnotation: "true"}},
+		{name: "others", annotations: map[string]string{"io.kubernetes.cri.sandbox-id": "p", "io.colonel": "x", "colo.class": "low"}},
+		{name: "unknown", annotations: map[string]string{"io.colo.klass": "low"}, want: "annotation io.colo.klass: colo knows no such annotation (it knows io.colo.class, "},
+		{name: "unknown, long", annotations: map[string]string{"io.colo." + strings.Repeat("x", 5000): "1"}, want: "bytes): colo knows no such annotation"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := testSpec("true")
+			s.Annotations = tc.annotations
+			err := ValidateSpec(s)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("ValidateSpec = %v, want an invalid argument with %q", err, tc.want)
+			}
+			if n := len(err.Error()); n > 1000 {
+				t.Errorf("error of %d bytes", n)
+			}
+		})
+	}
+}
+
+func TestClip(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"c1", "c1"},
+		{"", ""},
+		{"a\nb\x1b[2Jc", "a?b?[2Jc"},
+		{strings.Repeat("x", maxLogged), strings.Repeat("x", maxLogged)},
+		{strings.Repeat("x", maxLogged+1), strings.Repeat("x", maxLogged) + "...(129 bytes)"},
+		// Not cut inside a character.
+		{strings.Repeat("x", maxLogged-1) + "é", strings.Repeat("x", maxLogged-1) + "...(129 bytes)"},
+	} {
+		if got := clip(tc.in); got != tc.want {
+			t.Errorf("clip(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestLogLimit(t *testing.T) {
+	start := time.Unix(1000, 0)
+	for _, tc := range []struct {
+		name string
+		// at are the times of the warnings, after start.
+		at []time.Duration
+		// logged are the ones let through, each with the count held back
+		// before it.
+		logged map[int]int
+	}{
+		{name: "the burst", at: []time.Duration{0, 0, 0}, logged: map[int]int{0: 0, 1: 0, 2: 0}},
+		{
+			name:   "then one an interval",
+			at:     []time.Duration{0, 0, 0, 1, 2, 59 * time.Second, time.Minute, time.Minute + 1, 3 * time.Minute},
+			logged: map[int]int{0: 0, 1: 0, 2: 0, 6: 3, 8: 1},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := logLimit{burst: 3, every: time.Minute}
+			for i, d := range tc.at {
+				ok, held := l.allow(start.Add(d))
+				wantHeld, want := tc.logged[i]
+				if ok != want || held != wantHeld {
+					t.Errorf("warning %d at %s: allow = %v, %d; want %v, %d", i, d, ok, held, want, wantHeld)
+				}
+			}
+		})
+	}
+}
+
+// TestOOMForeignContainer: the guest names the container of an OOM event;
+// an event for a container not in the sandbox is not published.
+func TestOOMForeignContainer(t *testing.T) {
+	e := newEnv(t, false)
+	ooms := make(chan string, 10)
+	opts := e.options(e.config("9p"))
+	opts.OnOOM = func(id string) { ooms <- id }
+	cc := e.container("cat")
+	cc.Stdio = Stdio{}
+	ctx, hook := logged()
+	sb, _, err := Create(ctx, opts, cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shutdownAtEnd(t, sb)
+	for _, tc := range []struct {
+		name, id  string
+		published bool
+	}{
+		{"another pod's container", "c2", false},
+		{"no container", "", false},
+		{"a huge id", strings.Repeat("x", 1<<16), false},
+		{"the sandbox's container", "c1", true},
+		{"a path", "../c1", false},
+	} {
+		e.drv.agent.oomEvents <- tc.id
+		if !tc.published {
+			continue
+		}
+		// Events are taken in order: the dropped ones before it would
+		// have been published first.
+		select {
+		case id := <-ooms:
+			if id != tc.id {
+				t.Errorf("%s: OOM event for %q published", tc.name, clip(id))
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s: no OOM event", tc.name)
+		}
+	}
+	if _, err := sb.DeleteContainer(context.Background(), "c1"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case id := <-ooms:
+		t.Errorf("OOM event for %q published", clip(id))
+	default:
+	}
+	var dropped int
+	for _, en := range hook.AllEntries() {
+		id, _ := en.Data["container"].(string)
+		if len(id) > maxLogged+32 {
+			t.Errorf("container id of %d bytes logged", len(id))
+		}
+		if strings.Contains(en.Message, "not in this sandbox: dropped") {
+			dropped++
+		}
+	}
+	if dropped < 3 {
+		t.Errorf("%d events logged as dropped, want at least the 3 before the sandbox's", dropped)
+	}
+}
+
 func TestGuestSpec(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -88,10 +372,8 @@ func TestGuestSpec(t *testing.T) {
 			want: func(s *specs.Spec) { s.Root = &specs.Root{Path: "/run/colo/shared/c1/rootfs", Readonly: true} },
 		},
 		{
-			name: "hooks dropped",
-			in: func(s *specs.Spec) {
-				s.Hooks = &specs.Hooks{Prestart: []specs.Hook{{Path: "/usr/bin/nvidia-hook"}}, Poststop: []specs.Hook{{Path: "/bin/x"}}}
-			},
+			name: "empty hooks",
+			in:   func(s *specs.Spec) { s.Hooks = &specs.Hooks{} },
 			want: func(s *specs.Spec) {},
 		},
 		{

@@ -15,7 +15,6 @@ import (
 const (
 	stateFile       = "state.json"
 	vmDir           = "vm"
-	sharedDir       = "shared"
 	virtiofsdSocket = "virtiofsd.sock"
 
 	// BundleFile is the file in a container's bundle that holds the
@@ -39,6 +38,9 @@ type State struct {
 	Mirrors []MirrorState `json:"mirrors,omitempty"`
 	// Cgroup is the host cgroup the VM's threads were placed under.
 	Cgroup string `json:"cgroup,omitempty"`
+	// Mounts are the mounts the shim made, relative to Dir, in the
+	// order made: only these are ever unmounted.
+	Mounts []string `json:"mounts,omitempty"`
 }
 
 func writeState(dir string, st State) error {
