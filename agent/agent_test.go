@@ -61,6 +61,7 @@ var buildAgent = sync.OnceValues(func() (string, error) {
 type testAgent struct {
 	agentproto.AgentService
 	stateDir string
+	pid      int
 }
 
 // startAgent starts "colo-agent serve" and connects to it. Cleanup stops
@@ -129,6 +130,7 @@ func startAgent(t *testing.T, args ...string) *testAgent {
 	return &testAgent{
 		AgentService: agentproto.NewAgentClient(client),
 		stateDir:     stateDir,
+		pid:          cmd.Process.Pid,
 	}
 }
 
@@ -797,4 +799,102 @@ func TestStorages(t *testing.T) {
 			t.Errorf("sandbox storage %s still mounted (%v)", mp, err)
 		}
 	}
+}
+
+// oomScoreAdj reads a process's oom_score_adj.
+func oomScoreAdj(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// TestOOMScoreAdj: the service runs at -1000, so that an OOM kills a
+// container rather than the agent, and its containers do not inherit
+// that: their init (waiting for start, then running) and their execs get
+// the spec's oomScoreAdj, or 0 without one.
+func TestOOMScoreAdj(t *testing.T) {
+	ctx := context.Background()
+	a := startAgent(t)
+	agentAdj := "-1000"
+	if !hasCapability(t, unix.CAP_SYS_RESOURCE) {
+		// Root here may lack CAP_SYS_RESOURCE (a container), and then
+		// cannot lower oom_score_adj. Raised instead, the agent's value
+		// still shows if the containers inherit it.
+		t.Log("no CAP_SYS_RESOURCE: the agent cannot take -1000; checking with 300")
+		agentAdj = "300"
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", a.pid), []byte(agentAdj), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := oomScoreAdj(t, a.pid); got != agentAdj {
+		t.Errorf("agent service oom_score_adj %s, want %s", got, agentAdj)
+	}
+	rootfs := makeRootfs(t)
+	for _, tt := range []struct {
+		name string
+		adj  *int
+		want string
+	}{
+		{"unset", nil, "0"},
+		{"from spec", func() *int { i := 500; return &i }(), "500"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			id := "oom-" + strings.ReplaceAll(tt.name, " ", "-")
+			spec := newSpec(rootfs, id, "sh", "-c", "cat /proc/self/oom_score_adj; exec sleep 1000")
+			spec.Process.OOMScoreAdj = tt.adj
+			a.createContainer(t, id, spec, &agentproto.CreateContainerRequest{Stdout: true})
+			ps, err := a.ListProcesses(ctx, &agentproto.ListProcessesRequest{ContainerId: id})
+			if err != nil || len(ps.Processes) != 1 {
+				t.Fatalf("ListProcesses = %v, %v; want the init", ps, err)
+			}
+			if got := oomScoreAdj(t, int(ps.Processes[0].Pid)); got != tt.want {
+				t.Errorf("created init's oom_score_adj %s, want %s", got, tt.want)
+			}
+			if _, err := a.StartContainer(ctx, &agentproto.StartContainerRequest{ContainerId: id}); err != nil {
+				t.Fatalf("StartContainer: %v", err)
+			}
+			out, err := a.ReadStdout(ctx, &agentproto.ReadStreamRequest{ContainerId: id, Len: 100})
+			if err != nil || strings.TrimSpace(string(out.Data)) != tt.want {
+				t.Errorf("container's oom_score_adj %q (%v), want %s", out.GetData(), err, tt.want)
+			}
+			b, err := json.Marshal(specs.Process{Args: []string{"cat", "/proc/self/oom_score_adj"}, Env: []string{"PATH=/bin"}, Cwd: "/"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := a.ExecProcess(ctx, &agentproto.ExecProcessRequest{ContainerId: id, ExecId: "adj", Process: b, Stdout: true}); err != nil {
+				t.Fatalf("ExecProcess: %v", err)
+			}
+			if got := a.collect(t, id, "adj", true, false); got.status != 0 || strings.TrimSpace(got.stdout) != tt.want {
+				t.Errorf("exec: %+v, want oom_score_adj %s", got, tt.want)
+			}
+			a.remove(t, id)
+		})
+	}
+	if got := oomScoreAdj(t, a.pid); got != agentAdj {
+		t.Errorf("agent service oom_score_adj %s after the containers, want %s", got, agentAdj)
+	}
+}
+
+// hasCapability reports whether the test has capability c in its
+// effective set.
+func hasCapability(t *testing.T, c int) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			eff, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return eff&(1<<c) != 0
+		}
+	}
+	t.Fatal("no CapEff in /proc/self/status")
+	return false
 }

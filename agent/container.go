@@ -92,6 +92,7 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	if err != nil {
 		return nil, fmt.Errorf("convert spec: %w: %w", err, errdefs.ErrInvalidArgument)
 	}
+	setContainerOOMScoreAdj(config)
 	lc, err := libcontainer.Create(opts.stateDir, id, config)
 	if err != nil {
 		if errors.Is(err, libcontainer.ErrExist) {

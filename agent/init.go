@@ -73,6 +73,11 @@ func Init(ctx context.Context) {
 		powerOff(ctx, fmt.Errorf("mount system filesystems: %w", err))
 	}
 	ensureConsole()
+	// First thing once /proc is there: the service, started below,
+	// inherits it (and sets it again itself).
+	if err := protectFromOOM(); err != nil {
+		log.G(ctx).WithError(err).Error("the guest OOM killer may pick PID 1")
+	}
 
 	cmdline, err := os.ReadFile("/proc/cmdline")
 	if err != nil {

@@ -31,6 +31,13 @@ func Serve(ctx context.Context, cfg ServeConfig) (retErr error) {
 	// guest's PID namespace, and only a wait(-1) loop, which would steal
 	// libcontainer's exits, could reap them. Left alone, orphans go to
 	// PID 1, which reaps everything.
+	//
+	// The guest OOM killer must pick a container, never the service
+	// (PID 1 would power the guest off). The containers must not inherit
+	// this: createContainer gives them their spec's value or 0.
+	if err := protectFromOOM(); err != nil {
+		log.G(ctx).WithError(err).Error("the guest OOM killer may pick the agent service")
+	}
 	svc, err := NewService(cfg.Service)
 	if err != nil {
 		return err

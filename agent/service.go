@@ -55,6 +55,9 @@ type Service struct {
 	containers    map[string]*container
 	sandbox       bool
 	sandboxMounts []string
+	// podNS holds the pod's namespaces when the sandbox has no pause
+	// container (CreateSandboxRequest.pod_namespaces).
+	podNS *podNamespaces
 
 	// ooms queues the ids of containers that had an OOM kill, for
 	// GetOOMEvent.
@@ -124,6 +127,12 @@ func (s *Service) Close(ctx context.Context) error {
 	err := s.removeAll(ctx)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.podNS != nil {
+		if perr := s.podNS.close(ctx); perr != nil {
+			err = errors.Join(err, perr)
+		}
+		s.podNS = nil
+	}
 	if uerr := unmountAll(ctx, s.sandboxMounts); uerr != nil {
 		err = errors.Join(err, uerr)
 	}
@@ -291,12 +300,25 @@ func (s *Service) CreateSandbox(ctx context.Context, req *agentproto.CreateSandb
 			return nil, fmt.Errorf("set hostname %q: %w", h, err)
 		}
 	}
+	if len(req.GetPodSysctls()) > 0 && !req.GetPodNamespaces() {
+		return nil, fmt.Errorf("pod sysctls without pod namespaces: %w", errdefs.ErrInvalidArgument)
+	}
 	if err := s.setupClasses(ctx, req.GetCpuClasses()); err != nil {
 		return nil, err
 	}
 	mounts, err := mountStorages(ctx, req.GetStorages())
 	if err != nil {
 		return nil, err
+	}
+	if req.GetPodNamespaces() {
+		// After the hostname: the pod's UTS namespace starts as a copy
+		// of the guest's.
+		if s.podNS, err = startPodNamespaces(ctx, req.GetPodSysctls()); err != nil {
+			if uerr := unmountAll(ctx, mounts); uerr != nil {
+				log.G(ctx).WithError(uerr).Warn("unmount the sandbox's storages after a failed create")
+			}
+			return nil, err
+		}
 	}
 	s.sandbox, s.sandboxMounts = true, mounts
 	log.G(ctx).WithField("sandbox", req.GetSandboxId()).Info("sandbox created")

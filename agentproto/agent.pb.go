@@ -226,7 +226,17 @@ type CreateSandboxRequest struct {
 	// agent makes a guest cgroup for each (ClassCgroup in doc.go), writes
 	// the topology file (TopologyFile) and pins network interrupts to the
 	// first class's CPUs.
-	CpuClasses    []*CPUClass `protobuf:"bytes,6,rep,name=cpu_classes,json=cpuClasses,proto3" json:"cpu_classes,omitempty"`
+	CpuClasses []*CPUClass `protobuf:"bytes,6,rep,name=cpu_classes,json=cpuClasses,proto3" json:"cpu_classes,omitempty"`
+	// pod_namespaces asks for the pod's shared IPC, UTS and PID namespaces,
+	// for a sandbox without a pause container (containerd's sandbox API):
+	// the agent starts a process of its own in new ones, which holds them
+	// for the sandbox's life, and bind-mounts them at PodNamespace(kind)
+	// (doc.go), which the containers' specs then join.
+	PodNamespaces bool `protobuf:"varint,7,opt,name=pod_namespaces,json=podNamespaces,proto3" json:"pod_namespaces,omitempty"`
+	// pod_sysctls are the pod's namespaced sysctls (net.*, kernel.shm*,
+	// kernel.msg*, kernel.sem, fs.mqueue.*), applied in the pod's
+	// namespaces; only with pod_namespaces.
+	PodSysctls    map[string]string `protobuf:"bytes,8,rep,name=pod_sysctls,json=podSysctls,proto3" json:"pod_sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -299,6 +309,20 @@ func (x *CreateSandboxRequest) GetHostTime() *timestamppb.Timestamp {
 func (x *CreateSandboxRequest) GetCpuClasses() []*CPUClass {
 	if x != nil {
 		return x.CpuClasses
+	}
+	return nil
+}
+
+func (x *CreateSandboxRequest) GetPodNamespaces() bool {
+	if x != nil {
+		return x.PodNamespaces
+	}
+	return false
+}
+
+func (x *CreateSandboxRequest) GetPodSysctls() map[string]string {
+	if x != nil {
+		return x.PodSysctls
 	}
 	return nil
 }
@@ -2662,7 +2686,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x06fstype\x18\x03 \x01(\tR\x06fstype\x12\x18\n" +
 	"\aoptions\x18\x04 \x03(\tR\aoptions\x12\x1f\n" +
 	"\vmount_point\x18\x05 \x01(\tR\n" +
-	"mountPoint\"\x8a\x02\n" +
+	"mountPoint\"\xc6\x03\n" +
 	"\x14CreateSandboxRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +
@@ -2671,7 +2695,13 @@ const file_agent_proto_rawDesc = "" +
 	"\x03dns\x18\x04 \x03(\tR\x03dns\x127\n" +
 	"\thost_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bhostTime\x128\n" +
 	"\vcpu_classes\x18\x06 \x03(\v2\x17.colo.agent.v1.CPUClassR\n" +
-	"cpuClasses\"n\n" +
+	"cpuClasses\x12%\n" +
+	"\x0epod_namespaces\x18\a \x01(\bR\rpodNamespaces\x12T\n" +
+	"\vpod_sysctls\x18\b \x03(\v23.colo.agent.v1.CreateSandboxRequest.PodSysctlsEntryR\n" +
+	"podSysctls\x1a=\n" +
+	"\x0fPodSysctlsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"n\n" +
 	"\bCPUClass\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04cpus\x18\x02 \x03(\rR\x04cpus\x12\x16\n" +
@@ -2863,7 +2893,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_agent_proto_goTypes = []any{
 	(*CheckRequest)(nil),            // 0: colo.agent.v1.CheckRequest
 	(*CheckResponse)(nil),           // 1: colo.agent.v1.CheckResponse
@@ -2913,88 +2943,90 @@ var file_agent_proto_goTypes = []any{
 	(*AddARPNeighborsRequest)(nil),  // 45: colo.agent.v1.AddARPNeighborsRequest
 	(*ListInterfacesRequest)(nil),   // 46: colo.agent.v1.ListInterfacesRequest
 	(*ListInterfacesResponse)(nil),  // 47: colo.agent.v1.ListInterfacesResponse
-	(*timestamppb.Timestamp)(nil),   // 48: google.protobuf.Timestamp
-	(*anypb.Any)(nil),               // 49: google.protobuf.Any
-	(*emptypb.Empty)(nil),           // 50: google.protobuf.Empty
+	nil,                             // 48: colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
+	(*anypb.Any)(nil),               // 50: google.protobuf.Any
+	(*emptypb.Empty)(nil),           // 51: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
 	2,  // 0: colo.agent.v1.CreateSandboxRequest.storages:type_name -> colo.agent.v1.Storage
-	48, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
+	49, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
 	4,  // 2: colo.agent.v1.CreateSandboxRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
-	48, // 3: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
-	2,  // 4: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
-	49, // 5: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
-	24, // 6: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
-	48, // 7: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	38, // 8: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
-	39, // 9: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
-	40, // 10: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
-	40, // 11: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
-	41, // 12: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
-	39, // 13: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
-	0,  // 14: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
-	3,  // 15: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
-	5,  // 16: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
-	6,  // 17: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
-	8,  // 18: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
-	9,  // 19: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
-	10, // 20: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
-	12, // 21: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
-	14, // 22: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
-	15, // 23: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
-	17, // 24: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
-	18, // 25: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
-	19, // 26: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
-	20, // 27: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
-	21, // 28: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
-	23, // 29: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
-	26, // 30: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
-	28, // 31: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
-	29, // 32: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
-	31, // 33: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
-	32, // 34: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
-	34, // 35: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
-	35, // 36: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
-	35, // 37: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
-	37, // 38: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
-	42, // 39: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
-	43, // 40: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
-	45, // 41: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
-	46, // 42: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
-	1,  // 43: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
-	50, // 44: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
-	50, // 45: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
-	7,  // 46: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
-	50, // 47: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
-	50, // 48: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
-	11, // 49: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
-	13, // 50: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
-	50, // 51: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
-	16, // 52: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
-	50, // 53: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
-	50, // 54: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
-	50, // 55: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
-	50, // 56: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
-	22, // 57: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
-	25, // 58: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
-	27, // 59: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
-	50, // 60: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	30, // 61: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
-	50, // 62: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
-	33, // 63: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
-	50, // 64: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	36, // 65: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
-	36, // 66: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
-	50, // 67: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
-	39, // 68: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
-	44, // 69: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
-	50, // 70: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
-	47, // 71: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
-	43, // [43:72] is the sub-list for method output_type
-	14, // [14:43] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	48, // 3: colo.agent.v1.CreateSandboxRequest.pod_sysctls:type_name -> colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	49, // 4: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
+	2,  // 5: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
+	50, // 6: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
+	24, // 7: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
+	49, // 8: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	38, // 9: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
+	39, // 10: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
+	40, // 11: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
+	40, // 12: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
+	41, // 13: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
+	39, // 14: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
+	0,  // 15: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
+	3,  // 16: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
+	5,  // 17: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
+	6,  // 18: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
+	8,  // 19: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
+	9,  // 20: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
+	10, // 21: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
+	12, // 22: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
+	14, // 23: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
+	15, // 24: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
+	17, // 25: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
+	18, // 26: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
+	19, // 27: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
+	20, // 28: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
+	21, // 29: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
+	23, // 30: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
+	26, // 31: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
+	28, // 32: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
+	29, // 33: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
+	31, // 34: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
+	32, // 35: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
+	34, // 36: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
+	35, // 37: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
+	35, // 38: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
+	37, // 39: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
+	42, // 40: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
+	43, // 41: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
+	45, // 42: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
+	46, // 43: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
+	1,  // 44: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
+	51, // 45: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
+	51, // 46: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
+	7,  // 47: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
+	51, // 48: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
+	51, // 49: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
+	11, // 50: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
+	13, // 51: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
+	51, // 52: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
+	16, // 53: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
+	51, // 54: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
+	51, // 55: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
+	51, // 56: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
+	51, // 57: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
+	22, // 58: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
+	25, // 59: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
+	27, // 60: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
+	51, // 61: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	30, // 62: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
+	51, // 63: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
+	33, // 64: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
+	51, // 65: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	36, // 66: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
+	36, // 67: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
+	51, // 68: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
+	39, // 69: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
+	44, // 70: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
+	51, // 71: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
+	47, // 72: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
+	44, // [44:73] is the sub-list for method output_type
+	15, // [15:44] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3008,7 +3040,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   48,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -3,11 +3,13 @@
 // constants both ends must agree on.
 package agentproto
 
+import "strings"
+
 //go:generate protoc -I . -I /usr/include --go_out=paths=source_relative:. --go-ttrpc_out=paths=source_relative:. agent.proto
 
 const (
 	// ProtocolVersion is bumped on incompatible changes to the service.
-	ProtocolVersion = 1
+	ProtocolVersion = 2
 
 	// VsockPort is the AF_VSOCK port the agent listens on.
 	VsockPort = 1024
@@ -35,8 +37,42 @@ const (
 	// that says which vCPUs each CPU priority class has
 	// (docs/colocation.md).
 	TopologyFile = "/run/colo/topology.json"
+
+	// PodNamespaceDir holds the namespaces a pod without a pause container
+	// shares (CreateSandboxRequest.pod_namespaces), bind-mounted as files.
+	PodNamespaceDir = "/run/colo/pod-ns"
 )
+
+// PodNamespaces are the kinds of namespace (as under /proc/PID/ns) the
+// agent holds for a pod without a pause container.
+var PodNamespaces = []string{"ipc", "uts", "pid"}
+
+// PodNamespace is the file of a pod's namespace of a kind ("ipc", "uts",
+// "pid"), for a spec's linux.namespaces[].path.
+func PodNamespace(kind string) string { return PodNamespaceDir + "/" + kind }
 
 // ClassCgroup is the guest cgroup of a CPU priority class; its containers'
 // cgroups are below it.
 func ClassCgroup(class string) string { return "/colo-classes/" + class }
+
+// ipcSysctls are the IPC namespace's sysctls other than fs.mqueue.*.
+var ipcSysctls = map[string]bool{
+	"kernel.msgmax": true, "kernel.msgmnb": true, "kernel.msgmni": true, "kernel.sem": true,
+	"kernel.shmall": true, "kernel.shmmax": true, "kernel.shmmni": true, "kernel.shm_rmid_forced": true,
+}
+
+// PodSysctl tells whether a pod may set the sysctl key
+// (CreateSandboxRequest.pod_sysctls): one of a namespace the pod has of its
+// own (network, IPC, UTS), as runc allows for a container. The others are
+// the whole guest kernel's. A key with "/" or ".." could name another file
+// under /proc/sys, and is refused too.
+func PodSysctl(key string) bool {
+	if strings.Contains(key, "/") || strings.Contains(key, "..") || strings.HasSuffix(key, ".") {
+		return false
+	}
+	switch {
+	case strings.HasPrefix(key, "net."), strings.HasPrefix(key, "fs.mqueue."):
+		return true
+	}
+	return ipcSysctls[key] || key == "kernel.domainname"
+}

@@ -151,6 +151,22 @@ type Agent struct {
 	// (default) or "error". Its log goes to the guest console, which the
 	// shim logs at debug level.
 	LogLevel string `toml:"log_level"`
+	// CallTimeout bounds each agent call that answers at once: state,
+	// signals, stats, pids, resize, stdin close, pause (default 10s).
+	// Calls that wait for something in the guest (a process's exit, its
+	// output, OOM events, stdin the container reads) have no deadline of
+	// their own: they end when the sandbox does.
+	CallTimeout Duration `toml:"call_timeout"`
+	// CreateTimeout bounds each agent call that sets something up or
+	// takes it down in the guest: container create, start and remove, an
+	// exec's start, the sandbox's set-up and network (default 60s).
+	CreateTimeout Duration `toml:"create_timeout"`
+	// HealthInterval is how often the shim checks that the agent answers
+	// (default 5s); after HealthFailures checks in a row without an
+	// answer (default 3) the sandbox is declared failed: its processes
+	// exit and the VM is torn down.
+	HealthInterval Duration `toml:"health_interval"`
+	HealthFailures int      `toml:"health_failures"`
 }
 
 // Storage configures how container filesystems reach the guest.
@@ -198,8 +214,12 @@ func Default() Config {
 			Sandbox:         true,
 		},
 		Agent: Agent{
-			Channel:  "auto",
-			LogLevel: "warn",
+			Channel:        "auto",
+			LogLevel:       "warn",
+			CallTimeout:    Duration(10 * time.Second),
+			CreateTimeout:  Duration(60 * time.Second),
+			HealthInterval: Duration(5 * time.Second),
+			HealthFailures: 3,
 		},
 		Storage: Storage{
 			SharedFS:  "9p",
@@ -298,6 +318,21 @@ func (c Config) Validate() error {
 	}
 	if h.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.shutdown_timeout = %s: want a positive duration", h.ShutdownTimeout))
+	}
+	for _, d := range []struct {
+		key string
+		v   Duration
+	}{
+		{"agent.call_timeout", c.Agent.CallTimeout},
+		{"agent.create_timeout", c.Agent.CreateTimeout},
+		{"agent.health_interval", c.Agent.HealthInterval},
+	} {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("%s = %s: want a positive duration", d.key, d.v))
+		}
+	}
+	if c.Agent.HealthFailures < 1 {
+		errs = append(errs, fmt.Errorf("agent.health_failures = %d: want 1 or more", c.Agent.HealthFailures))
 	}
 	for _, p := range []struct{ field, path string }{
 		{"hypervisor.kernel", h.Kernel},

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,14 +20,26 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/colo-runtime/colo/shim/sandbox"
+	"github.com/colo-runtime/colo/storage"
 	"github.com/colo-runtime/colo/testbed"
 )
 
-// criHandlers are the CRI runtime handlers (RuntimeClass handlers) the
-// CRI tests run pods with; "" is containerd's default, runc.
-var criHandlers = []struct{ name, handler string }{
-	{"runc", ""},
-	{"colo", "colo"},
+// criHandler is a CRI runtime handler (a RuntimeClass's handler) the CRI
+// tests run pods with.
+type criHandler struct {
+	name, handler string
+	// vm: pods run in colo's VMs; shim: through containerd's sandbox API
+	// (sandboxer = "shim"), with no pause container.
+	vm, shim bool
+}
+
+// criHandlers: "" is containerd's default, runc; colo with CRI's default
+// sandboxer (a pause container); colo with the sandbox API.
+var criHandlers = []criHandler{
+	{name: "runc", handler: ""},
+	{name: "colo", handler: testbed.ColoHandler, vm: true},
+	{name: "colo-shim", handler: testbed.ColoShimHandler, vm: true, shim: true},
 }
 
 // podCgroups is the parent of the test pods' cgroups, as kubelet's
@@ -275,17 +288,31 @@ func hasLogLine(log, stream, line string) bool {
 	return false
 }
 
+// podDNS is the DNS config of TestCRIPod's pods, and the resolv.conf CRI
+// makes of it.
+var (
+	podDNS = &runtimeapi.DNSConfig{
+		Servers:  []string{"10.96.0.10"},
+		Searches: []string{"default.svc.cluster.local", "svc.cluster.local"},
+		Options:  []string{"ndots:5"},
+	}
+	podResolvConf = "search default.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+)
+
 // TestCRIPod runs a pod as kubelet would, through CRI: a server and a
-// writer container sharing a volume and the pod's network, exec, logs,
-// the pod IP reached from the host, then stop and removal leaving
-// nothing behind.
+// writer container sharing a volume, the pod's network, IPC (/dev/shm) and
+// UTS namespaces and its DNS config, exec, logs, the pod IP reached from
+// the host, then stop and removal leaving nothing behind. Through the
+// sandbox API (colo-shim) the pod has no pause container.
 func TestCRIPod(t *testing.T) {
 	for _, h := range criHandlers {
 		t.Run(h.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), criTimeout)
 			defer cancel()
 			rs := criRuntime(t)
-			p := runPod(ctx, t, rs, "cri-pod-"+h.name, h.handler)
+			p := runPod(ctx, t, rs, "cri-pod-"+h.name, h.handler, func(c *runtimeapi.PodSandboxConfig) {
+				c.DnsConfig = podDNS
+			})
 			volume := t.TempDir()
 
 			// PID 1 of each container traps SIGTERM, so StopContainer's
@@ -297,7 +324,7 @@ func TestCRIPod(t *testing.T) {
 
 			// One VM for the pod: both containers see the same guest
 			// boot, and it is not the host's.
-			if h.handler == "colo" {
+			if h.vm {
 				host, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
 				if err != nil {
 					t.Fatal(err)
@@ -313,6 +340,26 @@ func TestCRIPod(t *testing.T) {
 			if out, errOut, code := execSync(ctx, t, rs, server, "sh", "-c",
 				"until test -e /data/ready; do sleep 0.1; done; cat /data/msg"); out != "hello-volume\n" || code != 0 {
 				t.Errorf("reading the volume in the server: %q, stderr %q, exit %d", out, errOut, code)
+			}
+
+			checkPause(ctx, t, h, p.id)
+
+			// The pod's namespaces: both containers in the same IPC and
+			// UTS namespaces, the pod's hostname, one /dev/shm, and the
+			// pod's /etc/hostname and resolv.conf.
+			ns := func(id string) string {
+				out, errOut, code := execSync(ctx, t, rs, id, "sh", "-c", "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts; hostname; cat /etc/hostname /etc/resolv.conf")
+				if code != 0 {
+					t.Errorf("namespaces of %s: exit %d, stderr %q", id, code, errOut)
+				}
+				return out
+			}
+			if a, b := ns(server), ns(writer); a != b || !strings.HasSuffix(a, "\n"+p.config.Hostname+"\n"+p.config.Hostname+"\n"+podResolvConf) {
+				t.Errorf("server sees\n%s\nwriter sees\n%s\nwant the same IPC and UTS namespaces, hostname %s twice and resolv.conf\n%s", a, b, p.config.Hostname, podResolvConf)
+			}
+			execSync(ctx, t, rs, writer, "sh", "-c", "echo shared > /dev/shm/colo-test")
+			if out, errOut, code := execSync(ctx, t, rs, server, "cat", "/dev/shm/colo-test"); out != "shared\n" || code != 0 {
+				t.Errorf("the writer's /dev/shm file in the server: %q, stderr %q, exit %d", out, errOut, code)
 			}
 
 			// ExecSync: stdout, stderr and the exit code come back apart.
@@ -429,6 +476,13 @@ func TestCrictlLifecycle(t *testing.T) {
 				checkCRILeaks(ctx, t, rs, ids...)
 			})
 			cmd := exec.CommandContext(ctx, "bash", append([]string{script, h.handler, testbed.BusyboxImage, uid}, crictl...)...)
+			// The script checks what PID 1 of the pod's PID namespace is:
+			// the pause container's process, or the holder of the pod's
+			// namespaces in colo's guest.
+			cmd.Env = append(os.Environ(), "POD_INIT=pause")
+			if h.shim {
+				cmd.Env = append(os.Environ(), "POD_INIT=colo")
+			}
 			cmd.Stdout, cmd.Stderr = &out, &out
 			err := cmd.Run()
 			t.Logf("%s:\n%s", filepath.Base(script), out.String())
@@ -436,5 +490,35 @@ func TestCrictlLifecycle(t *testing.T) {
 				t.Fatalf("%s: %v", filepath.Base(script), err)
 			}
 		})
+	}
+}
+
+// checkPause checks that the pod has a pause container, or through the
+// sandbox API none: containerd has a container with the pod's id (CRI's
+// sandbox container) or not, and a colo pod's VM a container directory for
+// it in its share or not.
+func checkPause(ctx context.Context, t *testing.T, h criHandler, podID string) {
+	t.Helper()
+	r, err := cd.CRICtr(ctx, "containers", "ls", "-q")
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("ctr containers ls: %v %v", r, err)
+	}
+	if has := slices.Contains(strings.Fields(r.Stdout), podID); has == h.shim {
+		t.Errorf("containerd has a container with the pod's id (a pause container): %v, want %v", has, !h.shim)
+	}
+	if !h.vm {
+		return
+	}
+	share := filepath.Join(cd.StateDir, testbed.CRINamespace, sandbox.DirName(podID), storage.ShareMounts)
+	entries, err := os.ReadDir(share)
+	if err != nil {
+		t.Fatalf("the pod's VM: %v", err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if has := slices.Contains(names, podID); has == h.shim {
+		t.Errorf("the VM's share %s has %q: a container directory for the pod (a pause container) %v, want %v", share, names, has, !h.shim)
 	}
 }

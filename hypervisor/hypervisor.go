@@ -92,16 +92,19 @@ type VM interface {
 	Done() <-chan struct{}
 	// Err tells why the process exited once Done is closed.
 	Err() error
+	// Console is the last lines of the guest console and the
+	// hypervisor's own messages, for the log when something fails.
+	Console() []string
 }
 
 // Driver starts VMs of one hypervisor.
+//
+// Cleaning up after a controller that died is no method of a Driver: a
+// Driver needs a working hypervisor installation to be made, which a
+// crash's cleanup must not (package driver's Cleanup).
 type Driver interface {
 	// Start launches a VM and returns once the hypervisor is running and
 	// controllable; the guest may still be booting. On error nothing it
 	// started is left running.
 	Start(ctx context.Context, cfg VMConfig) (VM, error)
-	// Cleanup kills a VM whose controller died, from what Start left in
-	// dir, and removes the driver's files there. It is a no-op when
-	// nothing is left.
-	Cleanup(ctx context.Context, dir string) error
 }

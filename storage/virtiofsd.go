@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,8 @@ import (
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/internal/procfs"
 )
 
 // virtiofsdPidDir is where the C virtiofsd (QEMU 7.x) keeps a lock/pid file
@@ -60,7 +63,7 @@ func (c VirtiofsdConfig) args() []string {
 // stops reading.
 type Virtiofsd struct {
 	cmd    *exec.Cmd
-	self   proc
+	self   procfs.Proc
 	socket string
 	stderr *lineTail
 	errR   *os.File
@@ -113,7 +116,7 @@ func StartVirtiofsd(ctx context.Context, cfg VirtiofsdConfig) (_ *Virtiofsd, ret
 	}
 	v := &Virtiofsd{
 		cmd:     cmd,
-		self:    procOf(cmd.Process.Pid),
+		self:    procfs.Of(cmd.Process.Pid),
 		socket:  cfg.SocketPath,
 		stderr:  newLineTail(8),
 		errR:    errR,
@@ -200,7 +203,7 @@ func (v *Virtiofsd) Err() error {
 // left.
 func (v *Virtiofsd) Stop(ctx context.Context) error {
 	arg := "--socket-path=" + v.socket
-	procs := append([]proc{v.self}, groupMembers(v.Pid(), arg)...)
+	procs := append([]procfs.Proc{v.self}, groupMembers(v.Pid(), arg)...)
 	select {
 	case <-v.done:
 	default:
@@ -225,8 +228,10 @@ func (v *Virtiofsd) Stop(ctx context.Context) error {
 
 // CleanupVirtiofsd kills a virtiofsd left behind by a crashed shim and
 // removes its socket and pid file. pid is what the shim recorded (0 if
-// none); virtiofsd's own pid file is tried too. A process is only killed
-// if its command line names socketPath, so a reused pid is never hit.
+// none); virtiofsd's own pid file is tried too, and so is every process
+// whose command line names socketPath, for a shim that died before it
+// recorded the pid. A process is only killed if its command line names
+// socketPath, so a reused pid is never hit.
 func CleanupVirtiofsd(ctx context.Context, pid int, socketPath string) error {
 	pids := []int{pid}
 	if b, err := os.ReadFile(virtiofsdPidFile(socketPath)); err == nil {
@@ -235,16 +240,23 @@ func CleanupVirtiofsd(ctx context.Context, pid int, socketPath string) error {
 		}
 	}
 	arg := "--socket-path=" + socketPath
-	var all []proc
+	var all []procfs.Proc
 	for _, p := range pids {
 		if p <= 0 {
 			continue
 		}
 		if cmdlineHas(p, arg) {
-			all = append(all, procOf(p))
+			all = append(all, procfs.Of(p))
 		}
 		// The sandbox child, even when its parent is gone already.
 		all = append(all, groupMembers(p, arg)...)
+	}
+	// The socket is in the sandbox's own directory: no other sandbox's
+	// virtiofsd has it in its command line.
+	for _, p := range procfs.Find(func(args []string) bool { return slices.Contains(args, arg) }) {
+		if !slices.ContainsFunc(all, func(q procfs.Proc) bool { return q.Pid == p.Pid }) {
+			all = append(all, p)
+		}
 	}
 	var errs []error
 	if len(all) > 0 {
@@ -256,19 +268,19 @@ func CleanupVirtiofsd(ctx context.Context, pid int, socketPath string) error {
 }
 
 // killAll SIGKILLs procs and waits, at most killWait, for them to be gone.
-func killAll(procs []proc) error {
+func killAll(procs []procfs.Proc) error {
 	for _, p := range procs {
-		_ = p.kill()
+		_ = p.Kill()
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), killWait)
 	defer cancel()
 	return waitAllGone(ctx, procs)
 }
 
-func waitAllGone(ctx context.Context, procs []proc) error {
+func waitAllGone(ctx context.Context, procs []procfs.Proc) error {
 	var errs []error
 	for _, p := range procs {
-		if err := waitGone(ctx, p); err != nil {
+		if err := procfs.WaitGone(ctx, p); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -291,90 +303,23 @@ func virtiofsdPidFile(socketPath string) string {
 	return filepath.Join(virtiofsdPidDir, strings.ReplaceAll(socketPath, "/", ".")+".pid")
 }
 
-// proc names a process by pid and start time, so that a reused pid is
-// never mistaken for it.
-type proc struct {
-	pid   int
-	start string
-}
-
-func procOf(pid int) proc {
-	st, _ := procStat(pid)
-	return proc{pid: pid, start: st.start}
-}
-
-func (p proc) kill() error {
-	st, err := procStat(p.pid)
-	if err != nil || st.start != p.start {
-		return nil
-	}
-	return unix.Kill(p.pid, unix.SIGKILL)
-}
-
-// gone reports whether the process has exited. A zombie counts as gone:
-// it holds no files or mounts any more.
-func (p proc) gone() bool {
-	st, err := procStat(p.pid)
-	return err != nil || st.start != p.start || st.state == "Z" || st.state == "X"
-}
-
-func waitGone(ctx context.Context, p proc) error {
-	for !p.gone() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("process %d still running: %w", p.pid, ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-	return nil
-}
-
-type stat struct {
-	state string
-	pgrp  int
-	start string
-}
-
-// procStat reads the state (field 3), process group (field 5) and start
-// time (field 22) of a process from /proc/<pid>/stat.
-func procStat(pid int) (stat, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return stat{}, err
-	}
-	// The command name (field 2) is in parentheses and may hold spaces.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return stat{}, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return stat{}, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	pgrp, err := strconv.Atoi(f[2])
-	if err != nil {
-		return stat{}, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
-	}
-	return stat{state: f[0], pgrp: pgrp, start: f[19]}, nil
-}
-
 // groupMembers lists the live processes of process group pgid, other than
 // its leader, whose command line has arg. virtiofsd's sandbox child is a
 // fork and keeps its parent's command line, so the check finds it while
 // it shuts out any process that took over a reused group id.
-func groupMembers(pgid int, arg string) []proc {
+func groupMembers(pgid int, arg string) []procfs.Proc {
 	entries, _ := os.ReadDir("/proc")
-	var out []proc
+	var out []procfs.Proc
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == pgid {
 			continue
 		}
-		st, err := procStat(pid)
-		if err != nil || st.pgrp != pgid || !cmdlineHas(pid, arg) {
+		st, err := procfs.ReadStat(pid)
+		if err != nil || st.Pgrp != pgid || !cmdlineHas(pid, arg) {
 			continue
 		}
-		out = append(out, proc{pid: pid, start: st.start})
+		out = append(out, procfs.Proc{Pid: pid, Start: st.Start})
 	}
 	return out
 }

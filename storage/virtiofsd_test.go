@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/internal/procfs"
 )
 
 const virtiofsdBinary = "/usr/lib/qemu/virtiofsd"
@@ -49,7 +51,7 @@ func startVirtiofsd(t *testing.T) (*Virtiofsd, VirtiofsdConfig, *share) {
 
 func assertVirtiofsdGone(t *testing.T, pid int, socket string) {
 	t.Helper()
-	if p := procOf(pid); !p.gone() {
+	if p := procfs.Of(pid); !p.Gone() {
 		t.Errorf("virtiofsd %d still running", pid)
 	}
 	for _, f := range []string{socket, virtiofsdPidFile(socket)} {
@@ -144,7 +146,7 @@ func TestVirtiofsdConnected(t *testing.T) {
 		<-vmDone
 	})
 
-	var children []proc
+	var children []procfs.Proc
 	deadline := time.Now().Add(30 * time.Second)
 	for len(children) == 0 {
 		if time.Now().After(deadline) {
@@ -172,7 +174,7 @@ func TestVirtiofsdConnected(t *testing.T) {
 	if err := BindMount(lower, sh.dir, roRel, false, ReadOnly); err != nil {
 		t.Fatal(err)
 	}
-	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", child.pid))
+	mi, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", child.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,8 +204,8 @@ func TestVirtiofsdConnected(t *testing.T) {
 	if err := v.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !child.gone() {
-		t.Errorf("virtiofsd's sandbox child %d still running", child.pid)
+	if !child.Gone() {
+		t.Errorf("virtiofsd's sandbox child %d still running", child.Pid)
 	}
 	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
 }
@@ -273,7 +275,7 @@ func TestVirtiofsdStopOrphanHoldsStderr(t *testing.T) {
 		t.Fatal(err)
 	}
 	arg := "--socket-path=" + cfg.SocketPath
-	var children []proc
+	var children []procfs.Proc
 	for len(children) == 0 {
 		children = groupMembers(v.Pid(), arg)
 		time.Sleep(5 * time.Millisecond)
@@ -291,8 +293,8 @@ func TestVirtiofsdStopOrphanHoldsStderr(t *testing.T) {
 		t.Fatal("Stop did not return")
 	}
 	for _, c := range children {
-		if !c.gone() {
-			t.Errorf("forked child %d still running after Stop", c.pid)
+		if !c.Gone() {
+			t.Errorf("forked child %d still running after Stop", c.Pid)
 		}
 	}
 	assertVirtiofsdGone(t, v.Pid(), cfg.SocketPath)
@@ -318,7 +320,7 @@ func TestCleanupVirtiofsdOrphan(t *testing.T) {
 		t.Fatal(err)
 	}
 	arg := "--socket-path=" + socket
-	var children []proc
+	var children []procfs.Proc
 	for len(children) == 0 {
 		children = groupMembers(cmd.Process.Pid, arg)
 		time.Sleep(5 * time.Millisecond)
@@ -333,8 +335,51 @@ func TestCleanupVirtiofsdOrphan(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range children {
-		if !c.gone() {
-			t.Errorf("orphaned child %d still running after CleanupVirtiofsd", c.pid)
+		if !c.Gone() {
+			t.Errorf("orphaned child %d still running after CleanupVirtiofsd", c.Pid)
+		}
+	}
+	if _, err := os.Stat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left behind: %v", err)
+	}
+}
+
+// TestCleanupVirtiofsdUnrecorded: the shim died after starting virtiofsd
+// but before recording its pid, and virtiofsd keeps no pid file: cleanup
+// finds it and its forked child by the socket in their command line.
+func TestCleanupVirtiofsdUnrecorded(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	socket := filepath.Join(dir, "virtiofsd.sock")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, VirtiofsdConfig{SocketPath: socket, SharedDir: dir}.args()...)
+	cmd.Env = append(os.Environ(), fakeVirtiofsdEnv+"=parent")
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	parent := procfs.Of(cmd.Process.Pid)
+	var children []procfs.Proc
+	for len(children) == 0 {
+		children = groupMembers(cmd.Process.Pid, "--socket-path="+socket)
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Cleanup(func() {
+		_ = killAll(append(children, parent))
+		_ = cmd.Wait()
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := CleanupVirtiofsd(ctx, 0, socket); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range append(children, parent) {
+		if !p.Gone() {
+			t.Errorf("virtiofsd process %d still running after CleanupVirtiofsd", p.Pid)
 		}
 	}
 	if _, err := os.Stat(socket); !errors.Is(err, os.ErrNotExist) {
@@ -384,7 +429,7 @@ func TestCleanupVirtiofsd(t *testing.T) {
 	if err := CleanupVirtiofsd(context.Background(), other.Process.Pid, filepath.Join(dir, "other.sock")); err != nil {
 		t.Fatal(err)
 	}
-	if procOf(other.Process.Pid).gone() {
+	if procfs.Of(other.Process.Pid).Gone() {
 		t.Fatal("CleanupVirtiofsd killed a process that is not virtiofsd")
 	}
 
@@ -404,20 +449,4 @@ func TestCleanupVirtiofsd(t *testing.T) {
 		t.Fatal("virtiofsd still running after CleanupVirtiofsd")
 	}
 	assertVirtiofsdGone(t, cmd.Process.Pid, socket)
-}
-
-func TestProcStat(t *testing.T) {
-	st, err := procStat(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.state != "R" && st.state != "S" {
-		t.Errorf("state of the test process = %q", st.state)
-	}
-	if st.start == "" {
-		t.Error("no start time")
-	}
-	if _, err := procStat(-1); err == nil {
-		t.Error("procStat(-1) succeeded")
-	}
 }

@@ -51,8 +51,9 @@ type Options struct {
 	// Namespace defaults to "colo-test".
 	Namespace string
 	// CRI enables containerd's CRI plugins, with the runtime handlers
-	// "runc" (the default) and "colo", a CNI bridge network, and the pause
-	// and busybox images in CRINamespace (see CRI).
+	// "runc" (the default), "colo" and "colo-shim" (ColoShimHandler), a
+	// CNI bridge network, and the pause and busybox images in
+	// CRINamespace (see CRI).
 	CRI bool
 }
 

@@ -35,6 +35,11 @@ const CRINamespace = "k8s.io"
 // runs pods with colo; "runc" is the default handler.
 const ColoHandler = "colo"
 
+// ColoShimHandler runs pods with colo through containerd's sandbox API
+// (sandboxer = "shim"): a pod is a VM with no pause container. ColoHandler
+// keeps CRI's default sandboxer, "podsandbox" (a pause container).
+const ColoShimHandler = "colo-shim"
+
 // PauseImage is the sandbox image, built locally from pause/pause.c. It is
 // containerd v2.3.7's default (pinned_images.sandbox), and the config sets
 // it too so that a containerd upgrade cannot ask for another one.
@@ -43,6 +48,10 @@ const PauseImage = "registry.k8s.io/pause:3.10.2"
 // CRITimeout bounds each CRI call, as kubelet's --runtime-request-timeout
 // (2m by default) does; colo pods boot a VM, seconds under TCG.
 const CRITimeout = 2 * time.Minute
+
+// shimSandboxController is containerd's sandbox controller plugin for
+// sandboxer = "shim", which names its root and state directories.
+const shimSandboxController = "io.containerd.sandbox.controller.v1.shim"
 
 // cniBinDir is where Debian's containernetworking-plugins installs.
 const cniBinDir = "/usr/lib/cni"
@@ -163,10 +172,11 @@ func (r *CRI) writeCNIConfig() error {
 // restrict_oom_score_adj (root may lack CAP_SYS_RESOURCE, and then runc
 // fails to set the sandbox's oom_score_adj), netns mounts under the state
 // dir rather than /var/run/netns, CDI specs from an empty dir there rather
-// than /etc/cdi. The colo handler is configured as docs/kubernetes.md
+// than /etc/cdi. The colo handlers are configured as docs/kubernetes.md
 // says: privileged_without_host_devices, since CRI would otherwise give a
 // privileged container all the host's devices, which colo refuses as no
-// VM can have them.
+// VM can have them. ColoShimHandler is the same runtime with containerd's
+// sandbox API.
 func (r *CRI) containerdConfig(coloConfig string) string {
 	return fmt.Sprintf(`
 [plugins."io.containerd.cri.v1.images"]
@@ -191,11 +201,19 @@ func (r *CRI) containerdConfig(coloConfig string) string {
       container_annotations = ["io.colo.*"]
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[2]s.options]
         ConfigPath = %[4]q
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[8]s]
+      runtime_type = %[3]q
+      sandboxer = "shim"
+      privileged_without_host_devices = true
+      pod_annotations = ["io.colo.*"]
+      container_annotations = ["io.colo.*"]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[8]s.options]
+        ConfigPath = %[4]q
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = [%[5]q]
     conf_dir = %[6]q
     max_conf_num = 1
-`, PauseImage, ColoHandler, Runtime, coloConfig, cniBinDir, r.cniConfDir, filepath.Join(r.dir, "cdi"))
+`, PauseImage, ColoHandler, Runtime, coloConfig, cniBinDir, r.cniConfDir, filepath.Join(r.dir, "cdi"), ColoShimHandler)
 }
 
 // startCRI builds and imports the images CRI tests need, then waits until
@@ -353,6 +371,13 @@ func (c *Containerd) Crictl(ctx context.Context, args ...string) (Result, error)
 	return run(cmd)
 }
 
+// CRICtr runs ctr in CRINamespace, where the CRI plugin keeps its
+// containers, and returns its output and exit code. err is set only when
+// ctr could not run at all.
+func (c *Containerd) CRICtr(ctx context.Context, args ...string) (Result, error) {
+	return c.ctrIn(ctx, CRINamespace, args...)
+}
+
 // leaks lists what pods left: mounts under the CRI state dir (network
 // namespaces, /dev/shm), sandbox and container directories, veths on the
 // bridge, and IP addresses still allocated.
@@ -367,6 +392,13 @@ func (r *CRI) leaks() []string {
 			for _, d := range dirs {
 				leaks = append(leaks, "CRI directory "+d)
 			}
+		}
+	}
+	// The bundles of the sandbox API's sandboxes (ColoShimHandler).
+	for _, base := range []string{"state", "root"} {
+		bundles, _ := filepath.Glob(filepath.Join(r.dir, base, shimSandboxController, "*", "*"))
+		for _, b := range bundles {
+			leaks = append(leaks, "sandbox bundle "+b)
 		}
 	}
 	netns, _ := filepath.Glob(filepath.Join(r.stateDir, "netns", "*"))

@@ -91,6 +91,7 @@ func TestCRILeaksFindsWhatIsLeft(t *testing.T) {
 	h.Write([]byte(dir))
 	r := &CRI{
 		Bridge:     fmt.Sprintf("colt%08x", h.Sum32()),
+		dir:        dir,
 		stateDir:   filepath.Join(dir, "state"),
 		rootDir:    filepath.Join(dir, "root"),
 		cniDataDir: filepath.Join(dir, "ipam"),
@@ -99,7 +100,8 @@ func TestCRILeaksFindsWhatIsLeft(t *testing.T) {
 	container := filepath.Join(r.rootDir, "containers", "ctr1")
 	netns := filepath.Join(r.stateDir, "netns", "cni-1")
 	ip := filepath.Join(r.cniDataDir, cniNetwork, "10.242.0.2")
-	for _, d := range []string{shm, container, filepath.Dir(netns), filepath.Dir(ip)} {
+	sandboxBundle := filepath.Join(dir, "state", shimSandboxController, CRINamespace, "pod2")
+	for _, d := range []string{shm, container, filepath.Dir(netns), filepath.Dir(ip), sandboxBundle} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -136,6 +138,7 @@ func TestCRILeaksFindsWhatIsLeft(t *testing.T) {
 		"network namespace " + netns,
 		"IP address 10.242.0.2 allocated",
 		"interface " + port.Name + " on bridge " + r.Bridge,
+		"sandbox bundle " + sandboxBundle,
 	} {
 		if !strings.Contains(leaks, want) {
 			t.Errorf("leaks %q lack %q", leaks, want)
@@ -154,7 +157,7 @@ func TestCRILeaksFindsWhatIsLeft(t *testing.T) {
 	if m := mountsUnder(r.stateDir); len(m) > 0 {
 		t.Errorf("mounts %v still there after stop", m)
 	}
-	for _, p := range []string{filepath.Dir(shm), container, netns, ip} {
+	for _, p := range []string{filepath.Dir(shm), container, netns, ip, sandboxBundle} {
 		if err := os.RemoveAll(p); err != nil {
 			t.Fatal(err)
 		}

@@ -3,6 +3,7 @@
 //	colo-agent                 as PID 1: set up the guest, run "serve", reap orphans
 //	colo-agent serve [flags]   the ttrpc agent service
 //	colo-agent init            libcontainer's container init (internal)
+//	colo-agent pod-ns          holds a pod's namespaces (internal)
 package main
 
 import (
@@ -33,6 +34,11 @@ func init() {
 	// the guest's PID 1.
 	if len(os.Args) > 1 && os.Args[1] == "init" && os.Getenv("_LIBCONTAINER_INITPIPE") != "" {
 		libcontainer.Init()
+	}
+	// The holder of a pod's namespaces is PID 1 of its own PID namespace,
+	// so it too must be told apart before main's PID 1 check.
+	if len(os.Args) > 1 && os.Args[1] == agent.PodNSCommand && os.Getenv(agent.PodNSEnv) != "" {
+		agent.HoldPodNamespaces()
 	}
 }
 

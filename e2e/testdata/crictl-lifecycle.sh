@@ -10,9 +10,12 @@
 #   UID      the pod's uid, also its label io.kubernetes.pod.uid
 #   CRICTL   crictl and the flags pointing it at the runtime, e.g.
 #            crictl --runtime-endpoint unix:///run/containerd/containerd.sock
+# With POD_INIT=pause the first process of the pod's PID namespace must be
+# the pause container's; with POD_INIT=colo, colo's holder of the pod's
+# namespaces, and no pause process may run in the pod (sandboxer "shim").
 set -euo pipefail
 if (($# < 4)); then
-	sed -n '7,12s/^# \{0,1\}//p' "$0" >&2
+	sed -n '7,15s/^# \{0,1\}//p' "$0" >&2
 	exit 2
 fi
 handler=$1 image=$2 uid=$3
@@ -61,6 +64,18 @@ step start "$container"
 
 out=$(step exec "$container" sh -c 'echo exec-ok; uname -n')
 [[ $out == $'exec-ok\ncrictl-lifecycle' ]] || fail "exec printed: $out"
+
+# The pod shares its PID namespace (crictl's default): what runs there.
+init=$(step exec "$container" cat /proc/1/cmdline | tr '\0' ' ')
+procs=$(step exec "$container" sh -c 'for p in /proc/[0-9]*/cmdline; do tr "\0" " " <"$p"; echo; done')
+echo "PID 1: $init"
+case ${POD_INIT:-} in
+pause) [[ $init == "/pause " ]] || fail "PID 1 of the pod is $init, want the pause container's /pause" ;;
+colo)
+	[[ $init == *" pod-ns " ]] || fail "PID 1 of the pod is $init, want colo's holder of the pod's namespaces"
+	[[ $procs != *pause* ]] || fail "a pause process runs in the pod: $procs"
+	;;
+esac
 
 # The log is written as the container runs: wait for its line (30 s at most).
 for ((i = 0; ; i++)); do

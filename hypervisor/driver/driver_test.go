@@ -1,10 +1,14 @@
 package driver
 
 import (
+	"context"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor/qemu"
+	"github.com/colo-runtime/colo/internal/procfs"
 )
 
 func TestNew(t *testing.T) {
@@ -45,5 +49,43 @@ func TestNewQEMUError(t *testing.T) {
 	d, err := New(cfg)
 	if err == nil || d != nil {
 		t.Fatalf("got %v, %v; want a nil driver and an error", d, err)
+	}
+}
+
+// Cleanup dispatches on the recorded name alone, and needs nothing a Driver
+// needs: here no PATH at all, so neither QEMU nor setpriv could be found.
+func TestCleanup(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		wantErr string
+	}{
+		{name: "qemu"},
+		{name: ""},
+		{name: "clh", wantErr: `hypervisor "clh": no VM of it can have run`},
+		{name: "xen", wantErr: `hypervisor "xen": no VM of it can have run`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("PATH", "")
+			dir := t.TempDir()
+			// What a QEMU that is gone left behind.
+			for _, f := range []string{qemu.PidFile, qemu.QMPSocket} {
+				if err := os.WriteFile(filepath.Join(dir, f), []byte("999999999\n"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := Cleanup(context.Background(), tc.name, dir, procfs.Proc{})
+			if tc.wantErr != "" {
+				if err == nil || err.Error() != tc.wantErr {
+					t.Fatalf("got %v, want error %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+				t.Errorf("left in the VM dir: %v", entries)
+			}
+		})
 	}
 }

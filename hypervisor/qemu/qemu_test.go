@@ -26,6 +26,7 @@ import (
 
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/procfs"
 )
 
 // The guest every test boots: the real Debian kernel and an initrd built by
@@ -334,7 +335,7 @@ func TestCleanup(t *testing.T) {
 		<-vm.Done()
 	})
 
-	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+	if err := Cleanup(ctx, dir, procfs.Proc{}); err != nil {
 		t.Fatal(err)
 	}
 	// This process is still QEMU's parent: Done tells it has exited.
@@ -345,7 +346,7 @@ func TestCleanup(t *testing.T) {
 	gone(t, vm.Pid(), dir)
 
 	// Nothing left: Cleanup is a no-op.
-	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+	if err := Cleanup(ctx, dir, procfs.Proc{}); err != nil {
 		t.Fatalf("second Cleanup: %v", err)
 	}
 }
@@ -406,7 +407,7 @@ func TestCleanupOrphan(t *testing.T) {
 		t.Fatalf("the orphaned QEMU died on its own: %v", err)
 	}
 
-	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+	if err := Cleanup(ctx, dir, procfs.Proc{}); err != nil {
 		t.Fatal(err)
 	}
 	// Cleanup returns once QEMU has exited: a zombie waiting for us.
@@ -438,7 +439,7 @@ func TestCleanupPidReuse(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := newDriver(t, "q35").Cleanup(ctx, dir); err != nil {
+	if err := Cleanup(ctx, dir, procfs.Proc{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := other.Process.Signal(syscall.Signal(0)); err != nil {

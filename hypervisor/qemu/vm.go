@@ -263,7 +263,9 @@ func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
 		if retErr == nil {
 			return
 		}
-		undo := context.WithoutCancel(ctx)
+		// The undo runs even when ctx ran out, with a bound of its own.
+		undo, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+		defer cancel()
 		if netdev {
 			if _, err := vm.qmp.Execute(undo, "netdev_del", map[string]any{"id": nic.ID}); err != nil {
 				vm.logger.WithError(err).Warn("qemu: undo netdev_add")
@@ -347,6 +349,13 @@ func (vm *VM) kill() {
 	// Signal goes through a pidfd: no risk of hitting a reused pid.
 	vm.cmd.Process.Signal(syscall.SIGKILL)
 }
+
+// undoTimeout bounds the QMP commands that undo a failed hot-plug.
+const undoTimeout = 5 * time.Second
+
+// Console is QEMU's last lines of output: the guest console and QEMU's
+// own messages.
+func (vm *VM) Console() []string { return vm.output.lines() }
 
 // Done is closed when QEMU has exited.
 func (vm *VM) Done() <-chan struct{} { return vm.done }

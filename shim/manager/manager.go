@@ -31,6 +31,7 @@ import (
 	"github.com/opencontainers/runtime-spec/specs-go/features"
 	"golang.org/x/sys/unix"
 
+	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor/driver"
 	"github.com/colo-runtime/colo/shim/sandbox"
 )
@@ -105,6 +106,12 @@ func (m *manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_
 	if err != nil {
 		return nil, err
 	}
+	// The runtime options reach only `shim start`. A task's create
+	// request carries them again, a sandbox's (sandbox API) does not: the
+	// daemon gets the configuration they name as its default.
+	if p := configPath(params.GetExtensions()); p != "" {
+		cmd.Env = append(cmd.Env, config.EnvPath+"="+p)
+	}
 	cmd.ExtraFiles = append(cmd.ExtraFiles, f)
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start shim daemon: %w", err)
@@ -123,6 +130,17 @@ func (m *manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_
 	}
 	result.Address = address
 	return result, nil
+}
+
+// configPath is the ConfigPath runtime option among the bootstrap
+// extensions, or "".
+func configPath(extensions []*bootapi.Extension) string {
+	for _, ext := range extensions {
+		if p, err := sandbox.ConfigPath(ext.GetValue()); err == nil && p != "" {
+			return p
+		}
+	}
+	return ""
 }
 
 func newCommand(ctx context.Context, id, containerdAddress string, debug bool) (*exec.Cmd, error) {
@@ -152,8 +170,10 @@ func newCommand(ctx context.Context, id, containerdAddress string, debug bool) (
 // Stop is `shim delete`: containerd runs it after the daemon died, in (or
 // with -bundle naming) the task's bundle. The bundle's colo-sandbox file
 // leads to the sandbox directory, whose state file says what to kill and
-// unmount. An error leaves the bundle in place, so containerd tries again
-// (on its next start).
+// unmount. It goes by that record alone: no configuration is read and no
+// hypervisor driver made, so it works after the hypervisor was upgraded,
+// moved or removed, or /dev/kvm went away. An error leaves the bundle in
+// place, so containerd tries again (on its next start).
 func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	status := shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(unix.SIGKILL)}
 	bundle := ""
@@ -177,7 +197,7 @@ func (m *manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) 
 		return status, nil
 	}
 	log.G(ctx).WithFields(log.Fields{"id": id, "sandbox": dir}).Info("cleaning up the sandbox of a dead shim")
-	st, err := sandbox.Cleanup(ctx, dir, driver.New)
+	st, err := sandbox.Cleanup(ctx, dir, driver.Cleanup)
 	status.Pid = st.HypervisorPid
 	if err != nil {
 		return status, fmt.Errorf("clean up sandbox %s: %w", dir, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -56,8 +57,90 @@ type agentConn struct {
 	agentproto.AgentService
 }
 
-func newAgentConn(conn net.Conn) *agentConn {
-	client := ttrpc.NewClient(conn)
+// agentTimeouts bound the calls to the agent (agent.call_timeout and
+// agent.create_timeout).
+type agentTimeouts struct {
+	call, create time.Duration
+}
+
+// waitingCalls wait for something to happen in the guest for as long as
+// it takes: they have no deadline and end when the connection closes
+// (the sandbox's end).
+var waitingCalls = map[string]bool{
+	"WaitProcess": true, "ReadStdout": true, "ReadStderr": true,
+	"GetOOMEvent": true, "WriteStdin": true,
+}
+
+// settingUpCalls set something up or take it down in the guest and may
+// take a while (runc in the guest, a loaded host).
+var settingUpCalls = map[string]bool{
+	"CreateSandbox": true, "DestroySandbox": true, "CreateContainer": true,
+	"StartContainer": true, "RemoveContainer": true, "ExecProcess": true,
+	"RemoveProcess": true, "UpdateContainer": true, "OnlineCPUMem": true,
+	"UpdateInterface": true, "UpdateRoutes": true, "AddARPNeighbors": true,
+}
+
+// bound is the deadline a call gets and the configuration key behind it;
+// 0 for a waiting call.
+func (t agentTimeouts) bound(method string) (time.Duration, string) {
+	switch {
+	case waitingCalls[method]:
+		return 0, ""
+	case settingUpCalls[method]:
+		return t.create, "agent.create_timeout"
+	}
+	return t.call, "agent.call_timeout"
+}
+
+// intercept gives every call its deadline (the caller's, if sooner), so
+// that a guest that stops answering fails calls instead of holding them.
+func (t agentTimeouts) intercept(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
+	method := path.Base(info.FullMethod)
+	d, key := t.bound(method)
+	if d == 0 {
+		return invoke(ctx, req, resp)
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, d, errNoAnswer)
+	defer cancel()
+	err := invoke(ctx, req, resp)
+	if err != nil && errors.Is(context.Cause(ctx), errNoAnswer) {
+		return fmt.Errorf("%s: no answer from the guest within %s (%s): %w", method, d, key, context.DeadlineExceeded)
+	}
+	return err
+}
+
+var errNoAnswer = errors.New("no answer from the agent")
+
+// deadlineConn bounds every write to the agent: a guest that stops
+// reading fills the channel, and a blocked write would hold ttrpc's send
+// lock, and so every call, forever. A write that cannot finish in time
+// breaks the connection, which fails the sandbox.
+type deadlineConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c deadlineConn) Write(b []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
+	}
+	n, err := c.Conn.Write(b)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// Part of a message may be out: the stream is broken for good.
+		c.Conn.Close()
+		return n, fmt.Errorf("guest did not read for %s: %w", c.timeout, err)
+	}
+	return n, err
+}
+
+// newAgentConn wraps conn; onClose is called once the connection is gone,
+// closed by either side.
+func newAgentConn(conn net.Conn, t agentTimeouts, onClose func()) *agentConn {
+	if onClose == nil {
+		onClose = func() {}
+	}
+	client := ttrpc.NewClient(deadlineConn{Conn: conn, timeout: t.call},
+		ttrpc.WithUnaryClientInterceptor(t.intercept), ttrpc.WithOnClose(onClose))
 	return &agentConn{conn: conn, client: client, AgentService: agentproto.NewAgentClient(client)}
 }
 
@@ -66,7 +149,7 @@ func (a *agentConn) Close() error { return a.client.Close() }
 // connectAgent dials the agent and waits until it answers Check. deadline
 // is the whole boot deadline, counted from the VM's launch. A VM that exits
 // meanwhile ends the wait at once with its error.
-func connectAgent(ctx context.Context, vm hypervisor.VM, channel hypervisor.AgentChannel, bootTimeout time.Duration, deadline time.Time) (_ *agentConn, _ *agentproto.CheckResponse, retErr error) {
+func connectAgent(ctx context.Context, vm hypervisor.VM, channel hypervisor.AgentChannel, bootTimeout time.Duration, deadline time.Time, t agentTimeouts, onClose func()) (_ *agentConn, _ *agentproto.CheckResponse, retErr error) {
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
@@ -116,7 +199,7 @@ func connectAgent(ctx context.Context, vm hypervisor.VM, channel hypervisor.Agen
 				pause(dialRetry)
 				continue
 			}
-			a = newAgentConn(conn)
+			a = newAgentConn(conn, t, onClose)
 		}
 		callCtx, callCancel := context.WithTimeout(ctx, timeout)
 		resp, err := a.Check(callCtx, &agentproto.CheckRequest{})

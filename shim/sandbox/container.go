@@ -75,6 +75,7 @@ type process struct {
 	state    ProcessState
 	guestPid uint32
 	waiting  bool // a WaitProcess is running for it
+	starting bool // Start is asking the guest to start it
 	done     chan struct{}
 }
 
@@ -84,6 +85,16 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 	if err := checkName("container id", cfg.ID); err != nil {
 		return nil, err
 	}
+	// In the sandbox's record before anything of it is made; dropped
+	// again by unmountRootfs, or here if it never got that far.
+	if err := s.recordContainer(cfg.ID, cfg.Bundle); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			_ = s.forgetContainer(cfg.ID)
+		}
+	}()
 	io, err := openPipes(ctx, cfg.Stdio, owner{cfg.ID, s.namespace})
 	if err != nil {
 		return nil, err
@@ -146,7 +157,11 @@ func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	if err != nil {
 		return err
 	}
-	g, err := GuestSpec(ctx, c.spec, c.id, guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(s.colo.classes) > 0})
+	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(s.colo.classes) > 0}
+	if s.pod != nil {
+		view.podNamespaces, view.podFiles = true, s.pod.files
+	}
+	g, err := GuestSpec(ctx, c.spec, c.id, view)
 	if err != nil {
 		return err
 	}
@@ -236,11 +251,21 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 	if err != nil {
 		return err
 	}
+	// No lock is held across the agent call: State and Kill must answer
+	// while a slow guest starts the process.
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state.Status != StatusCreated {
-		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is %s, not created", p, p.state.Status))
+	if p.state.Status != StatusCreated || p.starting {
+		st := p.state.Status
+		p.mu.Unlock()
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is %s, not created", p, st))
 	}
+	p.starting = true
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.starting = false
+		p.mu.Unlock()
+	}()
 	if !c.sb.alive() {
 		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s: its VM is gone", p))
 	}
@@ -265,11 +290,21 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 		if err != nil {
 			// As with runc: an exec that never ran ends its waits, with
 			// no exit event.
-			p.state = ProcessState{Status: StatusStopped, ExitStatus: VMExitStatus, ExitedAt: time.Now()}
-			close(p.done)
+			p.mu.Lock()
+			if p.state.Status != StatusStopped {
+				p.state = ProcessState{Status: StatusStopped, ExitStatus: VMExitStatus, ExitedAt: time.Now()}
+				close(p.done)
+			}
+			p.mu.Unlock()
 			return agentError("ExecProcess", err)
 		}
 		guestPid = resp.GetPid()
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.state.Status != StatusCreated {
+		// The sandbox failed meanwhile and ended the process.
+		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is %s: its sandbox failed while it started", p, p.state.Status))
 	}
 	p.state.Status = StatusRunning
 	p.guestPid = guestPid
@@ -289,18 +324,20 @@ func (c *Container) Start(ctx context.Context, execID string, started func()) er
 }
 
 // Kill signals the container's init process (execID "") or an exec, or
-// with all every process of the container.
+// with all every process of the container. The agent call holds no lock,
+// so State answers meanwhile.
 func (c *Container) Kill(ctx context.Context, execID string, signal uint32, all bool) error {
 	p, err := c.process(execID)
 	if err != nil {
 		return err
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.state.Status == StatusStopped {
+	status := p.state.Status
+	p.mu.Unlock()
+	if status == StatusStopped {
 		return errdefs.ErrNotFound.WithMessage(fmt.Sprintf("%s: process already finished", p))
 	}
-	if execID != "" && p.state.Status == StatusCreated {
+	if execID != "" && status == StatusCreated {
 		return errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("%s is not started", p))
 	}
 	if !c.sb.alive() {
@@ -317,7 +354,11 @@ func (c *Container) Kill(ctx context.Context, execID string, signal uint32, all 
 	}
 	// A created container's init can die of a signal too; only a wait
 	// notices.
-	p.startWaitLocked()
+	p.mu.Lock()
+	if p.state.Status != StatusStopped {
+		p.startWaitLocked()
+	}
+	p.mu.Unlock()
 	return nil
 }
 

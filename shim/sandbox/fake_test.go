@@ -29,6 +29,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/procfs"
 )
 
 // fakeDriver starts "VMs" that are a real process (sleep) standing for the
@@ -39,10 +40,13 @@ type fakeDriver struct {
 	// dialFailures is how many DialAgent calls fail first, as vsock does
 	// while the guest is not listening.
 	dialFailures int
+	// launch, if set, starts the hypervisor process instead of sleep.
+	launch func(hypervisor.VMConfig) (*exec.Cmd, error)
 
 	mu       sync.Mutex
 	vms      []*fakeVM
 	cleanups []string
+	recorded []procfs.Proc // the VMs Cleanup was given
 	lastCfg  hypervisor.VMConfig
 }
 
@@ -58,7 +62,13 @@ func (d *fakeDriver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hyperv
 		return nil, d.startErr
 	}
 	cmd := exec.Command("sleep", "1000")
-	if err := cmd.Start(); err != nil {
+	var err error
+	if d.launch != nil {
+		cmd, err = d.launch(cfg)
+	} else {
+		err = cmd.Start()
+	}
+	if err != nil {
 		return nil, err
 	}
 	vm := &fakeVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{}), dialFailures: d.dialFailures}
@@ -89,9 +99,15 @@ func (d *fakeDriver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hyperv
 	return vm, nil
 }
 
-func (d *fakeDriver) Cleanup(ctx context.Context, dir string) error {
+// Cleanup is the driver's CleanupVM: the fake VM is found by the pid
+// file its Start wrote.
+func (d *fakeDriver) Cleanup(ctx context.Context, name, dir string, vm procfs.Proc) error {
+	if name != "qemu" {
+		return fmt.Errorf("hypervisor %q", name)
+	}
 	d.mu.Lock()
 	d.cleanups = append(d.cleanups, dir)
+	d.recorded = append(d.recorded, vm)
 	d.mu.Unlock()
 	b, err := os.ReadFile(filepath.Join(dir, "pid"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -102,9 +118,9 @@ func (d *fakeDriver) Cleanup(ctx context.Context, dir string) error {
 	}
 	pid, _ := strconv.Atoi(string(b))
 	_ = syscall.Kill(pid, syscall.SIGKILL)
-	for _, vm := range d.vms {
-		if vm.Pid() == pid {
-			<-vm.done
+	for _, v := range d.vms {
+		if v.Pid() == pid {
+			<-v.done
 		}
 	}
 	return os.RemoveAll(dir)
@@ -149,6 +165,7 @@ func (v *fakeVM) VCPUThreads(context.Context) ([]int, error) {
 
 func (v *fakeVM) Done() <-chan struct{} { return v.done }
 func (v *fakeVM) Err() error            { return v.err }
+func (v *fakeVM) Console() []string     { return []string{"fake console"} }
 
 // fakeAgent runs pretend containers: a container's init writes its args to
 // stdout and "err" to stderr and exits with the status in its
@@ -169,6 +186,7 @@ type fakeAgent struct {
 	oomEvents   chan string
 
 	mu         sync.Mutex
+	sandboxReq *agentproto.CreateSandboxRequest
 	storages   []*agentproto.Storage
 	hostTime   time.Time
 	specs      map[string]*specs.Spec
@@ -327,6 +345,7 @@ func (a *fakeAgent) GetOOMEvent(ctx context.Context, _ *agentproto.GetOOMEventRe
 func (a *fakeAgent) CreateSandbox(ctx context.Context, r *agentproto.CreateSandboxRequest) (*emptypb.Empty, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.sandboxReq = r
 	a.storages = r.GetStorages()
 	a.hostTime = r.GetHostTime().AsTime()
 	return &emptypb.Empty{}, nil
@@ -608,4 +627,9 @@ func testConfig(dir, sharedFS string) config.Config {
 	c.Agent.Channel = "serial"
 	c.Hypervisor.BootTimeout = config.Duration(30 * time.Second)
 	return c
+}
+
+// UpdateInterface accepts what the guest is told of a pod interface.
+func (a *fakeAgent) UpdateInterface(ctx context.Context, r *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
+	return r.GetInterface(), nil
 }

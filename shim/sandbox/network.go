@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -165,6 +166,10 @@ func (s *Sandbox) hotplugNetwork(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// QEMU and the guest answer within the set-up bound, or the container
+	// create fails.
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Agent.CreateTimeout))
+	defer cancel()
 	for _, nic := range nics {
 		if err := s.vm.AddNIC(ctx, nic); err != nil {
 			return fmt.Errorf("hot-plug NIC for %s: %w", nic.MAC, err)

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -29,6 +30,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/procfs"
 	"github.com/colo-runtime/colo/network"
 	"github.com/colo-runtime/colo/placement"
 	"github.com/colo-runtime/colo/storage"
@@ -106,12 +108,17 @@ type Sandbox struct {
 	colo      colocation
 	stateMu   sync.Mutex
 	state     State
+	// pod is set for a sandbox of containerd's sandbox API (CreatePod).
+	pod *pod
 
 	mu         sync.Mutex
 	containers map[string]*Container
 
 	stopOnce sync.Once
 	stopping chan struct{} // closed once teardown begins: the VM's exit is expected
+	// up is set once the sandbox has booted: from then on a lost agent
+	// connection fails it.
+	up atomic.Bool
 
 	teardownMu sync.Mutex
 	vmStopped  bool
@@ -122,69 +129,25 @@ type Sandbox struct {
 // Create makes a sandbox and its first container: the sandbox directory,
 // state file and bundle file, the shared directory with the rootfs, the
 // virtio-fs daemon, the VM, the agent connection, and the container in the
-// guest. Any failure undoes all of it.
+// guest. Any failure undoes all of it. The sandbox goes when its last
+// container is deleted.
 func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbox, _ *Container, retErr error) {
-	start := time.Now()
 	if err := ValidateSpec(first.Spec); err != nil {
 		return nil, nil, err
 	}
 	if err := first.Stdio.Validate(); err != nil {
 		return nil, nil, err
 	}
-	if err := checkName("namespace", opts.Namespace); err != nil {
-		return nil, nil, err
-	}
-	if err := checkName("sandbox id", opts.ID); err != nil {
-		return nil, nil, err
-	}
-	if opts.Driver == nil {
-		return nil, nil, errors.New("sandbox: no hypervisor driver")
-	}
-	colo, err := newColocation(ctx, opts.Config, first.Spec)
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
+	s, err := newSandbox(ctx, opts, first.Spec)
 	if err != nil {
 		return nil, nil, err
 	}
-	if _, err := colo.class(first.Spec); err != nil {
+	if _, err := s.colo.class(first.Spec); err != nil {
 		return nil, nil, err
 	}
-	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, DirName(opts.ID))
-	if err := checkSocketPaths(dir); err != nil {
+	if err := s.makeDir(ctx, first.Bundle); err != nil {
 		return nil, nil, err
-	}
-	onExit := opts.OnExit
-	if onExit == nil {
-		onExit = func(Exit) {}
-	}
-	onOOM := opts.OnOOM
-	if onOOM == nil {
-		onOOM = func(string) {}
-	}
-	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
-	s := &Sandbox{
-		id:         opts.ID,
-		dir:        dir,
-		cfg:        opts.Config,
-		driver:     opts.Driver,
-		namespace:  opts.Namespace,
-		onExit:     onExit,
-		onOOM:      onOOM,
-		created:    start,
-		ctx:        context.WithoutCancel(ctx),
-		containers: make(map[string]*Container),
-		stopping:   make(chan struct{}),
-		colo:       colo,
-		state:      State{Dir: dir, ID: opts.ID, Hypervisor: opts.Config.Hypervisor},
-	}
-
-	if err := os.MkdirAll(filepath.Dir(dir), 0o711); err != nil {
-		return nil, nil, fmt.Errorf("create state dir: %w", err)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return nil, nil, errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf(
-				"sandbox dir %s exists (a running sandbox, or one a crashed shim left: `shim delete` removes it)", dir))
-		}
-		return nil, nil, fmt.Errorf("create sandbox dir: %w", err)
 	}
 	defer func() {
 		if retErr != nil {
@@ -193,17 +156,6 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 			}
 		}
 	}()
-	if err := writeState(dir, s.state); err != nil {
-		return nil, nil, err
-	}
-	bundleFile, err := writeBundleFile(first.Bundle, dir)
-	if err != nil {
-		return nil, nil, err
-	}
-	s.bundleFile = bundleFile
-	if err := storage.SetupShare(dir, s.recordMount); err != nil {
-		return nil, nil, err
-	}
 	release, err := startSlot(ctx, opts.Config.Runtime.StateDir, opts.Config.Runtime.MaxParallelStarts)
 	if err != nil {
 		return nil, nil, err
@@ -224,10 +176,104 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if err := s.createInGuest(ctx, c); err != nil {
 		return nil, nil, err
 	}
+	s.watch()
+	return s, c, nil
+}
+
+// newSandbox checks the options and makes the sandbox's value, with the
+// co-location set-up read from spec (the first container's, or the pod's).
+// Nothing is made on the host yet.
+func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, error) {
+	if err := checkName("namespace", opts.Namespace); err != nil {
+		return nil, err
+	}
+	if err := checkName("sandbox id", opts.ID); err != nil {
+		return nil, err
+	}
+	if opts.Driver == nil {
+		return nil, errors.New("sandbox: no hypervisor driver")
+	}
+	colo, err := newColocation(ctx, opts.Config, spec)
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, DirName(opts.ID))
+	if err := checkSocketPaths(dir); err != nil {
+		return nil, err
+	}
+	onExit := opts.OnExit
+	if onExit == nil {
+		onExit = func(Exit) {}
+	}
+	onOOM := opts.OnOOM
+	if onOOM == nil {
+		onOOM = func(string) {}
+	}
+	return &Sandbox{
+		id:         opts.ID,
+		dir:        dir,
+		cfg:        opts.Config,
+		driver:     opts.Driver,
+		namespace:  opts.Namespace,
+		onExit:     onExit,
+		onOOM:      onOOM,
+		created:    time.Now(),
+		ctx:        context.WithoutCancel(ctx),
+		containers: make(map[string]*Container),
+		stopping:   make(chan struct{}),
+		colo:       colo,
+		state:      newState(dir, opts.ID, opts.Config),
+	}, nil
+}
+
+// makeDir makes the sandbox directory with its record, the bundle file in
+// bundle that leads to it, and the share. Once it has returned nil, the
+// caller tears the sandbox down on failure; before, it undoes itself.
+func (s *Sandbox) makeDir(ctx context.Context, bundle string) (retErr error) {
+	dir := s.dir
+	if err := os.MkdirAll(filepath.Dir(dir), 0o711); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	// The bundle file is what leads `shim delete` to the sandbox, so it
+	// comes first: no crash leaves a sandbox directory nothing leads to.
+	prevDir, _ := ReadBundleFile(bundle)
+	bundleFile, err := writeBundleFile(bundle, dir)
+	if err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		// Not ours: the bundle keeps only the record it had.
+		if prevDir != dir {
+			_ = os.Remove(bundleFile)
+		}
+		if errors.Is(err, os.ErrExist) {
+			return errdefs.ErrAlreadyExists.WithMessage(fmt.Sprintf(
+				"sandbox dir %s exists (a running sandbox, or one a crashed shim left: `shim delete` removes it)", dir))
+		}
+		return fmt.Errorf("create sandbox dir: %w", err)
+	}
+	s.bundleFile = bundleFile
+	defer func() {
+		if retErr != nil {
+			if err := s.teardown(context.WithoutCancel(ctx)); err != nil {
+				log.G(ctx).WithError(err).Error("clean up after a failed create")
+			}
+		}
+	}()
+	if err := writeState(dir, s.state); err != nil {
+		return err
+	}
+	if err := storage.SetupShare(dir, s.recordMount); err != nil {
+		return err
+	}
+	return nil
+}
+
+// watch starts the goroutines of a sandbox that is up.
+func (s *Sandbox) watch() {
 	go s.watchVM()
 	go s.watchOOM()
 	go s.logGuest()
-	return s, c, nil
 }
 
 // logGuest logs what runs in the guest, for whoever reads the log after a
@@ -379,6 +425,14 @@ func (s *Sandbox) Pid() int {
 // interfaces (if the spec joins a network namespace), starts the VM and the
 // agent session, and sets the guest up.
 func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
+	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
+	// One deadline for the whole start: virtiofsd, the VM's launch (or
+	// restore), the agent answering and the guest's set-up. The driver's
+	// waits end with it; the VM process does not (the driver never ties
+	// it to ctx).
+	ctx, cancel := context.WithTimeoutCause(ctx, bootTimeout,
+		fmt.Errorf("sandbox not up within %s (hypervisor.boot_timeout)", bootTimeout))
+	defer cancel()
 	// The guest gets the read-only view; mounts are made in the
 	// host-only tree (storage.SetupShare).
 	shared := filepath.Join(s.dir, storage.ShareView)
@@ -397,6 +451,10 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		MountPoint: agentproto.SandboxShm,
 	}
 	if s.cfg.Storage.SharedFS == string(hypervisor.ShareVirtioFS) {
+		// Until its pid is recorded, virtiofsd is found by its socket.
+		if err := s.updateState(func(st *State) { st.Sockets = append(st.Sockets, virtiofsdSocket) }); err != nil {
+			return err
+		}
 		v, err := storage.StartVirtiofsd(ctx, storage.VirtiofsdConfig{
 			Binary:     s.cfg.Storage.Virtiofsd,
 			SocketPath: filepath.Join(s.dir, virtiofsdSocket),
@@ -406,8 +464,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 			return err
 		}
 		s.virtiofsd = v
-		s.state.VirtiofsdPid = v.Pid()
-		if err := writeState(s.dir, s.state); err != nil {
+		if err := s.updateState(func(st *State) { st.VirtiofsdPid = v.Pid() }); err != nil {
 			return err
 		}
 		share = hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.ShareVirtioFS, Path: filepath.Join(s.dir, virtiofsdSocket)}
@@ -425,8 +482,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	var netcfg network.Config
 	if nsPath := netnsPath(spec); nsPath != "" {
 		s.net = &podNetwork{nsPath: nsPath}
-		s.state.NetNS = nsPath
-		if err := writeState(s.dir, s.state); err != nil {
+		if err := s.updateState(func(st *State) { st.NetNS = nsPath }); err != nil {
 			return err
 		}
 		nics, cfg, err := s.net.attach(s.recordMirror)
@@ -439,14 +495,17 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		return fmt.Errorf("create VM dir: %w", err)
 	}
 	launched := time.Now()
-	// The VM lives on after this request: its life must not hang on ctx.
-	vm, err := s.driver.Start(context.WithoutCancel(ctx), vmcfg)
+	vm, err := s.driver.Start(ctx, vmcfg)
 	if err != nil {
 		return fmt.Errorf("start VM: %w", err)
 	}
 	s.vm = vm
-	s.state.HypervisorPid = vm.Pid()
-	if err := writeState(s.dir, s.state); err != nil {
+	// Until now the driver's own files in the VM dir led to the VM
+	// (driver.Cleanup). The process has only just started: its pid is not
+	// anyone else's yet (pids are handed out in turn, not reused at once),
+	// so the start time read is its own.
+	proc := procfs.Of(vm.Pid())
+	if err := s.updateState(func(st *State) { st.HypervisorPid, st.HypervisorStart = proc.Pid, proc.Start }); err != nil {
 		return err
 	}
 	if err := s.place(ctx); err != nil {
@@ -454,8 +513,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	}
 	stage(ctx, "vm-launched", s.created, log.Fields{"pid": vm.Pid(), "channel": vmcfg.Channel})
 
-	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
-	a, check, err := connectAgent(ctx, vm, vmcfg.Channel, bootTimeout, launched.Add(bootTimeout))
+	a, check, err := connectAgent(ctx, vm, vmcfg.Channel, bootTimeout, launched.Add(bootTimeout), s.timeouts(), s.agentLost)
 	if err != nil {
 		return err
 	}
@@ -466,20 +524,28 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		"boot_id":       check.GetBootId(),
 	})
 
-	callCtx, cancel := context.WithTimeout(ctx, bootTimeout)
-	defer cancel()
-	_, err = s.agent.CreateSandbox(callCtx, &agentproto.CreateSandboxRequest{
+	_, err = s.agent.CreateSandbox(ctx, &agentproto.CreateSandboxRequest{
 		SandboxId:  s.id,
 		Hostname:   spec.Hostname,
 		CpuClasses: s.colo.classes,
 		Storages:   storages,
 		HostTime:   timestamppb.Now(),
+
+		// A pod without a pause container: the agent holds its
+		// namespaces.
+		PodNamespaces: s.pod != nil,
+		PodSysctls:    s.podSysctls(),
 	})
 	if err != nil {
 		return agentError("CreateSandbox", err)
 	}
-	if err := configureGuest(callCtx, s.agent, netcfg); err != nil {
+	if err := configureGuest(ctx, s.agent, netcfg); err != nil {
 		return err
+	}
+	s.up.Store(true)
+	go s.watchHealth()
+	if s.virtiofsd != nil {
+		go s.watchVirtiofsd()
 	}
 	return nil
 }
@@ -491,8 +557,7 @@ func (s *Sandbox) place(ctx context.Context) error {
 	if p.Parent == "" {
 		return nil
 	}
-	s.state.Cgroup = p.Parent
-	if err := writeState(s.dir, s.state); err != nil {
+	if err := s.updateState(func(st *State) { st.Cgroup = p.Parent }); err != nil {
 		return err
 	}
 	tids, err := s.vm.VCPUThreads(ctx)
@@ -533,36 +598,13 @@ func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 	}
 }
 
-// watchVM turns an unexpected VM exit into exits of all its processes and
-// a teardown.
+// watchVM turns an unexpected VM exit into a failed sandbox: exits of all
+// its processes and a teardown.
 func (s *Sandbox) watchVM() {
 	select {
 	case <-s.stopping:
-		return
 	case <-s.vm.Done():
-	}
-	select {
-	case <-s.stopping:
-		return
-	default:
-	}
-	ctx := s.ctx
-	log.G(ctx).WithError(s.vm.Err()).Error("VM exited unexpectedly")
-	s.stopOnce.Do(func() { close(s.stopping) })
-	// Pending agent calls (waits, stdio) fail now; their processes exit
-	// with VMExitStatus.
-	s.agent.Close()
-	s.mu.Lock()
-	var ps []*process
-	for _, c := range s.containers {
-		ps = append(ps, c.processes()...)
-	}
-	s.mu.Unlock()
-	for _, p := range ps {
-		p.vmDied()
-	}
-	if err := s.teardown(ctx); err != nil {
-		log.G(ctx).WithError(err).Error("tear down sandbox after its VM exited")
+		s.fail(fmt.Errorf("VM exited unexpectedly: %w", s.vm.Err()))
 	}
 }
 
@@ -633,13 +675,18 @@ func (s *Sandbox) DeleteContainer(ctx context.Context, id string) (ProcessState,
 	p.setExited(0, time.Now())
 
 	s.mu.Lock()
-	last := len(s.containers) == 1
+	// A pod's sandbox (CreatePod) lives on without containers, until the
+	// sandbox API stops it.
+	last := len(s.containers) == 1 && s.pod == nil
 	s.mu.Unlock()
-	if last {
+	switch {
+	case last:
 		if err := s.Shutdown(ctx); err != nil {
 			return p.State(), err
 		}
-	} else {
+	case s.isTorn():
+		// Stopped: its mounts and record went with it.
+	default:
 		if err := s.unmountRootfs(ctx, id); err != nil {
 			return p.State(), err
 		}
@@ -696,7 +743,10 @@ func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {
 	if err := s.unmountRecorded(ctx, rel, true); err != nil {
 		return err
 	}
-	return storage.RemoveBeneath(s.dir, rel)
+	if err := storage.RemoveBeneath(s.dir, rel); err != nil {
+		return err
+	}
+	return s.forgetContainer(id)
 }
 
 // Shutdown destroys the sandbox: the guest is told first, then the VM is
@@ -764,8 +814,8 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		}
 		cancel()
 	}
-	if s.state.Cgroup != "" && (s.vm == nil || s.vmStopped) && len(errs) == 0 {
-		if err := placement.Remove(s.state.Cgroup); err != nil {
+	if cg := s.recorded().Cgroup; cg != "" && (s.vm == nil || s.vmStopped) && len(errs) == 0 {
+		if err := placement.Remove(cg); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -800,11 +850,21 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 	return nil
 }
 
-// Cleanup removes what a crashed shim left of the sandbox in dir: the VM
-// (through the driver recorded in the state file), virtiofsd, the mounts
-// and the directory. It is a no-op for a directory that is gone, and
-// refuses one that has no matching state file beyond removing it if empty.
-func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error) {
+// CleanupVM kills the VM a dead shim left and removes the hypervisor
+// driver's files in dir (the VM dir), from the hypervisor's name and the
+// hypervisor process as recorded (zero if it was not): driver.Cleanup of
+// package hypervisor/driver. It must not need a working hypervisor.
+type CleanupVM func(ctx context.Context, name, dir string, vm procfs.Proc) error
+
+// Cleanup removes what a crashed shim left of the sandbox in dir, from its
+// record alone: the VM (cleanupVM, with the hypervisor named in the
+// record), virtiofsd, the TAPs, the host cgroup, the mounts and the
+// directory. No configuration is read and no hypervisor driver made, so
+// a hypervisor that was upgraded, moved or removed since, or a /dev/kvm
+// that is gone, does not stop it. It is a no-op for a directory that is
+// gone, and refuses one that has no matching state file beyond removing it
+// if empty. What it could not undo stays recorded, for the next try.
+func Cleanup(ctx context.Context, dir string, cleanupVM CleanupVM) (State, error) {
 	st, err := ReadState(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		// Created the directory, crashed before the state file: nothing
@@ -818,13 +878,13 @@ func Cleanup(ctx context.Context, dir string, newDriver NewDriver) (State, error
 		return st, err
 	}
 	var errs []error
-	if st.Hypervisor.Name != "" {
-		d, err := newDriver(st.Hypervisor)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("hypervisor driver %q: %w", st.Hypervisor.Name, err))
-		} else if err := d.Cleanup(ctx, filepath.Join(dir, vmDir)); err != nil {
-			errs = append(errs, fmt.Errorf("clean up VM: %w", err))
-		}
+	// Always: the VM may have been launched but not yet recorded, and the
+	// hypervisor's cleanup finds it by its own files then.
+	vm := procfs.Proc{Pid: st.HypervisorPid, Start: st.HypervisorStart}
+	if cleanupVM == nil {
+		errs = append(errs, errors.New("clean up VM: no hypervisor cleanup given"))
+	} else if err := cleanupVM(ctx, st.Config.Hypervisor.Name, filepath.Join(dir, vmDir), vm); err != nil {
+		errs = append(errs, fmt.Errorf("clean up VM: %w", err))
 	}
 	if err := storage.CleanupVirtiofsd(ctx, st.VirtiofsdPid, filepath.Join(dir, virtiofsdSocket)); err != nil {
 		errs = append(errs, err)

@@ -22,6 +22,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/procfs"
 	"github.com/colo-runtime/colo/storage"
 	"github.com/colo-runtime/colo/testbed"
 )
@@ -294,11 +295,20 @@ func TestLifecycle(t *testing.T) {
 			if st.HypervisorPid != sb.Pid() || sb.Pid() == 0 {
 				t.Errorf("state hypervisor pid %d, VM pid %d", st.HypervisorPid, sb.Pid())
 			}
-			if st.Hypervisor.Name != "qemu" {
-				t.Errorf("state hypervisor = %+v", st.Hypervisor)
+			if vm := procfs.Of(sb.Pid()); st.HypervisorStart != vm.Start || vm.Start == 0 {
+				t.Errorf("state hypervisor start %d, VM's %d", st.HypervisorStart, vm.Start)
+			}
+			if st.Version != StateVersion || st.Config.Hypervisor.Name != "qemu" || st.ID != "c1" {
+				t.Errorf("state version %d, hypervisor %+v, id %q", st.Version, st.Config.Hypervisor, st.ID)
 			}
 			if (fs == "virtio-fs") != (st.VirtiofsdPid != 0) {
 				t.Errorf("state virtiofsd pid = %d with %s", st.VirtiofsdPid, fs)
+			}
+			if (fs == "virtio-fs") != slices.Equal(st.Sockets, []string{virtiofsdSocket}) {
+				t.Errorf("state sockets = %q with %s", st.Sockets, fs)
+			}
+			if want := []ContainerState{{ID: "c1", Bundle: e.bundle}}; !slices.Equal(st.Containers, want) {
+				t.Errorf("state containers = %+v, want %+v", st.Containers, want)
 			}
 			if got, err := ReadBundleFile(e.bundle); err != nil || got != dir {
 				t.Errorf("bundle file = %q, %v; want %q", got, err, dir)
@@ -705,12 +715,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 	if err != nil || dir != e.sandboxDir() {
 		t.Fatalf("bundle file: %q %v", dir, err)
 	}
-	st, err := Cleanup(ctx, dir, func(h config.Hypervisor) (hypervisor.Driver, error) {
-		if h.Name != "qemu" {
-			return nil, fmt.Errorf("driver %q", h.Name)
-		}
-		return e.drv, nil
-	})
+	st, err := Cleanup(ctx, dir, e.drv.Cleanup)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -719,6 +724,9 @@ func TestCleanupAfterCrash(t *testing.T) {
 	}
 	if !slices.Equal(e.drv.cleanups, []string{filepath.Join(dir, "vm")}) {
 		t.Errorf("driver cleanups = %v", e.drv.cleanups)
+	}
+	if want := (procfs.Proc{Pid: st.HypervisorPid, Start: st.HypervisorStart}); !slices.Equal(e.drv.recorded, []procfs.Proc{want}) || want.Start == 0 {
+		t.Errorf("the VM cleanup got %v, want the recorded %v", e.drv.recorded, want)
 	}
 	// The living Sandbox object sees its VM die; let it settle.
 	waitExit(t, e.exits)

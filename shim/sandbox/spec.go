@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
@@ -209,6 +210,13 @@ type guestView struct {
 	// podPid is the guest pid of the pod's first container, whose
 	// namespaces the pod's other containers join; 0 for none.
 	podPid uint32
+	// podNamespaces: the pod has no pause container (CreatePod), and the
+	// agent holds the namespaces its containers join
+	// (agentproto.PodNamespace).
+	podNamespaces bool
+	// podFiles maps container paths (/etc/hosts) to the guest paths of
+	// the pod's files, bound into containers that do not mount their own.
+	podFiles map[string]string
 	// class is the container's CPU class, if it asks for one.
 	class *agentproto.CPUClass
 	// topology mounts the guest's topology file into the container.
@@ -229,9 +237,14 @@ var nsProcName = map[specs.LinuxNamespaceType]string{
 // from there too, and host namespace paths are rewritten. A spec with
 // hooks is refused (checkHooks), as ValidateSpec does earlier. A network
 // namespace to join (the pod's, on the host) becomes the VM's own network
-// namespace, where the pod's interfaces are; a pod's other namespaces to join (the sandbox
-// container's, by its host pid) become those of the pod's first container
-// in the guest; anything else to join becomes new.
+// namespace, where the pod's interfaces are. A pod's other namespaces to
+// join (the sandbox's, by the pid containerd was told for it) become, in a
+// pod without a pause container, those the agent holds for the pod (IPC,
+// UTS, PID), and otherwise those of the pod's first container in the
+// guest; anything else to join becomes new. A container of a pod without
+// a pause container also gets what CRI gives it with one: the pod's
+// /dev/shm where it joins the pod's IPC namespace, and the pod's
+// /etc/hostname, /etc/hosts and /etc/resolv.conf unless it mounts its own.
 func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestView) (*specs.Spec, error) {
 	b, err := json.Marshal(s)
 	if err != nil {
@@ -268,6 +281,7 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 			g.Process.OOMScoreAdj = &adj
 		}
 	}
+	podIPC := false
 	if g.Linux != nil {
 		var nss []specs.LinuxNamespace
 		for _, ns := range g.Linux.Namespaces {
@@ -276,17 +290,62 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 					continue
 				}
 				host := ns.Path
-				ns.Path = ""
-				if name, ok := nsProcName[ns.Type]; ok && v.podPid != 0 {
-					ns.Path = fmt.Sprintf("/proc/%d/ns/%s", v.podPid, name)
-				}
+				ns.Path = guestNamespace(ns.Type, v)
+				podIPC = podIPC || (ns.Type == specs.IPCNamespace && ns.Path != "")
 				log.G(ctx).WithFields(log.Fields{"type": ns.Type, "host": host, "guest": ns.Path}).Debug("namespace path rewritten for the guest")
 			}
 			nss = append(nss, ns)
 		}
 		g.Linux.Namespaces = nss
 	}
+	if v.podNamespaces {
+		addPodMounts(&g, podIPC, v.podFiles)
+	}
 	return &g, nil
+}
+
+// guestNamespace is the guest path of the pod's namespace of type t that a
+// container's spec joins on the host, or "" for a new one.
+func guestNamespace(t specs.LinuxNamespaceType, v guestView) string {
+	name, ok := nsProcName[t]
+	switch {
+	case !ok:
+		return ""
+	case v.podNamespaces:
+		if slices.Contains(agentproto.PodNamespaces, name) {
+			return agentproto.PodNamespace(name)
+		}
+		return ""
+	case v.podPid != 0:
+		return fmt.Sprintf("/proc/%d/ns/%s", v.podPid, name)
+	}
+	return ""
+}
+
+// podShmOptions are the options of the bind of the pod's /dev/shm, as
+// CRI's pause container has it.
+var podShmOptions = []string{"rbind", "nosuid", "nodev", "noexec"}
+
+// addPodMounts gives a container of a pod without a pause container what
+// CRI would have bound from the pause container's files: the pod's shared
+// /dev/shm in place of a /dev/shm of its own, if it joins the pod's IPC
+// namespace (POSIX shared memory is shared with the IPC namespace's other
+// users only through it), and the pod's files (podFiles) where it has no
+// mount of its own.
+func addPodMounts(g *specs.Spec, podIPC bool, files map[string]string) {
+	for i, m := range g.Mounts {
+		if podIPC && path.Clean(m.Destination) == "/dev/shm" && !isBind(m) {
+			g.Mounts[i] = specs.Mount{Destination: "/dev/shm", Type: "bind", Source: agentproto.SandboxShm, Options: podShmOptions}
+		}
+	}
+	for _, dest := range slices.Sorted(maps.Keys(files)) {
+		if slices.ContainsFunc(g.Mounts, func(m specs.Mount) bool { return path.Clean(m.Destination) == dest }) {
+			continue
+		}
+		// Read-only: the guest sees the share read-only anyway.
+		g.Mounts = append(g.Mounts, specs.Mount{Destination: dest, Type: "bind", Source: files[dest],
+			Options: []string{"rbind", "rprivate", "ro"}})
+	}
 }
 
 // maxLogged is the longest string from the guest or a spec that colo logs

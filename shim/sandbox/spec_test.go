@@ -418,6 +418,56 @@ func TestGuestSpec(t *testing.T) {
 			},
 		},
 		{
+			name: "pod without a pause container: the agent's namespaces, the pod's /dev/shm and files",
+			view: guestView{podNamespaces: true, podFiles: map[string]string{
+				"/etc/hostname":    "/run/colo/shared/.pod/etc/hostname",
+				"/etc/hosts":       "/run/colo/shared/.pod/etc/hosts",
+				"/etc/resolv.conf": "/run/colo/shared/.pod/etc/resolv.conf",
+			}},
+			in: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"},
+					{Type: specs.NetworkNamespace, Path: "/proc/42/ns/net"},
+					{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"},
+					{Type: specs.UTSNamespace, Path: "/proc/42/ns/uts"},
+					{Type: specs.CgroupNamespace, Path: "/proc/42/ns/cgroup"},
+					{Type: specs.MountNamespace},
+				}
+				s.Mounts = []specs.Mount{
+					{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "mode=1777"}},
+					{Destination: "/etc/hosts", Type: "bind", Source: "/run/colo/shared/c1/mounts/1-etc-hosts", Options: []string{"rbind"}},
+				}
+			},
+			want: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.PIDNamespace, Path: "/run/colo/pod-ns/pid"},
+					{Type: specs.IPCNamespace, Path: "/run/colo/pod-ns/ipc"},
+					{Type: specs.UTSNamespace, Path: "/run/colo/pod-ns/uts"},
+					{Type: specs.CgroupNamespace},
+					{Type: specs.MountNamespace},
+				}
+				s.Mounts = []specs.Mount{
+					{Destination: "/dev/shm", Type: "bind", Source: "/run/colo/shm", Options: []string{"rbind", "nosuid", "nodev", "noexec"}},
+					// The container's own /etc/hosts stays.
+					{Destination: "/etc/hosts", Type: "bind", Source: "/run/colo/shared/c1/mounts/1-etc-hosts", Options: []string{"rbind"}},
+					{Destination: "/etc/hostname", Type: "bind", Source: "/run/colo/shared/.pod/etc/hostname", Options: []string{"rbind", "rprivate", "ro"}},
+					{Destination: "/etc/resolv.conf", Type: "bind", Source: "/run/colo/shared/.pod/etc/resolv.conf", Options: []string{"rbind", "rprivate", "ro"}},
+				}
+			},
+		},
+		{
+			name: "pod without a pause container: a container with an IPC namespace of its own keeps its /dev/shm",
+			view: guestView{podNamespaces: true},
+			in: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.IPCNamespace}, {Type: specs.PIDNamespace}}
+				s.Mounts = []specs.Mount{{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"}}
+			},
+			want: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.IPCNamespace}, {Type: specs.PIDNamespace}}
+				s.Mounts = []specs.Mount{{Destination: "/dev/shm", Type: "tmpfs", Source: "shm"}}
+			},
+		},
+		{
 			name: "bind sources from the shared directory",
 			view: guestView{binds: map[int]string{1: "/run/colo/shared/c1/mounts/1-data", 2: "/run/colo/shm"}},
 			in: func(s *specs.Spec) {

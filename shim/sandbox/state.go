@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/colo-runtime/colo/config"
@@ -22,17 +23,39 @@ const (
 	BundleFile = "colo-sandbox"
 )
 
-// State is what a sandbox records on disk so that a later process can clean
-// up after a crashed shim: it is written before anything it names can leak.
+// StateVersion is the version of State this shim writes. Cleanup refuses
+// a record of a later version: it may name resources this shim does not
+// know how to undo, and a half cleanup that then removes the record would
+// leak them for good. Version 0 is the unversioned record of earlier
+// shims: the same meaning, fewer fields, the hypervisor's configuration
+// under "hypervisor".
+const StateVersion = 1
+
+// State is the sandbox record: what a sandbox is, on disk, so that a later
+// process can clean up after a crashed shim (`shim delete`, Cleanup)
+// without anything else: no configuration, no hypervisor driver. Each
+// resource is recorded before it is made (or, where only making it tells
+// what it is, such as a process's pid, its owner leaves a trace Cleanup
+// finds by itself until then), and stays recorded until it is gone.
 type State struct {
+	Version int `json:"version"`
 	// Dir is the sandbox directory itself; Cleanup refuses to touch a
 	// directory whose state does not name it.
 	Dir string `json:"dir"`
 	ID  string `json:"id"`
-	// Hypervisor picks the driver whose Cleanup stops the VM.
-	Hypervisor    config.Hypervisor `json:"hypervisor"`
-	HypervisorPid int               `json:"hypervisor_pid,omitempty"`
-	VirtiofsdPid  int               `json:"virtiofsd_pid,omitempty"`
+	// Config is the sandbox's configuration. Cleanup reads only the
+	// hypervisor's name in it, to pick that hypervisor's cleanup.
+	Config config.Config `json:"config"`
+	// HypervisorPid and HypervisorStart (field 22 of /proc/<pid>/stat)
+	// name the hypervisor process, so that a reused pid is never killed.
+	// Until they are written the driver's own files in vm/ lead to it.
+	HypervisorPid   int    `json:"hypervisor_pid,omitempty"`
+	HypervisorStart uint64 `json:"hypervisor_start,omitempty"`
+	VirtiofsdPid    int    `json:"virtiofsd_pid,omitempty"`
+	// Sockets are the sockets the sandbox has a helper listen on,
+	// relative to Dir; a helper is found by its socket (in its command
+	// line) until its pid is recorded.
+	Sockets []string `json:"sockets,omitempty"`
 	// NetNS is the pod's network namespace, where Mirrors are.
 	NetNS   string        `json:"netns,omitempty"`
 	Mirrors []MirrorState `json:"mirrors,omitempty"`
@@ -41,6 +64,52 @@ type State struct {
 	// Mounts are the mounts the shim made, relative to Dir, in the
 	// order made: only these are ever unmounted.
 	Mounts []string `json:"mounts,omitempty"`
+	// Containers are the sandbox's containers, from before their rootfs
+	// is mounted until it is unmounted.
+	Containers []ContainerState `json:"containers,omitempty"`
+}
+
+// ContainerState records a container of the sandbox.
+type ContainerState struct {
+	ID     string `json:"id"`
+	Bundle string `json:"bundle"`
+}
+
+// newState is the record of a sandbox that has nothing yet.
+func newState(dir, id string, cfg config.Config) State {
+	return State{Version: StateVersion, Dir: dir, ID: id, Config: cfg}
+}
+
+// updateState changes the sandbox's record and writes it.
+func (s *Sandbox) updateState(change func(*State)) error {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	change(&s.state)
+	return writeState(s.dir, s.state)
+}
+
+// recorded is the sandbox's record as it stands.
+func (s *Sandbox) recorded() State {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	return s.state
+}
+
+// recordContainer adds a container to the record, before anything of it
+// is made on the host.
+func (s *Sandbox) recordContainer(id, bundle string) error {
+	return s.updateState(func(st *State) {
+		st.Containers = slices.DeleteFunc(st.Containers, func(c ContainerState) bool { return c.ID == id })
+		st.Containers = append(st.Containers, ContainerState{ID: id, Bundle: bundle})
+	})
+}
+
+// forgetContainer drops a container from the record once nothing of it is
+// left on the host.
+func (s *Sandbox) forgetContainer(id string) error {
+	return s.updateState(func(st *State) {
+		st.Containers = slices.DeleteFunc(st.Containers, func(c ContainerState) bool { return c.ID == id })
+	})
 }
 
 func writeState(dir string, st State) error {
@@ -55,21 +124,54 @@ func writeState(dir string, st State) error {
 	if err := os.Rename(tmp, filepath.Join(dir, stateFile)); err != nil {
 		return fmt.Errorf("write sandbox state: %w", err)
 	}
+	if stateWritten != nil {
+		stateWritten(st)
+	}
 	return nil
 }
+
+// stateWritten, if set, is called after each write of a record: tests
+// crash the shim there, before the resource just recorded is made.
+var stateWritten func(State)
 
 // ReadState reads the state of the sandbox in dir.
 func ReadState(dir string) (State, error) {
 	var st State
-	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	p := filepath.Join(dir, stateFile)
+	b, err := os.ReadFile(p)
 	if err != nil {
 		return st, err
 	}
+	// The version first: a later one may not even decode as this one.
+	var v struct {
+		Version int `json:"version"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return st, fmt.Errorf("sandbox state %s: %w", p, err)
+	}
+	switch {
+	case v.Version > StateVersion:
+		return st, fmt.Errorf("sandbox state %s: version %d is newer than this shim's %d: clean up with the shim that made it", p, v.Version, StateVersion)
+	case v.Version < 0:
+		return st, fmt.Errorf("sandbox state %s: version %d", p, v.Version)
+	}
 	if err := json.Unmarshal(b, &st); err != nil {
-		return st, fmt.Errorf("sandbox state %s: %w", filepath.Join(dir, stateFile), err)
+		return st, fmt.Errorf("sandbox state %s: %w", p, err)
+	}
+	if st.Version == 0 {
+		var v0 struct {
+			Hypervisor config.Hypervisor `json:"hypervisor"`
+		}
+		if err := json.Unmarshal(b, &v0); err != nil {
+			return st, fmt.Errorf("sandbox state %s: %w", p, err)
+		}
+		// Read as the current version, so that what Cleanup writes back
+		// is one.
+		st.Config.Hypervisor = v0.Hypervisor
+		st.Version = StateVersion
 	}
 	if st.Dir != dir {
-		return st, fmt.Errorf("sandbox state %s names directory %q", filepath.Join(dir, stateFile), st.Dir)
+		return st, fmt.Errorf("sandbox state %s names directory %q", p, st.Dir)
 	}
 	return st, nil
 }

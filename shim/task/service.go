@@ -16,6 +16,7 @@ import (
 	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
+	sandboxAPI "github.com/containerd/containerd/api/runtime/sandbox/v1"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/api/types/task"
@@ -54,6 +55,7 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 		events:     make(chan any, 128),
 		containers: make(map[string]*entry),
 		sandboxes:  make(map[string]*sandbox.Sandbox),
+		pods:       make(map[string]*podSandbox),
 	}
 	go s.forward(publisher)
 	// The shim may be told to go (SIGTERM, or Shutdown) with sandboxes
@@ -74,6 +76,9 @@ type service struct {
 	// sandboxes are the running sandboxes by pod (CRI sandbox id), for
 	// the pod's later containers.
 	sandboxes map[string]*sandbox.Sandbox
+	// pods are the sandboxes of the sandbox API (sandbox.go), by id,
+	// from CreateSandbox on.
+	pods map[string]*podSandbox
 
 	trim trimmer
 }
@@ -85,8 +90,12 @@ type entry struct {
 	c  *sandbox.Container
 }
 
+// RegisterTTRPC serves the task API and the sandbox API (sandbox.go) on
+// the shim's server: containerd drives a pod's sandbox and its containers'
+// tasks over the same connection, and both act on the same sandboxes.
 func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
 	taskAPI.RegisterTTRPCTaskService(server, s)
+	sandboxAPI.RegisterTTRPCSandboxService(server, &sandboxService{s: s})
 	return nil
 }
 
@@ -152,7 +161,12 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	pod := sandbox.PodID(spec)
 	s.mu.Lock()
 	sb := s.sandboxes[pod]
+	_, isPod := s.pods[pod]
 	s.mu.Unlock()
+	if sb == nil && isPod {
+		// The sandbox API's: its VM is not up, or no more.
+		return nil, errgrpc.ToGRPC(errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s of task %s is not running", pod, r.ID)))
+	}
 	var c *sandbox.Container
 	if sb != nil {
 		// A later container of a pod whose VM this shim runs.
@@ -170,9 +184,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			Config:    cfg,
 			Driver:    drv,
 			OnExit:    s.exited,
-			OnOOM: func(id string) {
-				s.send(&eventstypes.TaskOOM{ContainerID: id})
-			},
+			OnOOM:     s.oom,
 		}, ccfg)
 		if err != nil {
 			return nil, errgrpc.ToGRPC(err)
@@ -226,6 +238,11 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 		return nil, errgrpc.ToGRPC(err)
 	}
 	return &taskAPI.StartResponse{Pid: pid}, nil
+}
+
+// oom publishes a container's OOM kill.
+func (s *service) oom(id string) {
+	s.send(&eventstypes.TaskOOM{ContainerID: id})
 }
 
 // exited publishes a process exit; the sandbox calls it once the output is
@@ -285,7 +302,8 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 }
 
 // forgetSandboxLocked drops a pod's sandbox once none of its containers
-// is left (the last delete took it down).
+// is left (the last delete took it down). A sandbox of the sandbox API
+// stays until ShutdownSandbox.
 func (s *service) forgetSandboxLocked(sb *sandbox.Sandbox) {
 	for _, e := range s.containers {
 		if e.sb == sb {
@@ -293,7 +311,7 @@ func (s *service) forgetSandboxLocked(sb *sandbox.Sandbox) {
 		}
 	}
 	for pod, v := range s.sandboxes {
-		if v == sb {
+		if _, ok := s.pods[pod]; v == sb && !ok {
 			delete(s.sandboxes, pod)
 		}
 	}
@@ -418,16 +436,31 @@ func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 	return &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid()), TaskPid: pid}, nil
 }
 
-// Shutdown ends the shim once it has no tasks left.
+// Shutdown ends the shim once it has no tasks left, nor a sandbox of the
+// sandbox API that ShutdownSandbox has not ended.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
+	s.exitIfIdle(ctx)
+	return &emptypb.Empty{}, nil
+}
+
+// exitIfIdle ends the shim if it has no tasks and no sandbox of the
+// sandbox API that is not shut down.
+func (s *service) exitIfIdle(ctx context.Context) {
 	s.mu.Lock()
 	n := len(s.containers)
+	for _, p := range s.pods {
+		p.mu.Lock()
+		if !p.shutdown {
+			n++
+		}
+		p.mu.Unlock()
+	}
 	s.mu.Unlock()
 	if n > 0 {
-		return &emptypb.Empty{}, nil
+		return
 	}
+	log.G(ctx).Debug("nothing left: shim exiting")
 	s.shutdown.Shutdown()
-	return &emptypb.Empty{}, nil
 }
 
 // Exec registers an exec process of the task; Start runs it.
@@ -544,9 +577,30 @@ func (s *service) destroyAll(ctx context.Context) error {
 			sbs = append(sbs, e.sb)
 		}
 	}
+	// The sandbox API's, with no container left too, are stopped as
+	// StopSandbox would.
+	var pods []*podSandbox
+	for _, p := range s.pods {
+		pods = append(pods, p)
+	}
 	s.mu.Unlock()
 	var errs []error
+	for _, p := range pods {
+		p.mu.Lock()
+		sb := p.sb
+		p.mu.Unlock()
+		if sb != nil && sb.Running() {
+			log.G(ctx).WithField("sandbox", sb.Dir()).Warn("shim exiting with a sandbox up: stopping it")
+		}
+		if err := p.stop(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		delete(seen, sb)
+	}
 	for _, sb := range sbs {
+		if _, ok := seen[sb]; !ok {
+			continue // a pod's, stopped above
+		}
 		log.G(ctx).WithField("sandbox", sb.Dir()).Warn("shim exiting with a sandbox up: destroying it")
 		if err := sb.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
