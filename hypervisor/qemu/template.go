@@ -298,7 +298,9 @@ func (d *Driver) makeTemplate(ctx context.Context, cfg hypervisor.VMConfig, dir 
 	case <-timer.C:
 		return fmt.Errorf("template VM: the guest agent did not answer (open its port) within %s", d.bootTimeout)
 	case <-ctx.Done():
-		return ctx.Err()
+		// The caller's deadline (the whole start's) came first: say
+		// what was still awaited, and why it ended.
+		return fmt.Errorf("template VM: the guest agent did not answer (open its port): %w", context.Cause(ctx))
 	}
 	if err := vm.save(ctx, filepath.Join(dir, templateState), l.memPath != ""); err != nil {
 		return fmt.Errorf("%w: save template: %w", errTemplateUnusable, err)
