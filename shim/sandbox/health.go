@@ -49,15 +49,7 @@ func (s *Sandbox) fail(reason error) {
 	if s.agent != nil {
 		s.agent.Close()
 	}
-	s.mu.Lock()
-	var ps []*process
-	for _, c := range s.containers {
-		ps = append(ps, c.processes()...)
-	}
-	s.mu.Unlock()
-	for _, p := range ps {
-		p.vmDied()
-	}
+	s.endUnwaited()
 	if err := s.teardown(ctx); err != nil {
 		log.G(ctx).WithError(err).Error("tear down a failed sandbox")
 	}
@@ -113,5 +105,19 @@ func (s *Sandbox) watchVirtiofsd() {
 	case <-s.stopping:
 	case <-s.virtiofsd.Done():
 		s.fail(fmt.Errorf("virtiofsd exited: %w", s.virtiofsd.Err()))
+	}
+}
+
+// endUnwaited ends the processes no wait will end (those never started),
+// once the guest is gone: with VMExitStatus.
+func (s *Sandbox) endUnwaited() {
+	s.mu.Lock()
+	var ps []*process
+	for _, c := range s.containers {
+		ps = append(ps, c.processes()...)
+	}
+	s.mu.Unlock()
+	for _, p := range ps {
+		p.vmDied()
 	}
 }

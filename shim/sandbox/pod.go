@@ -221,16 +221,7 @@ func (s *Sandbox) Stop(ctx context.Context) error {
 		s.pod.stopRequested.Store(true)
 	}
 	err := s.Shutdown(ctx)
-	// A process never started has no wait to end it.
-	s.mu.Lock()
-	var ps []*process
-	for _, c := range s.containers {
-		ps = append(ps, c.processes()...)
-	}
-	s.mu.Unlock()
-	for _, p := range ps {
-		p.vmDied()
-	}
+	s.endUnwaited()
 	return err
 }
 

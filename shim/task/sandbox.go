@@ -82,6 +82,17 @@ func (p *podSandbox) settle() {
 	}
 }
 
+// started is the pod's running sandbox, or an error (for the API) if it
+// has not been started.
+func (p *podSandbox) started(id string) (*sandbox.Sandbox, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sb == nil {
+		return nil, errgrpc.ToGRPC(errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s is not started", id)))
+	}
+	return p.sb, nil
+}
+
 // podSandbox returns a sandbox of the sandbox API.
 func (s *service) podSandbox(id string) (*podSandbox, error) {
 	s.mu.Lock()
@@ -386,11 +397,9 @@ func (ss *sandboxService) PingSandbox(ctx context.Context, r *sandboxAPI.PingReq
 	if err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	sb := p.sb
-	p.mu.Unlock()
-	if sb == nil {
-		return nil, errgrpc.ToGRPC(errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s is not started", r.SandboxID)))
+	sb, err := p.started(r.SandboxID)
+	if err != nil {
+		return nil, err
 	}
 	if err := sb.Ping(ctx); err != nil {
 		return nil, errgrpc.ToGRPC(err)
@@ -440,11 +449,9 @@ func (ss *sandboxService) SandboxMetrics(ctx context.Context, r *sandboxAPI.Sand
 	if err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	sb := p.sb
-	p.mu.Unlock()
-	if sb == nil {
-		return nil, errgrpc.ToGRPC(errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s is not started", r.SandboxID)))
+	sb, err := p.started(r.SandboxID)
+	if err != nil {
+		return nil, err
 	}
 	m, err := sb.Metrics()
 	if err != nil {
