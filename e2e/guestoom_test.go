@@ -157,15 +157,10 @@ func testGuestOOM(t *testing.T, h criHandler) {
 	}
 	boot := bootID()
 
-	// Through the sandbox API the pod's containers share the PID
-	// namespace of the agent's holder of the pod's namespaces even with
-	// hostPID (as of this writing): the agent cannot be seen there.
-	seeAgent := !h.shim
+	// hostPID puts the pod's containers in the guest's own PID
+	// namespace, with either handler: the agent is seen there.
 	procs, self := guestProcs(ctx, t, rs, bystander)
-	serve := agentProcs(t, procs, seeAgent)
-	if !seeAgent {
-		t.Logf("the pod's processes (the agent is not among them): %v", procs)
-	}
+	serve := agentProcs(t, procs, true)
 	// CRI gives a container no oom_score_adj without resources: 0, not
 	// the agent's, for the container and its execs.
 	if self != "0" {
@@ -237,7 +232,7 @@ func testGuestOOM(t *testing.T, h criHandler) {
 		t.Errorf("guest boot id %q after the OOM, was %q: the guest restarted", got, boot)
 	}
 	procs, _ = guestProcs(ctx, t, rs, bystander)
-	if got := agentProcs(t, procs, seeAgent); got != serve {
+	if got := agentProcs(t, procs, true); got != serve {
 		t.Errorf("agent service pid %d after the OOM, was %d", got, serve)
 	}
 	resp, err := rs.ContainerStatus(ctx, bystander, false)

@@ -159,7 +159,7 @@ func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	}
 	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(s.colo.classes) > 0}
 	if s.pod != nil {
-		view.podNamespaces, view.podFiles = true, s.pod.files
+		view.podNamespaces, view.podFiles, view.guestNamespaces = true, s.pod.files, s.pod.guestNamespaces
 	}
 	g, err := GuestSpec(ctx, c.spec, c.id, view)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"path"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -41,6 +42,10 @@ type PodConfig struct {
 	// Sysctls are the pod's namespaced sysctls, applied in the pod's
 	// namespaces in the guest (agentproto.PodSysctl).
 	Sysctls map[string]string
+	// GuestNamespaces are the namespaces ("pid", "ipc") the pod shares with
+	// the node (hostPID, hostIPC): in the VM, the guest's own, as runc's
+	// containers would join the host's.
+	GuestNamespaces []string
 	// Hosts and ResolvConf, if not nil, are the pod's /etc/hosts and
 	// /etc/resolv.conf, which every container gets unless its spec mounts
 	// its own, as CRI gives them with a pause container.
@@ -58,6 +63,8 @@ type pod struct {
 	// files maps a container path (/etc/hosts) to the guest path of the
 	// pod's file.
 	files map[string]string
+	// guestNamespaces: PodConfig.GuestNamespaces.
+	guestNamespaces []string
 	// stopRequested tells a stop asked for (exit status 0) from a VM
 	// that failed or died (VMExitStatus).
 	stopRequested atomic.Bool
@@ -115,7 +122,7 @@ func CreatePod(ctx context.Context, opts Options, p PodConfig) (_ *Sandbox, retE
 	if err != nil {
 		return nil, err
 	}
-	s.pod = &pod{sysctls: maps.Clone(p.Sysctls), files: make(map[string]string), exited: make(chan struct{})}
+	s.pod = &pod{sysctls: maps.Clone(p.Sysctls), files: make(map[string]string), guestNamespaces: slices.Clone(p.GuestNamespaces), exited: make(chan struct{})}
 	if err := s.makeDir(ctx, p.Bundle); err != nil {
 		return nil, err
 	}

@@ -217,6 +217,10 @@ type guestView struct {
 	// podFiles maps container paths (/etc/hosts) to the guest paths of
 	// the pod's files, bound into containers that do not mount their own.
 	podFiles map[string]string
+	// guestNamespaces are the namespaces (by /proc/PID/ns name) a pod
+	// without a pause container shares with the guest itself (hostPID,
+	// hostIPC): a container asked to join the pod's gets none of its own.
+	guestNamespaces []string
 	// class is the container's CPU class, if it asks for one.
 	class *agentproto.CPUClass
 	// topology mounts the guest's topology file into the container.
@@ -290,6 +294,10 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 					continue
 				}
 				host := ns.Path
+				if v.podNamespaces && slices.Contains(v.guestNamespaces, nsProcName[ns.Type]) {
+					log.G(ctx).WithFields(log.Fields{"type": ns.Type, "host": host}).Debug("the pod shares the guest's namespace")
+					continue
+				}
 				ns.Path = guestNamespace(ns.Type, v)
 				podIPC = podIPC || (ns.Type == specs.IPCNamespace && ns.Path != "")
 				log.G(ctx).WithFields(log.Fields{"type": ns.Type, "host": host, "guest": ns.Path}).Debug("namespace path rewritten for the guest")

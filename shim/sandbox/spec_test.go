@@ -456,6 +456,24 @@ func TestGuestSpec(t *testing.T) {
 			},
 		},
 		{
+			name: "pod without a pause container, hostPID and hostIPC: the guest's own PID and IPC namespaces",
+			view: guestView{podNamespaces: true, guestNamespaces: []string{"pid", "ipc"}},
+			in: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.PIDNamespace, Path: "/proc/42/ns/pid"},
+					{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"},
+					{Type: specs.UTSNamespace, Path: "/proc/42/ns/uts"},
+					{Type: specs.MountNamespace},
+				}
+			},
+			want: func(s *specs.Spec) {
+				s.Linux.Namespaces = []specs.LinuxNamespace{
+					{Type: specs.UTSNamespace, Path: "/run/colo/pod-ns/uts"},
+					{Type: specs.MountNamespace},
+				}
+			},
+		},
+		{
 			name: "pod without a pause container: a container with an IPC namespace of its own keeps its /dev/shm",
 			view: guestView{podNamespaces: true},
 			in: func(s *specs.Spec) {

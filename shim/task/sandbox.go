@@ -179,6 +179,13 @@ func podConfig(r *sandboxAPI.CreateSandboxRequest) (sandbox.PodConfig, error) {
 	p.Hostname = c.GetHostname()
 	p.CgroupParent = c.GetLinux().GetCgroupParent()
 	p.Sysctls = maps.Clone(c.GetLinux().GetSysctls())
+	nso := c.GetLinux().GetSecurityContext().GetNamespaceOptions()
+	if nso.GetPid() == criapi.NamespaceMode_NODE {
+		p.GuestNamespaces = append(p.GuestNamespaces, "pid")
+	}
+	if nso.GetIpc() == criapi.NamespaceMode_NODE {
+		p.GuestNamespaces = append(p.GuestNamespaces, "ipc")
+	}
 	if p.Hosts, err = readHostFile("/etc/hosts"); err != nil {
 		return p, err
 	}
