@@ -137,18 +137,31 @@ var escapeSequence = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|.)|[\x00-\x08\x
 
 // copyLines logs QEMU's stdout (the guest console) at debug level and its
 // stderr (QEMU's own messages) as warnings, and keeps the last lines.
+// The guest writes the console as fast as it likes: what reaches the
+// shim's log is rate-limited (lineBurst lines, then linesPerSecond), the
+// lines held back counted; the last lines are always kept.
 func (vm *VM) copyLines(r io.Reader, stderr bool) {
 	br := bufio.NewReaderSize(r, 4096)
+	limit := lineLimit{tokens: lineBurst}
 	for {
 		b, err := br.ReadSlice('\n')
 		if len(b) > 0 {
 			line := escapeSequence.ReplaceAllString(strings.TrimRight(string(b), "\r\n"), "")
 			if strings.TrimSpace(line) != "" {
 				vm.output.add(line)
+				entry := vm.logger.WithField("src", "console")
 				if stderr {
-					vm.logger.WithField("src", "qemu").Warn(line)
-				} else {
-					vm.logger.WithField("src", "console").Debug(line)
+					entry = vm.logger.WithField("src", "qemu")
+				}
+				if ok, held := limit.allow(time.Now()); ok {
+					if held > 0 {
+						entry = entry.WithField("held_back", held)
+					}
+					if stderr {
+						entry.Warn(line)
+					} else {
+						entry.Debug(line)
+					}
 				}
 			}
 		}
@@ -156,6 +169,35 @@ func (vm *VM) copyLines(r io.Reader, stderr bool) {
 			return
 		}
 	}
+}
+
+const (
+	lineBurst      = 200
+	linesPerSecond = 50
+)
+
+// lineLimit is a token bucket of log lines, for one reader.
+type lineLimit struct {
+	tokens float64
+	last   time.Time
+	held   int
+}
+
+// allow tells whether to log a line now, and how many were held back
+// since the last one logged.
+func (l *lineLimit) allow(now time.Time) (bool, int) {
+	if !l.last.IsZero() {
+		l.tokens = min(lineBurst, l.tokens+now.Sub(l.last).Seconds()*linesPerSecond)
+	}
+	l.last = now
+	if l.tokens < 1 {
+		l.held++
+		return false, 0
+	}
+	l.tokens--
+	held := l.held
+	l.held = 0
+	return true, held
 }
 
 // connect waits for QMP's greeting and a first answer to query-status.
