@@ -103,12 +103,22 @@ type Hypervisor struct {
 	// Accel: "auto" (default: KVM where it can boot a guest, else TCG),
 	// "kvm" or "tcg".
 	Accel string `toml:"accel"`
-	// VCPUs is the number of guest vCPUs (default 2: a container starts
-	// faster when the agent and the container's init run side by side, and
-	// co-location gives vCPUs different priorities).
+	// VCPUs is the number of guest vCPUs of a pod without a CPU limit,
+	// and the guest's own share on top of a pod's limit (default 2: a
+	// container starts faster when the agent and the container's init
+	// run side by side, and co-location gives vCPUs different
+	// priorities).
 	VCPUs int `toml:"vcpus"`
-	// MemoryMB is the guest memory in MiB (default 256).
+	// MemoryMB is the guest memory in MiB of a pod without a memory
+	// limit, and the guest's own share on top of a pod's limit (default
+	// 256).
 	MemoryMB int `toml:"memory_mb"`
+	// MaxVCPUs bounds a VM's vCPUs (default 0: the host's CPUs); a pod
+	// that would need more is refused at create.
+	MaxVCPUs int `toml:"max_vcpus"`
+	// MaxMemoryMB bounds a VM's memory in MiB (default 0: the host's
+	// memory); a pod that would need more is refused at create.
+	MaxMemoryMB int `toml:"max_memory_mb"`
 	// Kernel is the guest kernel: an uncompressed vmlinux with a PVH entry
 	// (default /usr/share/colo/vmlinux).
 	Kernel string `toml:"kernel"`
@@ -309,6 +319,12 @@ func (c Config) Validate() error {
 	}
 	if h.MemoryMB < 64 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mb = %d: want at least 64", h.MemoryMB))
+	}
+	if h.MaxVCPUs < 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.max_vcpus = %d: want 0 (the host's CPUs) or more", h.MaxVCPUs))
+	}
+	if h.MaxMemoryMB < 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.max_memory_mb = %d: want 0 (the host's memory) or more", h.MaxMemoryMB))
 	}
 	if h.HotplugPorts < 0 || h.HotplugPorts > 32 {
 		errs = append(errs, fmt.Errorf("hypervisor.hotplug_ports = %d: want 0 to 32", h.HotplugPorts))

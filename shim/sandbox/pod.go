@@ -78,6 +78,11 @@ type pod struct {
 func (p PodConfig) spec(id string) *specs.Spec {
 	s := &specs.Spec{Hostname: p.Hostname, Linux: &specs.Linux{}, Annotations: map[string]string{}}
 	for k, v := range p.Annotations {
+		switch k {
+		case SandboxCPUQuotaAnnotation, SandboxCPUPeriodAnnotation, SandboxMemoryAnnotation:
+			// The pod's size (vmSize).
+			s.Annotations[k] = v
+		}
 		if strings.HasPrefix(k, coloAnnotationPrefix) {
 			s.Annotations[k] = v
 		}

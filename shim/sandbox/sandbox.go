@@ -193,6 +193,13 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 	if opts.Driver == nil {
 		return nil, errors.New("sandbox: no hypervisor driver")
 	}
+	// The VM is the pod's size: everything after this (co-location, the
+	// VM, its template, the record) sees the sized configuration.
+	vcpus, memoryMB, err := vmSize(opts.Config.Hypervisor, spec)
+	if err != nil {
+		return nil, err
+	}
+	opts.Config.Hypervisor.VCPUs, opts.Config.Hypervisor.MemoryMB = vcpus, memoryMB
 	colo, err := newColocation(ctx, opts.Config, spec)
 	if err != nil {
 		return nil, err

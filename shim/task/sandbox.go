@@ -9,6 +9,7 @@ import (
 	"os"
 	goruntime "runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -179,6 +180,13 @@ func podConfig(r *sandboxAPI.CreateSandboxRequest) (sandbox.PodConfig, error) {
 	p.Hostname = c.GetHostname()
 	p.CgroupParent = c.GetLinux().GetCgroupParent()
 	p.Sysctls = maps.Clone(c.GetLinux().GetSysctls())
+	// The pod's resources, as CRI annotates a pause container with them:
+	// they size the VM.
+	if res := c.GetLinux().GetResources(); res != nil {
+		p.Annotations[sandbox.SandboxCPUQuotaAnnotation] = strconv.FormatInt(res.GetCpuQuota(), 10)
+		p.Annotations[sandbox.SandboxCPUPeriodAnnotation] = strconv.FormatInt(res.GetCpuPeriod(), 10)
+		p.Annotations[sandbox.SandboxMemoryAnnotation] = strconv.FormatInt(res.GetMemoryLimitInBytes(), 10)
+	}
 	nso := c.GetLinux().GetSecurityContext().GetNamespaceOptions()
 	if nso.GetPid() == criapi.NamespaceMode_NODE {
 		p.GuestNamespaces = append(p.GuestNamespaces, "pid")
