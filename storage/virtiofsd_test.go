@@ -274,12 +274,7 @@ func TestVirtiofsdStopOrphanHoldsStderr(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	arg := "--socket-path=" + cfg.SocketPath
-	var children []procfs.Proc
-	for len(children) == 0 {
-		children = groupMembers(v.Pid(), arg)
-		time.Sleep(5 * time.Millisecond)
-	}
+	children := forkedChildren(t, v.Pid(), cfg.SocketPath)
 
 	stopped := make(chan error, 1)
 	go func() { stopped <- v.Stop(context.Background()) }()
@@ -309,22 +304,7 @@ func TestCleanupVirtiofsdOrphan(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
 	socket := filepath.Join(dir, "virtiofsd.sock")
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe, VirtiofsdConfig{SocketPath: socket, SharedDir: dir}.args()...)
-	cmd.Env = append(os.Environ(), fakeVirtiofsdEnv+"=parent")
-	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	arg := "--socket-path=" + socket
-	var children []procfs.Proc
-	for len(children) == 0 {
-		children = groupMembers(cmd.Process.Pid, arg)
-		time.Sleep(5 * time.Millisecond)
-	}
+	cmd, children := startFakeVirtiofsd(t, socket, dir)
 	t.Cleanup(func() { _ = killAll(children) })
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
@@ -351,22 +331,8 @@ func TestCleanupVirtiofsdUnrecorded(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
 	socket := filepath.Join(dir, "virtiofsd.sock")
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe, VirtiofsdConfig{SocketPath: socket, SharedDir: dir}.args()...)
-	cmd.Env = append(os.Environ(), fakeVirtiofsdEnv+"=parent")
-	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, children := startFakeVirtiofsd(t, socket, dir)
 	parent := procfs.Of(cmd.Process.Pid)
-	var children []procfs.Proc
-	for len(children) == 0 {
-		children = groupMembers(cmd.Process.Pid, "--socket-path="+socket)
-		time.Sleep(5 * time.Millisecond)
-	}
 	t.Cleanup(func() {
 		_ = killAll(append(children, parent))
 		_ = cmd.Wait()
@@ -449,4 +415,38 @@ func TestCleanupVirtiofsd(t *testing.T) {
 		t.Fatal("virtiofsd still running after CleanupVirtiofsd")
 	}
 	assertVirtiofsdGone(t, cmd.Process.Pid, socket)
+}
+
+// forkedChildren waits, at most a minute, for the process group of pid to
+// have members other than pid whose command line names socket.
+func forkedChildren(t *testing.T, pid int, socket string) []procfs.Proc {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if children := groupMembers(pid, "--socket-path="+socket); len(children) > 0 {
+			return children
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d forked no child", pid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// startFakeVirtiofsd starts the test binary as a virtiofsd that forks a
+// child keeping its stderr (TestMain), as a crashed shim would have left
+// it, and returns it once the child runs.
+func startFakeVirtiofsd(t *testing.T, socket, dir string) (*exec.Cmd, []procfs.Proc) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, VirtiofsdConfig{SocketPath: socket, SharedDir: dir}.args()...)
+	cmd.Env = append(os.Environ(), fakeVirtiofsdEnv+"=parent")
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, forkedChildren(t, cmd.Process.Pid, socket)
 }

@@ -83,9 +83,13 @@ func (p *podSandbox) settle() {
 	}
 }
 
-// started is the pod's running sandbox, or an error (for the API) if it
-// has not been started.
-func (p *podSandbox) started(id string) (*sandbox.Sandbox, error) {
+// startedPodSandbox is the running sandbox of a sandbox of the sandbox
+// API, or an error (for the API) if it is unknown or not started.
+func (s *service) startedPodSandbox(id string) (*sandbox.Sandbox, error) {
+	p, err := s.podSandbox(id)
+	if err != nil {
+		return nil, err
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.sb == nil {
@@ -408,11 +412,7 @@ func (ss *sandboxService) SandboxStatus(ctx context.Context, r *sandboxAPI.Sandb
 
 // PingSandbox answers if the VM runs and its agent answers.
 func (ss *sandboxService) PingSandbox(ctx context.Context, r *sandboxAPI.PingRequest) (*sandboxAPI.PingResponse, error) {
-	p, err := ss.s.podSandbox(r.SandboxID)
-	if err != nil {
-		return nil, err
-	}
-	sb, err := p.started(r.SandboxID)
+	sb, err := ss.s.startedPodSandbox(r.SandboxID)
 	if err != nil {
 		return nil, err
 	}
@@ -460,11 +460,7 @@ const exitDelay = 100 * time.Millisecond
 // SandboxMetrics is what the pod's VM uses of the host
 // (Sandbox.Metrics), in containerd's cgroup metrics types.
 func (ss *sandboxService) SandboxMetrics(ctx context.Context, r *sandboxAPI.SandboxMetricsRequest) (*sandboxAPI.SandboxMetricsResponse, error) {
-	p, err := ss.s.podSandbox(r.SandboxID)
-	if err != nil {
-		return nil, err
-	}
-	sb, err := p.started(r.SandboxID)
+	sb, err := ss.s.startedPodSandbox(r.SandboxID)
 	if err != nil {
 		return nil, err
 	}
