@@ -26,10 +26,13 @@ $(TOOLS)/.setup: scripts/setup.sh
 	TOOLS=$(TOOLS) scripts/setup.sh
 	touch $@
 
-build: $(BIN)/containerd-shim-colo-v2 $(BIN)/colo-agent
+build: $(BIN)/containerd-shim-colo-v2 $(BIN)/colo-agent $(BIN)/colo
 
 $(BIN)/containerd-shim-colo-v2: $(GO_SRC) | setup
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/containerd-shim-colo-v2
+
+$(BIN)/colo: $(GO_SRC) | setup
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/colo
 
 # The agent is the guest's /init: static, with cgo for runc's nsenter and
 # libseccomp (linked statically) for specs with linux.seccomp.

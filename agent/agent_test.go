@@ -691,8 +691,12 @@ func TestErrors(t *testing.T) {
 			_, err := a.TtyWinResize(ctx, &agentproto.TtyWinResizeRequest{ContainerId: "x"})
 			return err
 		}, codes.NotFound},
-		{"not implemented yet", func() error {
+		{"no vCPUs", func() error {
 			_, err := a.OnlineCPUMem(ctx, &agentproto.OnlineCPUMemRequest{})
+			return err
+		}, codes.InvalidArgument},
+		{"not implemented yet", func() error {
+			_, err := a.GetMetrics(ctx, &agentproto.GetMetricsRequest{})
 			return err
 		}, codes.Unimplemented},
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/agentproto"
 )
@@ -42,49 +44,63 @@ type TopologyCPU struct {
 	Class string `json:"class"`
 }
 
-// setupClasses makes a guest cgroup per class (its vCPUs as cpuset, its
-// weight) and writes the topology file.
-func (s *Service) setupClasses(ctx context.Context, classes []*agentproto.CPUClass) error {
-	if len(classes) == 0 {
-		return nil
-	}
-	root := filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(""))
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return fmt.Errorf("class cgroups: %w", err)
-	}
-	if err := os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+cpu +cpuset"), 0); err != nil {
-		return fmt.Errorf("class cgroups: enable cpu and cpuset in %s: %w", root, err)
-	}
-	var topo Topology
+// validateClasses checks a sandbox's classes: a name that is a single
+// path element, a weight of 1 to 10000, at least one CPU each, no name or
+// CPU twice and, when nbCPUs is not 0, every CPU below nbCPUs.
+func validateClasses(classes []*agentproto.CPUClass, nbCPUs uint32) error {
+	names := make(map[string]bool)
 	byCPU := make(map[uint32]string)
 	for _, c := range classes {
 		if c.GetName() == "" || strings.ContainsAny(c.GetName(), "/.") || len(c.GetCpus()) == 0 {
 			return fmt.Errorf("class %q with CPUs %v: want a name and at least one CPU: %w", c.GetName(), c.GetCpus(), errdefs.ErrInvalidArgument)
 		}
+		if names[c.GetName()] {
+			return fmt.Errorf("class %s given twice: %w", c.GetName(), errdefs.ErrInvalidArgument)
+		}
+		names[c.GetName()] = true
 		if w := c.GetWeight(); w < 1 || w > 10000 {
 			return fmt.Errorf("class %s: weight %d: want 1 to 10000: %w", c.GetName(), w, errdefs.ErrInvalidArgument)
 		}
-		var cpus []string
 		for _, cpu := range c.GetCpus() {
 			if other, ok := byCPU[cpu]; ok {
 				return fmt.Errorf("CPU %d in classes %s and %s: %w", cpu, other, c.GetName(), errdefs.ErrInvalidArgument)
 			}
-			byCPU[cpu] = c.GetName()
-			cpus = append(cpus, strconv.Itoa(int(cpu)))
-		}
-		dir := filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(c.GetName()))
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return fmt.Errorf("class %s: %w", c.GetName(), err)
-		}
-		for file, v := range map[string]string{"cpuset.cpus": strings.Join(cpus, ","), "cpu.weight": strconv.FormatUint(c.GetWeight(), 10)} {
-			if err := os.WriteFile(filepath.Join(dir, file), []byte(v), 0); err != nil {
-				return fmt.Errorf("class %s: %s = %s: %w", c.GetName(), file, v, err)
+			if nbCPUs > 0 && cpu >= nbCPUs {
+				return fmt.Errorf("class %s: CPU %d: the guest is to have CPUs 0-%d: %w", c.GetName(), cpu, nbCPUs-1, errdefs.ErrInvalidArgument)
 			}
+			byCPU[cpu] = c.GetName()
 		}
-		topo.Classes = append(topo.Classes, TopologyClass{Name: c.GetName(), CPUs: c.GetCpus(), Weight: c.GetWeight(), OOMScoreAdj: c.GetOomScoreAdj()})
 	}
-	for cpu, class := range byCPU {
-		topo.CPUs = append(topo.CPUs, TopologyCPU{CPU: cpu, Class: class})
+	return nil
+}
+
+// setupClasses makes a guest cgroup per class (its vCPUs as cpuset, its
+// weight) and writes the topology file. CreateSandbox calls it with the
+// sandbox's classes, and OnlineCPUMem with the classes of a new vCPU set:
+// the cgroups of classes kept are rewritten in place (their containers
+// stay in them), and a class of the previous set that is left out is
+// refused while its cgroup has processes, and removed otherwise. The
+// caller holds s.mu.
+func (s *Service) setupClasses(ctx context.Context, classes []*agentproto.CPUClass) error {
+	if len(classes) == 0 {
+		return nil
+	}
+	if err := validateClasses(classes, 0); err != nil {
+		return err
+	}
+	dropped, err := s.droppedClasses(classes)
+	if err != nil {
+		return err
+	}
+	if err := s.writeClassCgroups(classes, nil); err != nil {
+		return err
+	}
+	var topo Topology
+	for _, c := range classes {
+		topo.Classes = append(topo.Classes, TopologyClass{Name: c.GetName(), CPUs: c.GetCpus(), Weight: c.GetWeight(), OOMScoreAdj: c.GetOomScoreAdj()})
+		for _, cpu := range c.GetCpus() {
+			topo.CPUs = append(topo.CPUs, TopologyCPU{CPU: cpu, Class: c.GetName()})
+		}
 	}
 	slices.SortFunc(topo.CPUs, func(a, b TopologyCPU) int { return int(a.CPU) - int(b.CPU) })
 	b, err := json.MarshalIndent(topo, "", "  ")
@@ -97,9 +113,90 @@ func (s *Service) setupClasses(ctx context.Context, classes []*agentproto.CPUCla
 	if err := os.WriteFile(s.topologyFile, append(b, '\n'), 0o644); err != nil {
 		return fmt.Errorf("topology file: %w", err)
 	}
+	for _, name := range dropped {
+		removeCgroup(ctx, filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(name)))
+	}
 	s.classes = classes
 	log.G(ctx).WithField("classes", len(classes)).Debug("CPU classes set up")
 	return nil
+}
+
+// writeClassCgroups makes the classes' cgroups and writes their weights
+// and cpusets. With keep, a class's cpuset is only its CPUs that keep
+// accepts, and a class with none is left as it is (an empty cpuset.cpus
+// would mean all of the parent's CPUs): OnlineCPUMem uses this to narrow
+// the cpusets to the CPUs that stay online before the others go offline.
+func (s *Service) writeClassCgroups(classes []*agentproto.CPUClass, keep func(cpu uint32) bool) error {
+	root := filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(""))
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return fmt.Errorf("class cgroups: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+cpu +cpuset"), 0); err != nil {
+		return fmt.Errorf("class cgroups: enable cpu and cpuset in %s: %w", root, err)
+	}
+	for _, c := range classes {
+		var cpus []string
+		for _, cpu := range c.GetCpus() {
+			if keep == nil || keep(cpu) {
+				cpus = append(cpus, strconv.Itoa(int(cpu)))
+			}
+		}
+		if len(cpus) == 0 {
+			continue
+		}
+		dir := filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(c.GetName()))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("class %s: %w", c.GetName(), err)
+		}
+		for _, f := range [][2]string{{"cpuset.cpus", strings.Join(cpus, ",")}, {"cpu.weight", strconv.FormatUint(c.GetWeight(), 10)}} {
+			if err := os.WriteFile(filepath.Join(dir, f[0]), []byte(f[1]), 0); err != nil {
+				return fmt.Errorf("class %s: %s = %s: %w", c.GetName(), f[0], f[1], err)
+			}
+		}
+	}
+	return nil
+}
+
+// droppedClasses lists the sandbox's classes (s.classes) that classes
+// leaves out. One whose cgroup still has processes (cgroup.events says
+// "populated 1") is refused: its containers would be left on CPUs no
+// class has. The caller holds s.mu.
+func (s *Service) droppedClasses(classes []*agentproto.CPUClass) ([]string, error) {
+	var dropped []string
+	for _, old := range s.classes {
+		if slices.ContainsFunc(classes, func(c *agentproto.CPUClass) bool { return c.GetName() == old.GetName() }) {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(s.cgroupRoot, agentproto.ClassCgroup(old.GetName()), "cgroup.events"))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("class %s: %w", old.GetName(), err)
+		}
+		if slices.Contains(strings.Split(string(b), "\n"), "populated 1") {
+			return nil, fmt.Errorf("class %s is left out of the new classes but still has processes: %w", old.GetName(), errdefs.ErrFailedPrecondition)
+		}
+		dropped = append(dropped, old.GetName())
+	}
+	return dropped, nil
+}
+
+// removeCgroup removes a cgroup without processes and the cgroups below
+// it, deepest first (a cgroup directory goes with rmdir, its files with
+// it). What cannot be removed is only logged: without processes it does
+// no harm.
+func removeCgroup(ctx context.Context, dir string) {
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, path)
+		}
+		return nil
+	})
+	for _, d := range slices.Backward(dirs) {
+		if err := unix.Rmdir(d); err != nil && !errors.Is(err, unix.ENOENT) {
+			log.G(ctx).WithError(err).WithField("cgroup", d).Warn("remove the cgroup of a class left out")
+			return
+		}
+	}
 }
 
 // pinIRQs points the interrupts of a network interface's virtio device at
@@ -113,7 +210,7 @@ func (s *Service) pinIRQs(ctx context.Context, ifname string) error {
 	if len(classes) == 0 {
 		return nil
 	}
-	dev, err := os.Readlink(filepath.Join("/sys/class/net", ifname, "device"))
+	dev, err := os.Readlink(filepath.Join(s.sysRoot, "class/net", ifname, "device"))
 	if err != nil {
 		return nil // not a device (a veth in tests)
 	}

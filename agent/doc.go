@@ -21,4 +21,8 @@
 // children: nsexec clones with CLONE_PARENT); it is deliberately not a
 // child subreaper, so orphans of containers without their own PID
 // namespace go to PID 1 rather than pile up as zombies.
+//
+// OnlineCPUMem brings the vCPUs and memory the host hot-plugs online, takes
+// vCPUs offline before the host unplugs them, and moves the CPU classes'
+// cgroups to the new vCPU set (hotplug.go says in which order).
 package agent

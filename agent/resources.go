@@ -52,9 +52,15 @@ func (c *container) update(r *specs.LinuxResources) error {
 		return fmt.Errorf("convert resources: %w", err)
 	}
 	res := cg.Resources
+	res.Devices = config.Cgroups.Resources.Devices
 	res.SkipDevices = true
 	config.Cgroups.Resources = res
-	if err := c.lc.Set(config); err != nil {
+	err = c.lc.Set(config)
+	// libcontainer keeps the config it was given, and starts no process
+	// (an exec) in a container whose config skips devices. runc never
+	// sees it again: it does not write SkipDevices to its state.
+	res.SkipDevices = false
+	if err != nil {
 		return fmt.Errorf("update container %s: %w", c.id, err)
 	}
 	return nil

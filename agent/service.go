@@ -43,6 +43,10 @@ type ServiceConfig struct {
 	// TopologyFile is where the CPU classes are published (default
 	// agentproto.TopologyFile).
 	TopologyFile string
+	// SysfsRoot is where sysfs is mounted (default /sys): the CPUs and
+	// memory blocks OnlineCPUMem brings online, the network devices whose
+	// interrupts follow the first CPU class.
+	SysfsRoot string
 }
 
 // Service implements agentproto.AgentService.
@@ -70,6 +74,14 @@ type Service struct {
 	cgroupRoot, topologyFile string
 	// classes are the sandbox's CPU classes, highest first (under mu).
 	classes []*agentproto.CPUClass
+
+	// sysRoot is sysfs, meminfo /proc/meminfo (a fake in tests).
+	sysRoot, meminfo string
+	// resizeMu serializes OnlineCPUMem calls.
+	resizeMu sync.Mutex
+	// fixAffinity makes sure the agent's threads may run on the online
+	// CPUs (ensureAffinity; a stub in tests, whose CPUs are fake).
+	fixAffinity func(ctx context.Context, online []int)
 }
 
 // oomQueue bounds the OOM events not yet taken by the shim; more are
@@ -99,6 +111,9 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		netns:        cfg.NetNS,
 		cgroupRoot:   cmp.Or(cfg.CgroupRoot, "/sys/fs/cgroup"),
 		topologyFile: cmp.Or(cfg.TopologyFile, agentproto.TopologyFile),
+		sysRoot:      cmp.Or(cfg.SysfsRoot, "/sys"),
+		meminfo:      "/proc/meminfo",
+		fixAffinity:  ensureAffinity,
 	}, nil
 }
 
@@ -536,10 +551,6 @@ func (s *Service) read(ctx context.Context, req *agentproto.ReadStreamRequest, n
 
 func unimplemented(name string) error {
 	return fmt.Errorf("%s: %w", name, errdefs.ErrNotImplemented)
-}
-
-func (s *Service) OnlineCPUMem(context.Context, *agentproto.OnlineCPUMemRequest) (*emptypb.Empty, error) {
-	return nil, unimplemented("OnlineCPUMem")
 }
 
 // GetOOMEvent waits for the next OOM kill in any container.

@@ -609,10 +609,27 @@ func (x *SetGuestTimeRequest) GetTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// OnlineCPUMemRequest makes the guest use the vCPUs and memory the host
+// has hot-plugged, and let go of the vCPUs it is about to unplug. The
+// host calls it after plugging vCPUs or memory, and before unplugging
+// vCPUs (with the smaller nb_cpus and the narrowed classes): the agent
+// takes the vCPUs offline, which makes the unplug (ACPI eject) quick.
 type OnlineCPUMemRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NbCpus        uint32                 `protobuf:"varint,1,opt,name=nb_cpus,json=nbCpus,proto3" json:"nb_cpus,omitempty"`
-	CpuOnly       bool                   `protobuf:"varint,2,opt,name=cpu_only,json=cpuOnly,proto3" json:"cpu_only,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The vCPUs the guest is to have online in total: vCPU indices 0 to
+	// nb_cpus-1. The agent brings those online (waiting, within the
+	// call's deadline, for plugged ones to appear) and takes the others
+	// offline. 0, or more than the guest's possible CPUs, is an invalid
+	// argument.
+	NbCpus uint32 `protobuf:"varint,1,opt,name=nb_cpus,json=nbCpus,proto3" json:"nb_cpus,omitempty"`
+	// Leave memory alone; otherwise every offline memory block is
+	// brought online.
+	CpuOnly bool `protobuf:"varint,2,opt,name=cpu_only,json=cpuOnly,proto3" json:"cpu_only,omitempty"`
+	// When not empty, the sandbox's CPU classes for the new vCPU set,
+	// replacing those of CreateSandbox (same rules; every CPU below
+	// nb_cpus). A class left out must have no processes left; its
+	// cgroup is removed.
+	CpuClasses    []*CPUClass `protobuf:"bytes,3,rep,name=cpu_classes,json=cpuClasses,proto3" json:"cpu_classes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -661,6 +678,67 @@ func (x *OnlineCPUMemRequest) GetCpuOnly() bool {
 	return false
 }
 
+func (x *OnlineCPUMemRequest) GetCpuClasses() []*CPUClass {
+	if x != nil {
+		return x.CpuClasses
+	}
+	return nil
+}
+
+// OnlineCPUMemResponse is what the guest has after the call.
+type OnlineCPUMemResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	OnlineCpus uint32                 `protobuf:"varint,1,opt,name=online_cpus,json=onlineCpus,proto3" json:"online_cpus,omitempty"`
+	// MemTotal of /proc/meminfo.
+	MemTotalBytes uint64 `protobuf:"varint,2,opt,name=mem_total_bytes,json=memTotalBytes,proto3" json:"mem_total_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OnlineCPUMemResponse) Reset() {
+	*x = OnlineCPUMemResponse{}
+	mi := &file_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OnlineCPUMemResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OnlineCPUMemResponse) ProtoMessage() {}
+
+func (x *OnlineCPUMemResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OnlineCPUMemResponse.ProtoReflect.Descriptor instead.
+func (*OnlineCPUMemResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *OnlineCPUMemResponse) GetOnlineCpus() uint32 {
+	if x != nil {
+		return x.OnlineCpus
+	}
+	return 0
+}
+
+func (x *OnlineCPUMemResponse) GetMemTotalBytes() uint64 {
+	if x != nil {
+		return x.MemTotalBytes
+	}
+	return 0
+}
+
 type GetOOMEventRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -669,7 +747,7 @@ type GetOOMEventRequest struct {
 
 func (x *GetOOMEventRequest) Reset() {
 	*x = GetOOMEventRequest{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +759,7 @@ func (x *GetOOMEventRequest) String() string {
 func (*GetOOMEventRequest) ProtoMessage() {}
 
 func (x *GetOOMEventRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +772,7 @@ func (x *GetOOMEventRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOOMEventRequest.ProtoReflect.Descriptor instead.
 func (*GetOOMEventRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 type GetOOMEventResponse struct {
@@ -706,7 +784,7 @@ type GetOOMEventResponse struct {
 
 func (x *GetOOMEventResponse) Reset() {
 	*x = GetOOMEventResponse{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +796,7 @@ func (x *GetOOMEventResponse) String() string {
 func (*GetOOMEventResponse) ProtoMessage() {}
 
 func (x *GetOOMEventResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +809,7 @@ func (x *GetOOMEventResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOOMEventResponse.ProtoReflect.Descriptor instead.
 func (*GetOOMEventResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetOOMEventResponse) GetContainerId() string {
@@ -749,7 +827,7 @@ type GetMetricsRequest struct {
 
 func (x *GetMetricsRequest) Reset() {
 	*x = GetMetricsRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +839,7 @@ func (x *GetMetricsRequest) String() string {
 func (*GetMetricsRequest) ProtoMessage() {}
 
 func (x *GetMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +852,7 @@ func (x *GetMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMetricsRequest.ProtoReflect.Descriptor instead.
 func (*GetMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 type GetMetricsResponse struct {
@@ -787,7 +865,7 @@ type GetMetricsResponse struct {
 
 func (x *GetMetricsResponse) Reset() {
 	*x = GetMetricsResponse{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +877,7 @@ func (x *GetMetricsResponse) String() string {
 func (*GetMetricsResponse) ProtoMessage() {}
 
 func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +890,7 @@ func (x *GetMetricsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMetricsResponse.ProtoReflect.Descriptor instead.
 func (*GetMetricsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetMetricsResponse) GetMetrics() string {
@@ -841,7 +919,7 @@ type CreateContainerRequest struct {
 
 func (x *CreateContainerRequest) Reset() {
 	*x = CreateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +931,7 @@ func (x *CreateContainerRequest) String() string {
 func (*CreateContainerRequest) ProtoMessage() {}
 
 func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +944,7 @@ func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerRequest.ProtoReflect.Descriptor instead.
 func (*CreateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CreateContainerRequest) GetContainerId() string {
@@ -927,7 +1005,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1017,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1030,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -972,7 +1050,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -984,7 +1062,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -997,7 +1075,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -1016,7 +1094,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1106,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1119,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -1060,7 +1138,7 @@ type PauseContainerRequest struct {
 
 func (x *PauseContainerRequest) Reset() {
 	*x = PauseContainerRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1150,7 @@ func (x *PauseContainerRequest) String() string {
 func (*PauseContainerRequest) ProtoMessage() {}
 
 func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1163,7 @@ func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseContainerRequest.ProtoReflect.Descriptor instead.
 func (*PauseContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PauseContainerRequest) GetContainerId() string {
@@ -1104,7 +1182,7 @@ type ResumeContainerRequest struct {
 
 func (x *ResumeContainerRequest) Reset() {
 	*x = ResumeContainerRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1194,7 @@ func (x *ResumeContainerRequest) String() string {
 func (*ResumeContainerRequest) ProtoMessage() {}
 
 func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1207,7 @@ func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeContainerRequest.ProtoReflect.Descriptor instead.
 func (*ResumeContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ResumeContainerRequest) GetContainerId() string {
@@ -1150,7 +1228,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1162,7 +1240,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1175,7 +1253,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1201,7 +1279,7 @@ type StatsContainerRequest struct {
 
 func (x *StatsContainerRequest) Reset() {
 	*x = StatsContainerRequest{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1291,7 @@ func (x *StatsContainerRequest) String() string {
 func (*StatsContainerRequest) ProtoMessage() {}
 
 func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1304,7 @@ func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerRequest.ProtoReflect.Descriptor instead.
 func (*StatsContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatsContainerRequest) GetContainerId() string {
@@ -1247,7 +1325,7 @@ type StatsContainerResponse struct {
 
 func (x *StatsContainerResponse) Reset() {
 	*x = StatsContainerResponse{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1259,7 +1337,7 @@ func (x *StatsContainerResponse) String() string {
 func (*StatsContainerResponse) ProtoMessage() {}
 
 func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1272,7 +1350,7 @@ func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerResponse.ProtoReflect.Descriptor instead.
 func (*StatsContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatsContainerResponse) GetMetrics() *anypb.Any {
@@ -1291,7 +1369,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1303,7 +1381,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1316,7 +1394,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListProcessesRequest) GetContainerId() string {
@@ -1336,7 +1414,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1348,7 +1426,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1361,7 +1439,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1387,7 +1465,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1399,7 +1477,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1412,7 +1490,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1438,7 +1516,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +1528,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +1541,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -1524,7 +1602,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1614,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1627,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -1572,7 +1650,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1584,7 +1662,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1597,7 +1675,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -1638,7 +1716,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1650,7 +1728,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1663,7 +1741,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -1692,7 +1770,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1704,7 +1782,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1717,7 +1795,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -1751,7 +1829,7 @@ type RemoveProcessRequest struct {
 
 func (x *RemoveProcessRequest) Reset() {
 	*x = RemoveProcessRequest{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1763,7 +1841,7 @@ func (x *RemoveProcessRequest) String() string {
 func (*RemoveProcessRequest) ProtoMessage() {}
 
 func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1776,7 +1854,7 @@ func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveProcessRequest.ProtoReflect.Descriptor instead.
 func (*RemoveProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RemoveProcessRequest) GetContainerId() string {
@@ -1804,7 +1882,7 @@ type WriteStreamRequest struct {
 
 func (x *WriteStreamRequest) Reset() {
 	*x = WriteStreamRequest{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1816,7 +1894,7 @@ func (x *WriteStreamRequest) String() string {
 func (*WriteStreamRequest) ProtoMessage() {}
 
 func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1829,7 +1907,7 @@ func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WriteStreamRequest) GetContainerId() string {
@@ -1862,7 +1940,7 @@ type WriteStreamResponse struct {
 
 func (x *WriteStreamResponse) Reset() {
 	*x = WriteStreamResponse{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1874,7 +1952,7 @@ func (x *WriteStreamResponse) String() string {
 func (*WriteStreamResponse) ProtoMessage() {}
 
 func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1887,7 +1965,7 @@ func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamResponse.ProtoReflect.Descriptor instead.
 func (*WriteStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WriteStreamResponse) GetLen() uint32 {
@@ -1907,7 +1985,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1919,7 +1997,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1932,7 +2010,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -1961,7 +2039,7 @@ type ReadStreamRequest struct {
 
 func (x *ReadStreamRequest) Reset() {
 	*x = ReadStreamRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1973,7 +2051,7 @@ func (x *ReadStreamRequest) String() string {
 func (*ReadStreamRequest) ProtoMessage() {}
 
 func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1986,7 +2064,7 @@ func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamRequest.ProtoReflect.Descriptor instead.
 func (*ReadStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ReadStreamRequest) GetContainerId() string {
@@ -2020,7 +2098,7 @@ type ReadStreamResponse struct {
 
 func (x *ReadStreamResponse) Reset() {
 	*x = ReadStreamResponse{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2110,7 @@ func (x *ReadStreamResponse) String() string {
 func (*ReadStreamResponse) ProtoMessage() {}
 
 func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2123,7 @@ func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamResponse.ProtoReflect.Descriptor instead.
 func (*ReadStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ReadStreamResponse) GetData() []byte {
@@ -2074,7 +2152,7 @@ type TtyWinResizeRequest struct {
 
 func (x *TtyWinResizeRequest) Reset() {
 	*x = TtyWinResizeRequest{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2164,7 @@ func (x *TtyWinResizeRequest) String() string {
 func (*TtyWinResizeRequest) ProtoMessage() {}
 
 func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2177,7 @@ func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtyWinResizeRequest.ProtoReflect.Descriptor instead.
 func (*TtyWinResizeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *TtyWinResizeRequest) GetContainerId() string {
@@ -2141,7 +2219,7 @@ type IPAddress struct {
 
 func (x *IPAddress) Reset() {
 	*x = IPAddress{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2153,7 +2231,7 @@ func (x *IPAddress) String() string {
 func (*IPAddress) ProtoMessage() {}
 
 func (x *IPAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2166,7 +2244,7 @@ func (x *IPAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IPAddress.ProtoReflect.Descriptor instead.
 func (*IPAddress) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *IPAddress) GetAddress() string {
@@ -2198,7 +2276,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2210,7 +2288,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2223,7 +2301,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Interface) GetName() string {
@@ -2276,7 +2354,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2288,7 +2366,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2301,7 +2379,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Route) GetDest() string {
@@ -2358,7 +2436,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2370,7 +2448,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2383,7 +2461,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Neighbor) GetIpAddress() string {
@@ -2423,7 +2501,7 @@ type UpdateInterfaceRequest struct {
 
 func (x *UpdateInterfaceRequest) Reset() {
 	*x = UpdateInterfaceRequest{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2435,7 +2513,7 @@ func (x *UpdateInterfaceRequest) String() string {
 func (*UpdateInterfaceRequest) ProtoMessage() {}
 
 func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2448,7 +2526,7 @@ func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateInterfaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateInterfaceRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UpdateInterfaceRequest) GetInterface() *Interface {
@@ -2467,7 +2545,7 @@ type UpdateRoutesRequest struct {
 
 func (x *UpdateRoutesRequest) Reset() {
 	*x = UpdateRoutesRequest{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2479,7 +2557,7 @@ func (x *UpdateRoutesRequest) String() string {
 func (*UpdateRoutesRequest) ProtoMessage() {}
 
 func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2492,7 +2570,7 @@ func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UpdateRoutesRequest) GetRoutes() []*Route {
@@ -2511,7 +2589,7 @@ type UpdateRoutesResponse struct {
 
 func (x *UpdateRoutesResponse) Reset() {
 	*x = UpdateRoutesResponse{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2601,7 @@ func (x *UpdateRoutesResponse) String() string {
 func (*UpdateRoutesResponse) ProtoMessage() {}
 
 func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2614,7 @@ func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UpdateRoutesResponse) GetRoutes() []*Route {
@@ -2555,7 +2633,7 @@ type AddARPNeighborsRequest struct {
 
 func (x *AddARPNeighborsRequest) Reset() {
 	*x = AddARPNeighborsRequest{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2567,7 +2645,7 @@ func (x *AddARPNeighborsRequest) String() string {
 func (*AddARPNeighborsRequest) ProtoMessage() {}
 
 func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2580,7 +2658,7 @@ func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddARPNeighborsRequest.ProtoReflect.Descriptor instead.
 func (*AddARPNeighborsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *AddARPNeighborsRequest) GetNeighbors() []*Neighbor {
@@ -2598,7 +2676,7 @@ type ListInterfacesRequest struct {
 
 func (x *ListInterfacesRequest) Reset() {
 	*x = ListInterfacesRequest{}
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2610,7 +2688,7 @@ func (x *ListInterfacesRequest) String() string {
 func (*ListInterfacesRequest) ProtoMessage() {}
 
 func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2623,7 +2701,7 @@ func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesRequest.ProtoReflect.Descriptor instead.
 func (*ListInterfacesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{46}
+	return file_agent_proto_rawDescGZIP(), []int{47}
 }
 
 type ListInterfacesResponse struct {
@@ -2635,7 +2713,7 @@ type ListInterfacesResponse struct {
 
 func (x *ListInterfacesResponse) Reset() {
 	*x = ListInterfacesResponse{}
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2647,7 +2725,7 @@ func (x *ListInterfacesResponse) String() string {
 func (*ListInterfacesResponse) ProtoMessage() {}
 
 func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2660,7 +2738,7 @@ func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesResponse.ProtoReflect.Descriptor instead.
 func (*ListInterfacesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{47}
+	return file_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListInterfacesResponse) GetInterfaces() []*Interface {
@@ -2719,10 +2797,16 @@ const file_agent_proto_rawDesc = "" +
 	"\x0fagent_rss_bytes\x18\x06 \x01(\x04R\ragentRssBytes\x12$\n" +
 	"\x0emem_used_bytes\x18\a \x01(\x04R\fmemUsedBytes\"E\n" +
 	"\x13SetGuestTimeRequest\x12.\n" +
-	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"I\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x83\x01\n" +
 	"\x13OnlineCPUMemRequest\x12\x17\n" +
 	"\anb_cpus\x18\x01 \x01(\rR\x06nbCpus\x12\x19\n" +
-	"\bcpu_only\x18\x02 \x01(\bR\acpuOnly\"\x14\n" +
+	"\bcpu_only\x18\x02 \x01(\bR\acpuOnly\x128\n" +
+	"\vcpu_classes\x18\x03 \x03(\v2\x17.colo.agent.v1.CPUClassR\n" +
+	"cpuClasses\"_\n" +
+	"\x14OnlineCPUMemResponse\x12\x1f\n" +
+	"\vonline_cpus\x18\x01 \x01(\rR\n" +
+	"onlineCpus\x12&\n" +
+	"\x0fmem_total_bytes\x18\x02 \x01(\x04R\rmemTotalBytes\"\x14\n" +
 	"\x12GetOOMEventRequest\"8\n" +
 	"\x13GetOOMEventResponse\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"\x13\n" +
@@ -2844,14 +2928,14 @@ const file_agent_proto_rawDesc = "" +
 	"\x16ListInterfacesResponse\x128\n" +
 	"\n" +
 	"interfaces\x18\x01 \x03(\v2\x18.colo.agent.v1.InterfaceR\n" +
-	"interfaces2\xf3\x12\n" +
+	"interfaces2\x80\x13\n" +
 	"\x05Agent\x12B\n" +
 	"\x05Check\x12\x1b.colo.agent.v1.CheckRequest\x1a\x1c.colo.agent.v1.CheckResponse\x12L\n" +
 	"\rCreateSandbox\x12#.colo.agent.v1.CreateSandboxRequest\x1a\x16.google.protobuf.Empty\x12N\n" +
 	"\x0eDestroySandbox\x12$.colo.agent.v1.DestroySandboxRequest\x1a\x16.google.protobuf.Empty\x12`\n" +
 	"\x0fGetGuestDetails\x12%.colo.agent.v1.GetGuestDetailsRequest\x1a&.colo.agent.v1.GetGuestDetailsResponse\x12J\n" +
-	"\fSetGuestTime\x12\".colo.agent.v1.SetGuestTimeRequest\x1a\x16.google.protobuf.Empty\x12J\n" +
-	"\fOnlineCPUMem\x12\".colo.agent.v1.OnlineCPUMemRequest\x1a\x16.google.protobuf.Empty\x12T\n" +
+	"\fSetGuestTime\x12\".colo.agent.v1.SetGuestTimeRequest\x1a\x16.google.protobuf.Empty\x12W\n" +
+	"\fOnlineCPUMem\x12\".colo.agent.v1.OnlineCPUMemRequest\x1a#.colo.agent.v1.OnlineCPUMemResponse\x12T\n" +
 	"\vGetOOMEvent\x12!.colo.agent.v1.GetOOMEventRequest\x1a\".colo.agent.v1.GetOOMEventResponse\x12Q\n" +
 	"\n" +
 	"GetMetrics\x12 .colo.agent.v1.GetMetricsRequest\x1a!.colo.agent.v1.GetMetricsResponse\x12P\n" +
@@ -2893,7 +2977,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_agent_proto_goTypes = []any{
 	(*CheckRequest)(nil),            // 0: colo.agent.v1.CheckRequest
 	(*CheckResponse)(nil),           // 1: colo.agent.v1.CheckResponse
@@ -2905,128 +2989,130 @@ var file_agent_proto_goTypes = []any{
 	(*GetGuestDetailsResponse)(nil), // 7: colo.agent.v1.GetGuestDetailsResponse
 	(*SetGuestTimeRequest)(nil),     // 8: colo.agent.v1.SetGuestTimeRequest
 	(*OnlineCPUMemRequest)(nil),     // 9: colo.agent.v1.OnlineCPUMemRequest
-	(*GetOOMEventRequest)(nil),      // 10: colo.agent.v1.GetOOMEventRequest
-	(*GetOOMEventResponse)(nil),     // 11: colo.agent.v1.GetOOMEventResponse
-	(*GetMetricsRequest)(nil),       // 12: colo.agent.v1.GetMetricsRequest
-	(*GetMetricsResponse)(nil),      // 13: colo.agent.v1.GetMetricsResponse
-	(*CreateContainerRequest)(nil),  // 14: colo.agent.v1.CreateContainerRequest
-	(*StartContainerRequest)(nil),   // 15: colo.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 16: colo.agent.v1.StartContainerResponse
-	(*RemoveContainerRequest)(nil),  // 17: colo.agent.v1.RemoveContainerRequest
-	(*PauseContainerRequest)(nil),   // 18: colo.agent.v1.PauseContainerRequest
-	(*ResumeContainerRequest)(nil),  // 19: colo.agent.v1.ResumeContainerRequest
-	(*UpdateContainerRequest)(nil),  // 20: colo.agent.v1.UpdateContainerRequest
-	(*StatsContainerRequest)(nil),   // 21: colo.agent.v1.StatsContainerRequest
-	(*StatsContainerResponse)(nil),  // 22: colo.agent.v1.StatsContainerResponse
-	(*ListProcessesRequest)(nil),    // 23: colo.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),             // 24: colo.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 25: colo.agent.v1.ListProcessesResponse
-	(*ExecProcessRequest)(nil),      // 26: colo.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 27: colo.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 28: colo.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 29: colo.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 30: colo.agent.v1.WaitProcessResponse
-	(*RemoveProcessRequest)(nil),    // 31: colo.agent.v1.RemoveProcessRequest
-	(*WriteStreamRequest)(nil),      // 32: colo.agent.v1.WriteStreamRequest
-	(*WriteStreamResponse)(nil),     // 33: colo.agent.v1.WriteStreamResponse
-	(*CloseStdinRequest)(nil),       // 34: colo.agent.v1.CloseStdinRequest
-	(*ReadStreamRequest)(nil),       // 35: colo.agent.v1.ReadStreamRequest
-	(*ReadStreamResponse)(nil),      // 36: colo.agent.v1.ReadStreamResponse
-	(*TtyWinResizeRequest)(nil),     // 37: colo.agent.v1.TtyWinResizeRequest
-	(*IPAddress)(nil),               // 38: colo.agent.v1.IPAddress
-	(*Interface)(nil),               // 39: colo.agent.v1.Interface
-	(*Route)(nil),                   // 40: colo.agent.v1.Route
-	(*Neighbor)(nil),                // 41: colo.agent.v1.Neighbor
-	(*UpdateInterfaceRequest)(nil),  // 42: colo.agent.v1.UpdateInterfaceRequest
-	(*UpdateRoutesRequest)(nil),     // 43: colo.agent.v1.UpdateRoutesRequest
-	(*UpdateRoutesResponse)(nil),    // 44: colo.agent.v1.UpdateRoutesResponse
-	(*AddARPNeighborsRequest)(nil),  // 45: colo.agent.v1.AddARPNeighborsRequest
-	(*ListInterfacesRequest)(nil),   // 46: colo.agent.v1.ListInterfacesRequest
-	(*ListInterfacesResponse)(nil),  // 47: colo.agent.v1.ListInterfacesResponse
-	nil,                             // 48: colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
-	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
-	(*anypb.Any)(nil),               // 50: google.protobuf.Any
-	(*emptypb.Empty)(nil),           // 51: google.protobuf.Empty
+	(*OnlineCPUMemResponse)(nil),    // 10: colo.agent.v1.OnlineCPUMemResponse
+	(*GetOOMEventRequest)(nil),      // 11: colo.agent.v1.GetOOMEventRequest
+	(*GetOOMEventResponse)(nil),     // 12: colo.agent.v1.GetOOMEventResponse
+	(*GetMetricsRequest)(nil),       // 13: colo.agent.v1.GetMetricsRequest
+	(*GetMetricsResponse)(nil),      // 14: colo.agent.v1.GetMetricsResponse
+	(*CreateContainerRequest)(nil),  // 15: colo.agent.v1.CreateContainerRequest
+	(*StartContainerRequest)(nil),   // 16: colo.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),  // 17: colo.agent.v1.StartContainerResponse
+	(*RemoveContainerRequest)(nil),  // 18: colo.agent.v1.RemoveContainerRequest
+	(*PauseContainerRequest)(nil),   // 19: colo.agent.v1.PauseContainerRequest
+	(*ResumeContainerRequest)(nil),  // 20: colo.agent.v1.ResumeContainerRequest
+	(*UpdateContainerRequest)(nil),  // 21: colo.agent.v1.UpdateContainerRequest
+	(*StatsContainerRequest)(nil),   // 22: colo.agent.v1.StatsContainerRequest
+	(*StatsContainerResponse)(nil),  // 23: colo.agent.v1.StatsContainerResponse
+	(*ListProcessesRequest)(nil),    // 24: colo.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),             // 25: colo.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 26: colo.agent.v1.ListProcessesResponse
+	(*ExecProcessRequest)(nil),      // 27: colo.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 28: colo.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 29: colo.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 30: colo.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 31: colo.agent.v1.WaitProcessResponse
+	(*RemoveProcessRequest)(nil),    // 32: colo.agent.v1.RemoveProcessRequest
+	(*WriteStreamRequest)(nil),      // 33: colo.agent.v1.WriteStreamRequest
+	(*WriteStreamResponse)(nil),     // 34: colo.agent.v1.WriteStreamResponse
+	(*CloseStdinRequest)(nil),       // 35: colo.agent.v1.CloseStdinRequest
+	(*ReadStreamRequest)(nil),       // 36: colo.agent.v1.ReadStreamRequest
+	(*ReadStreamResponse)(nil),      // 37: colo.agent.v1.ReadStreamResponse
+	(*TtyWinResizeRequest)(nil),     // 38: colo.agent.v1.TtyWinResizeRequest
+	(*IPAddress)(nil),               // 39: colo.agent.v1.IPAddress
+	(*Interface)(nil),               // 40: colo.agent.v1.Interface
+	(*Route)(nil),                   // 41: colo.agent.v1.Route
+	(*Neighbor)(nil),                // 42: colo.agent.v1.Neighbor
+	(*UpdateInterfaceRequest)(nil),  // 43: colo.agent.v1.UpdateInterfaceRequest
+	(*UpdateRoutesRequest)(nil),     // 44: colo.agent.v1.UpdateRoutesRequest
+	(*UpdateRoutesResponse)(nil),    // 45: colo.agent.v1.UpdateRoutesResponse
+	(*AddARPNeighborsRequest)(nil),  // 46: colo.agent.v1.AddARPNeighborsRequest
+	(*ListInterfacesRequest)(nil),   // 47: colo.agent.v1.ListInterfacesRequest
+	(*ListInterfacesResponse)(nil),  // 48: colo.agent.v1.ListInterfacesResponse
+	nil,                             // 49: colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	(*timestamppb.Timestamp)(nil),   // 50: google.protobuf.Timestamp
+	(*anypb.Any)(nil),               // 51: google.protobuf.Any
+	(*emptypb.Empty)(nil),           // 52: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
 	2,  // 0: colo.agent.v1.CreateSandboxRequest.storages:type_name -> colo.agent.v1.Storage
-	49, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
+	50, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
 	4,  // 2: colo.agent.v1.CreateSandboxRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
-	48, // 3: colo.agent.v1.CreateSandboxRequest.pod_sysctls:type_name -> colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
-	49, // 4: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
-	2,  // 5: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
-	50, // 6: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
-	24, // 7: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
-	49, // 8: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	38, // 9: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
-	39, // 10: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
-	40, // 11: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
-	40, // 12: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
-	41, // 13: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
-	39, // 14: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
-	0,  // 15: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
-	3,  // 16: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
-	5,  // 17: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
-	6,  // 18: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
-	8,  // 19: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
-	9,  // 20: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
-	10, // 21: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
-	12, // 22: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
-	14, // 23: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
-	15, // 24: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
-	17, // 25: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
-	18, // 26: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
-	19, // 27: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
-	20, // 28: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
-	21, // 29: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
-	23, // 30: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
-	26, // 31: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
-	28, // 32: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
-	29, // 33: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
-	31, // 34: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
-	32, // 35: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
-	34, // 36: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
-	35, // 37: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
-	35, // 38: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
-	37, // 39: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
-	42, // 40: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
-	43, // 41: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
-	45, // 42: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
-	46, // 43: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
-	1,  // 44: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
-	51, // 45: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
-	51, // 46: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
-	7,  // 47: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
-	51, // 48: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
-	51, // 49: colo.agent.v1.Agent.OnlineCPUMem:output_type -> google.protobuf.Empty
-	11, // 50: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
-	13, // 51: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
-	51, // 52: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
-	16, // 53: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
-	51, // 54: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
-	51, // 55: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
-	51, // 56: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
-	51, // 57: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
-	22, // 58: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
-	25, // 59: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
-	27, // 60: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
-	51, // 61: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	30, // 62: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
-	51, // 63: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
-	33, // 64: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
-	51, // 65: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	36, // 66: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
-	36, // 67: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
-	51, // 68: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
-	39, // 69: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
-	44, // 70: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
-	51, // 71: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
-	47, // 72: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
-	44, // [44:73] is the sub-list for method output_type
-	15, // [15:44] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	49, // 3: colo.agent.v1.CreateSandboxRequest.pod_sysctls:type_name -> colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	50, // 4: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
+	4,  // 5: colo.agent.v1.OnlineCPUMemRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
+	2,  // 6: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
+	51, // 7: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
+	25, // 8: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
+	50, // 9: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	39, // 10: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
+	40, // 11: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
+	41, // 12: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
+	41, // 13: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
+	42, // 14: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
+	40, // 15: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
+	0,  // 16: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
+	3,  // 17: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
+	5,  // 18: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
+	6,  // 19: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
+	8,  // 20: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
+	9,  // 21: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
+	11, // 22: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
+	13, // 23: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
+	15, // 24: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
+	16, // 25: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
+	18, // 26: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
+	19, // 27: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
+	20, // 28: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
+	21, // 29: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
+	22, // 30: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
+	24, // 31: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
+	27, // 32: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
+	29, // 33: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
+	30, // 34: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
+	32, // 35: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
+	33, // 36: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
+	35, // 37: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
+	36, // 38: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
+	36, // 39: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
+	38, // 40: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
+	43, // 41: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
+	44, // 42: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
+	46, // 43: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
+	47, // 44: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
+	1,  // 45: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
+	52, // 46: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
+	52, // 47: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
+	7,  // 48: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
+	52, // 49: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
+	10, // 50: colo.agent.v1.Agent.OnlineCPUMem:output_type -> colo.agent.v1.OnlineCPUMemResponse
+	12, // 51: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
+	14, // 52: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
+	52, // 53: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
+	17, // 54: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
+	52, // 55: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
+	52, // 56: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
+	52, // 57: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
+	52, // 58: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
+	23, // 59: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
+	26, // 60: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
+	28, // 61: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
+	52, // 62: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	31, // 63: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
+	52, // 64: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
+	34, // 65: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
+	52, // 66: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	37, // 67: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
+	37, // 68: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
+	52, // 69: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
+	40, // 70: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
+	45, // 71: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
+	52, // 72: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
+	48, // 73: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
+	45, // [45:74] is the sub-list for method output_type
+	16, // [16:45] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3040,7 +3126,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   49,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

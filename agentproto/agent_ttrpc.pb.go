@@ -14,7 +14,7 @@ type AgentService interface {
 	DestroySandbox(context.Context, *DestroySandboxRequest) (*emptypb.Empty, error)
 	GetGuestDetails(context.Context, *GetGuestDetailsRequest) (*GetGuestDetailsResponse, error)
 	SetGuestTime(context.Context, *SetGuestTimeRequest) (*emptypb.Empty, error)
-	OnlineCPUMem(context.Context, *OnlineCPUMemRequest) (*emptypb.Empty, error)
+	OnlineCPUMem(context.Context, *OnlineCPUMemRequest) (*OnlineCPUMemResponse, error)
 	GetOOMEvent(context.Context, *GetOOMEventRequest) (*GetOOMEventResponse, error)
 	GetMetrics(context.Context, *GetMetricsRequest) (*GetMetricsResponse, error)
 	CreateContainer(context.Context, *CreateContainerRequest) (*emptypb.Empty, error)
@@ -300,8 +300,8 @@ func (c *agentClient) SetGuestTime(ctx context.Context, req *SetGuestTimeRequest
 	return &resp, nil
 }
 
-func (c *agentClient) OnlineCPUMem(ctx context.Context, req *OnlineCPUMemRequest) (*emptypb.Empty, error) {
-	var resp emptypb.Empty
+func (c *agentClient) OnlineCPUMem(ctx context.Context, req *OnlineCPUMemRequest) (*OnlineCPUMemResponse, error) {
+	var resp OnlineCPUMemResponse
 	if err := c.client.Call(ctx, "colo.agent.v1.Agent", "OnlineCPUMem", req, &resp); err != nil {
 		return nil, err
 	}

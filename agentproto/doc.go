@@ -9,7 +9,10 @@ import "strings"
 
 const (
 	// ProtocolVersion is bumped on incompatible changes to the service.
-	ProtocolVersion = 2
+	// 3: OnlineCPUMem is implemented and answers OnlineCPUMemResponse
+	// (it answered Empty), and nb_cpus is the total of vCPUs to have
+	// online, not a number to add.
+	ProtocolVersion = 3
 
 	// VsockPort is the AF_VSOCK port the agent listens on.
 	VsockPort = 1024

@@ -138,6 +138,8 @@ type Report struct {
 	// AgentRTT is one agent call's round trip, as the shim logs it.
 	AgentRTT Stats           `json:"agent_rtt"`
 	Variants []VariantResult `json:"variants,omitempty"`
+	// Resize is the cost of sizing VMs to their pods and resizing them.
+	Resize *Resize `json:"resize,omitempty"`
 	// NotMeasured says which measurements failed, and why.
 	NotMeasured []string `json:"not_measured,omitempty"`
 }
@@ -230,6 +232,13 @@ func run(o options) (err error) {
 		rtts = append(rtts, g.rtt)
 	}
 	rep.AgentRTT = summarize(rtts)
+
+	fmt.Println("resize ...")
+	if rz, err := measureResize(ctx, cd, min(o.runs, 5)); err != nil {
+		rep.NotMeasured = append(rep.NotMeasured, fmt.Sprintf("resize: %v", err))
+	} else {
+		rep.Resize = &rz
+	}
 
 	fmt.Println("parallel start ...")
 	for name, rt := range rts {
@@ -662,6 +671,9 @@ func markdown(r Report) string {
 		}
 		fmt.Fprintf(&b, "\nThe shim lets go of the pages of its executable that only its start used, a second after each create: "+
 			"its PSS right after the create was %.1f MiB, %.1f MiB after.\n", m.ShimPSSStarting, m.ShimPSS)
+	}
+	if z := r.Resize; z != nil {
+		resizeSection(&b, z)
 	}
 	for _, n := range r.NotMeasured {
 		fmt.Fprintf(&b, "\nNot measured: %s\n", n)

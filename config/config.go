@@ -103,22 +103,39 @@ type Hypervisor struct {
 	// Accel: "auto" (default: KVM where it can boot a guest, else TCG),
 	// "kvm" or "tcg".
 	Accel string `toml:"accel"`
-	// VCPUs is the number of guest vCPUs of a pod without a CPU limit,
-	// and the guest's own share on top of a pod's limit (default 2: a
-	// container starts faster when the agent and the container's init
-	// run side by side, and co-location gives vCPUs different
-	// priorities).
+	// VCPUs is the number of guest vCPUs of a pod without a CPU limit
+	// (default 2: a container starts faster when the agent and the
+	// container's init run side by side, and co-location gives vCPUs
+	// different priorities). Templates are taken at this size.
 	VCPUs int `toml:"vcpus"`
 	// MemoryMB is the guest memory in MiB of a pod without a memory
-	// limit, and the guest's own share on top of a pod's limit (default
-	// 256).
+	// limit (default 256). Templates are taken at this size.
 	MemoryMB int `toml:"memory_mb"`
-	// MaxVCPUs bounds a VM's vCPUs (default 0: the host's CPUs); a pod
-	// that would need more is refused at create.
+	// BaseVCPUs and BaseMemoryMB are the guest's own share, added to a
+	// pod's limits: a pod limited to 2 CPUs and 1 GiB gets a VM of
+	// BaseVCPUs+2 vCPUs and BaseMemoryMB+1024 MiB (defaults 0 and 256:
+	// the guest kernel and agent need memory of their own, and a pod's
+	// vCPUs are its CPU limit, as nproc shows inside it). BaseMemoryMB is
+	// also the memory a VM boots with and never gives up (at most
+	// MemoryMB); the rest is plugged and unplugged as the pod's size
+	// changes.
+	BaseVCPUs    int `toml:"base_vcpus"`
+	BaseMemoryMB int `toml:"base_memory_mb"`
+	// MaxVCPUs bounds a VM's vCPUs (default 0: the host's CPUs): a pod
+	// that would need more is refused at create, a resize beyond it is an
+	// error, and it is the hot-plug headroom every VM declares at launch.
 	MaxVCPUs int `toml:"max_vcpus"`
-	// MaxMemoryMB bounds a VM's memory in MiB (default 0: the host's
-	// memory); a pod that would need more is refused at create.
+	// MaxMemoryMB bounds a VM's memory in MiB in the same way (default
+	// 0: the host's memory). The headroom costs the host no memory until
+	// plugged.
 	MaxMemoryMB int `toml:"max_memory_mb"`
+	// MemoryOverheadMB is what a VM costs the host beyond its guest
+	// memory (the hypervisor's own memory, page tables, virtio-fs daemon):
+	// the sandbox's host cgroup is limited to the VM's memory plus this,
+	// and follows resizes (default 0: no limit set by colo; kubelet's pod
+	// cgroup limit still applies). docs/kubernetes.md has the figure to
+	// declare as Pod Overhead.
+	MemoryOverheadMB int `toml:"memory_overhead_mb"`
 	// Kernel is the guest kernel: an uncompressed vmlinux with a PVH entry
 	// (default /usr/share/colo/vmlinux).
 	Kernel string `toml:"kernel"`
@@ -215,6 +232,7 @@ func Default() Config {
 			Accel:           "auto",
 			VCPUs:           2,
 			MemoryMB:        256,
+			BaseMemoryMB:    256,
 			Kernel:          "/usr/share/colo/vmlinux",
 			Initrd:          "/usr/share/colo/initrd.img",
 			BootTimeout:     Duration(30 * time.Second),
@@ -319,6 +337,15 @@ func (c Config) Validate() error {
 	}
 	if h.MemoryMB < 64 {
 		errs = append(errs, fmt.Errorf("hypervisor.memory_mb = %d: want at least 64", h.MemoryMB))
+	}
+	if h.BaseVCPUs < 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.base_vcpus = %d: want 0 or more", h.BaseVCPUs))
+	}
+	if h.BaseMemoryMB < 64 {
+		errs = append(errs, fmt.Errorf("hypervisor.base_memory_mb = %d: want at least 64", h.BaseMemoryMB))
+	}
+	if h.MemoryOverheadMB < 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.memory_overhead_mb = %d: want 0 (no limit) or more", h.MemoryOverheadMB))
 	}
 	if h.MaxVCPUs < 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.max_vcpus = %d: want 0 (the host's CPUs) or more", h.MaxVCPUs))

@@ -27,7 +27,9 @@ func TestMain(m *testing.M) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	var err error
-	cd, err = testbed.Start(ctx, testbed.Options{CRI: true})
+	// Four vCPUs on this two-CPU machine: a pod may grow to 4
+	// (TestCPUResize).
+	cd, err = testbed.Start(ctx, testbed.Options{CRI: true, ColoConfig: "[hypervisor]\nmax_vcpus = 4\n"})
 	if err == nil {
 		err = cd.ImportBusybox(ctx)
 	}

@@ -16,13 +16,7 @@ import (
 // qemuOf is the QEMU process of the sandbox id.
 func qemuOf(t *testing.T, id string) int {
 	t.Helper()
-	for _, p := range testbed.ProcessesMentioning(filepath.Join(cd.StateDir, cd.Namespace, sandbox.DirName(id)) + "/") {
-		if strings.Contains(p.Cmdline, "qemu-system") {
-			return p.Pid
-		}
-	}
-	t.Fatalf("no QEMU for %s", id)
-	return 0
+	return qemuIn(t, sandboxDir(cd.Namespace, id))
 }
 
 // TestFrozenGuestRecovers: a guest that stops answering (its QEMU stopped

@@ -5,6 +5,7 @@ package hypervisor
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 )
@@ -57,11 +58,28 @@ type VMConfig struct {
 	// Dir is a private, existing directory for the driver's sockets, pid
 	// file and logs. Keep it short: unix socket paths are limited to 107
 	// bytes.
-	Dir      string
+	Dir string
+	// VCPUs and MemoryMB are the size the VM starts at.
 	VCPUs    int
 	MemoryMB int
-	Kernel   string
-	Initrd   string
+	// MaxVCPUs and MaxMemoryMB are how far SetVCPUs and SetMemory may
+	// grow the VM while it runs; 0 (or less than VCPUs and MemoryMB)
+	// means no growth beyond the starting size. The hypervisor declares
+	// this headroom at launch.
+	MaxVCPUs    int
+	MaxMemoryMB int
+	// BaseMemoryMB is the memory the VM has from boot and never gives up;
+	// the rest, up to MemoryMB, is plugged (and may be unplugged) by the
+	// driver. 0 means MemoryMB: nothing to unplug.
+	BaseMemoryMB int
+	// TemplateVCPUs and TemplateMemoryMB are the size templates are taken
+	// at (TemplateDir): a VM of another size is restored from the one
+	// template and then resized, so one template serves every size. 0
+	// means VCPUs and MemoryMB.
+	TemplateVCPUs    int
+	TemplateMemoryMB int
+	Kernel           string
+	Initrd           string
 	// KernelParams are appended to the driver's own kernel command line.
 	KernelParams []string
 	Shares       []Share
@@ -85,6 +103,22 @@ type VM interface {
 	AddNIC(ctx context.Context, nic NIC) error
 	// VCPUThreads are the host thread ids of the vCPUs, by vCPU index.
 	VCPUThreads(ctx context.Context) ([]int, error)
+	// SetVCPUs plugs or unplugs vCPUs until the VM has n, from 1 to
+	// VMConfig.MaxVCPUs. It returns once the hypervisor has them; the
+	// guest brings plugged vCPUs online (the agent's OnlineCPUMem).
+	// Unplugged vCPUs are the highest-numbered ones; a guest that does
+	// not let go of one (ACPI eject) within the context is an error. A
+	// change the hypervisor cannot make wraps ErrNotResizable.
+	SetVCPUs(ctx context.Context, n int) error
+	// SetMemory makes the guest's memory mb MiB, within
+	// VMConfig.MaxMemoryMB and never below BaseMemoryMB: memory is
+	// plugged or unplugged, and what the guest cannot unplug in time is
+	// taken back by the balloon. It returns once the guest's memory is
+	// mb MiB, or with an error (the VM then keeps the size it reached,
+	// which Size tells).
+	SetMemory(ctx context.Context, mb int) error
+	// Size is the VM's vCPUs and memory as the hypervisor sees them now.
+	Size(ctx context.Context) (Size, error)
 	// Stop shuts the VM down, gracefully first and by SIGKILL after the
 	// context's deadline, and returns once the process has exited.
 	Stop(ctx context.Context) error
@@ -96,6 +130,22 @@ type VM interface {
 	// hypervisor's own messages, for the log when something fails.
 	Console() []string
 }
+
+// Size is a VM's current size.
+type Size struct {
+	VCPUs int
+	// MemoryMB is the memory the guest can use: the base memory, plus
+	// what is plugged, less what the balloon holds.
+	MemoryMB int
+	// PluggedMB is the memory plugged above BaseMemoryMB; BalloonMB what
+	// the balloon holds back from the guest.
+	PluggedMB, BalloonMB int
+}
+
+// ErrNotResizable is returned by SetVCPUs and SetMemory on a VM that
+// cannot change that part of its size (a machine type without hot-plug,
+// or no headroom declared at launch).
+var ErrNotResizable = errors.New("the VM cannot be resized")
 
 // Driver starts VMs of one hypervisor.
 //

@@ -380,3 +380,67 @@ func rmdir(dir string) error {
 	}
 	return nil
 }
+
+// PlaceVCPUs moves vCPU threads into the cgroups of their classes under a
+// tree Apply made: vcpus[i] is the thread of vCPU first+i. It is for
+// vCPUs plugged after Apply, which start in the cgroup of the thread that
+// made them (overhead). A class that had no vCPUs until now gets its
+// cgroup.
+func PlaceVCPUs(p Plan, first int, vcpus []int) error {
+	if first < 0 || first+len(vcpus) > len(p.VCPUClasses) {
+		return fmt.Errorf("placement: vCPUs %d to %d, but classes for %d", first, first+len(vcpus)-1, len(p.VCPUClasses))
+	}
+	byName := make(map[string]Class)
+	for _, c := range p.Classes {
+		byName[c.Name] = c
+	}
+	for i, tid := range vcpus {
+		c, ok := byName[p.VCPUClasses[first+i]]
+		if !ok {
+			return fmt.Errorf("placement: vCPU %d: no class %q", first+i, p.VCPUClasses[first+i])
+		}
+		if err := placeThread(p.Parent, c, tid); err != nil {
+			return fmt.Errorf("placement: vCPU %d thread %d in %s: %w", first+i, tid, p.Parent, err)
+		}
+	}
+	return nil
+}
+
+func placeThread(parent string, c Class, tid int) error {
+	w := c.Weight
+	if cgroups.Mode() == cgroups.Unified {
+		g, err := cgroup2.Load(path.Join(parent, ClassGroup(c.Name)))
+		if err != nil {
+			return err
+		}
+		if err := g.Update(&cgroup2.Resources{CPU: &cgroup2.CPU{Weight: &w, Cpus: c.CPUs}}); err != nil {
+			return err
+		}
+		return g.AddThread(uint64(tid))
+	}
+	s := shares(w)
+	// New on an existing cgroup only sets its resources.
+	g, err := cgroup1.New(cgroup1.StaticPath(path.Join(parent, ClassGroup(c.Name))), &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: &s, Cpus: c.CPUs}})
+	if err != nil {
+		return err
+	}
+	return g.AddTask(cgroup1.Process{Pid: tid}, cpuSubsystems...)
+}
+
+// SetMemoryLimit limits the memory of the whole tree at parent (the VM
+// with its helpers) to limit bytes. Lowering it below what the tree uses
+// makes the kernel reclaim first, and fails if it cannot.
+func SetMemoryLimit(parent string, limit int64) error {
+	if cgroups.Mode() == cgroups.Unified {
+		g, err := cgroup2.Load(parent)
+		if err != nil {
+			return err
+		}
+		return g.Update(&cgroup2.Resources{Memory: &cgroup2.Memory{Max: &limit}})
+	}
+	g, err := cgroup1.Load(cgroup1.StaticPath(parent))
+	if err != nil {
+		return err
+	}
+	return g.Update(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}})
+}

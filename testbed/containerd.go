@@ -215,6 +215,10 @@ func (c *Containerd) Stop() error {
 			errs = append(errs, err)
 		}
 	}
+	// colo's QEMU driver mounts a ramfs on its template directory.
+	if err := syscall.Unmount(filepath.Join(c.Dir, "templates"), syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount the templates: %w", err))
+	}
 	// containerd leaves its snapshot mounts (none once every container is
 	// gone) and nothing else mounted; RemoveAll must not cross a mount.
 	if mounts := mountsUnder(c.Dir); len(mounts) > 0 {

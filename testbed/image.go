@@ -29,7 +29,7 @@ var busyboxApplets = []string{
 	"sh", "cat", "echo", "env", "hostname", "id", "ls", "mkdir", "pwd",
 	"readlink", "rm", "sleep", "stat", "test", "touch", "true", "false",
 	"uname", "wc", "grep", "head", "ps", "kill", "dd", "sync", "ip", "ping",
-	"nc", "wget", "date", "printf", "seq", "tr", "md5sum", "mount", "df",
+	"nc", "wget", "date", "printf", "seq", "tr", "md5sum", "mount", "df", "nproc",
 }
 
 // ImportBusybox builds an OCI image from the host's static busybox

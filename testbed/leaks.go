@@ -149,3 +149,20 @@ func RemoveCgroup(path string) {
 		_ = os.Remove(d)
 	}
 }
+
+// ProcStatusKB reads a field in kB of /proc/<pid>/status ("VmRSS",
+// "VmHWM").
+func ProcStatusKB(pid int, field string) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				return strconv.Atoi(f[0])
+			}
+		}
+	}
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
+}

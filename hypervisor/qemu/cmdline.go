@@ -86,6 +86,11 @@ func (l launch) kernelCmdline() string {
 	if l.machine == "microvm" && l.tscKHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(l.tscKHz))
 	}
+	if l.sizing().virtioMem {
+		// Plugged memory comes online at once, as movable memory that
+		// can be unplugged again.
+		params = append(params, "memhp_default_state=online_movable")
+	}
 	params = append(params, l.kernelParams...)
 	params = append(params, l.vm.KernelParams...)
 	return strings.Join(params, " ")
@@ -126,10 +131,9 @@ func (l launch) args() []string {
 	} else {
 		a = append(a, "-accel", "tcg,thread=multi", "-cpu", "max")
 	}
-	a = append(a,
-		"-smp", strconv.Itoa(l.vm.VCPUs),
-		"-m", strconv.Itoa(l.vm.MemoryMB)+"M",
-	)
+	a = append(a, l.sizeArgs()...)
+	baseMB := l.sizing().baseMB
+	sharedMemory := false
 	switch {
 	case l.memPath != "":
 		// A template writes its memory to the file (share=on); each
@@ -139,10 +143,12 @@ func (l launch) args() []string {
 		if l.snapshot == snapshotClone {
 			share = "off"
 		}
-		a = append(a, "-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", l.vm.MemoryMB, escape(l.memPath), share))
+		a = append(a, "-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", baseMB, escape(l.memPath), share))
 	case virtioFS || l.snapshot != snapshotNone:
-		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", l.vm.MemoryMB))
+		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", baseMB))
+		sharedMemory = true
 	}
+	a = append(a, l.hotplugArgs(sharedMemory)...)
 	a = append(a,
 		"-kernel", l.vm.Kernel,
 		"-initrd", l.vm.Initrd,
@@ -185,6 +191,7 @@ func (l launch) args() []string {
 		// random state (or boot ids).
 		a = append(a, "-device", "vmgenid,guid=auto")
 	}
+	a = append(a, l.balloonArg(transport)...)
 
 	for i, s := range l.vm.Shares {
 		switch s.Kind {

@@ -55,6 +55,7 @@ func TestArgs(t *testing.T) {
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
 				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
 				"-fsdev", "local,id=fs0,path=/run/vm/shared,,x,security_model=none,multidevs=remap",
 				"-device", "virtio-9p-pci,fsdev=fs0,mount_tag=colo-shared",
 				"-fsdev", "local,id=fs1,path=/ro,security_model=none,multidevs=remap,readonly=on",
@@ -77,6 +78,7 @@ func TestArgs(t *testing.T) {
 				"-object", "memory-backend-memfd,id=mem,size=512M,share=on"},
 			common(base + " colo.channel=vsock tsc_early_khz=2300000 colo.log=debug"),
 			{"-device", "vhost-vsock-device,id=vsock0,guest-cid=1234,vhostfd=4",
+				"-device", "virtio-balloon-device,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
 				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
 				"-device", "vhost-user-fs-device,chardev=fs0,tag=colo-shared,id=fs0-dev"},
 		},
@@ -106,7 +108,8 @@ func TestArgs(t *testing.T) {
 				"-device", "virtio-net-pci,netdev=eth1,id=eth1-dev,mac=02:00:00:00:00:02",
 				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
 				"-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
-				"-device", "vmgenid,guid=auto"},
+				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
 		},
 	}, {
 		name: "template with 9p: memory in a file, shared",
@@ -152,8 +155,126 @@ func TestArgs(t *testing.T) {
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
 				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
 				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
 				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
 				"-incoming", "defer"},
+		},
+	}, {
+		name: "q35 headroom: one vCPU booted, the others cold-plugged; virtio-mem above the base",
+		l: launch{
+			machine: "q35", accel: accelTCG,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.VCPUs, c.MaxVCPUs = 3, 4
+				c.MemoryMB, c.BaseMemoryMB, c.MaxMemoryMB = 768, 256, 4096
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
+				"-accel", "tcg,thread=multi", "-cpu", "max",
+				"-smp", "1,sockets=1,cores=4,threads=1,maxcpus=4", "-m", "256M,slots=1,maxmem=4096M",
+				"-device", "max-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0",
+				"-device", "max-x86_64-cpu,id=cpu2,socket-id=0,core-id=2,thread-id=0",
+				"-object", "memory-backend-ram,id=vmem,size=3840M,reserve=off",
+				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=512M"},
+			common(base + " colo.channel=serial memhp_default_state=online_movable colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
+		},
+	}, {
+		name: "q35 kvm headroom with virtio-fs: virtio-mem memory shared too",
+		l: launch{
+			machine: "q35", accel: accelKVM,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelVsock
+				c.VCPUs, c.MaxVCPUs = 2, 2
+				c.MemoryMB, c.MaxMemoryMB = 512, 1024
+				c.Shares = []hypervisor.Share{{Tag: "colo-shared", Kind: hypervisor.ShareVirtioFS, Path: "/run/vm/virtiofsd.sock"}}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, vhostFD: 4, cid: 1234,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
+				"-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512M,slots=1,maxmem=1024M",
+				"-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+				"-object", "memory-backend-memfd,id=vmem,size=512M,share=on,reserve=off",
+				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=0M"},
+			common(base + " colo.channel=vsock memhp_default_state=online_movable colo.log=debug"),
+			{"-device", "vhost-vsock-pci,id=vsock0,guest-cid=1234,vhostfd=4",
+				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
+				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
+				"-device", "vhost-user-fs-pci,chardev=fs0,tag=colo-shared,id=fs0-dev"},
+		},
+	}, {
+		name: "kvm vCPU devices are host CPUs",
+		l: launch{
+			machine: "q35", accel: accelKVM,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.VCPUs, c.MaxVCPUs = 2, 3
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
+				"-accel", "kvm", "-cpu", "host",
+				"-smp", "1,sockets=1,cores=3,threads=1,maxcpus=3", "-m", "512M",
+				"-device", "host-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
+		},
+	}, {
+		name: "template with 9p and headroom: no balloon (its memory is the clones'), virtio-mem not shared",
+		l: launch{
+			machine: "q35", accel: accelTCG, snapshot: snapshotTemplate, memPath: "/t/memory",
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.VCPUs, c.MaxVCPUs = 1, 4
+				c.MemoryMB, c.MaxMemoryMB = 256, 2048
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
+				"-accel", "tcg,thread=multi", "-cpu", "max",
+				"-smp", "1,sockets=1,cores=4,threads=1,maxcpus=4", "-m", "256M,slots=1,maxmem=2048M",
+				"-object", "memory-backend-file,id=mem,size=256M,mem-path=/t/memory,share=on",
+				"-object", "memory-backend-ram,id=vmem,size=1792M,reserve=off",
+				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=0M"},
+			common(base + " colo.channel=serial memhp_default_state=online_movable colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "vmgenid,guid=auto"},
+		},
+	}, {
+		name: "microvm ignores headroom",
+		l: launch{
+			machine: "microvm", accel: accelTCG,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.MaxVCPUs, c.BaseMemoryMB, c.MaxMemoryMB = 4, 256, 4096
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "microvm",
+				"-global", "virtio-mmio.force-legacy=false",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-device,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-device", "virtio-balloon-device,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
 		},
 	}} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -395,6 +395,10 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 	default:
 		return cfg, fmt.Errorf("agent channel %q: want %q or %q", cfg.Channel, hypervisor.ChannelSerial, hypervisor.ChannelVsock)
 	}
+	cfg, err := checkSize(cfg, d.machine)
+	if err != nil {
+		return cfg, err
+	}
 	ids := make(map[string]bool)
 	for _, n := range cfg.NICs {
 		if err := checkNIC(n); err != nil {

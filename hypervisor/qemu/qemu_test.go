@@ -738,7 +738,7 @@ func TestNICs(t *testing.T) {
 func TestTemplate(t *testing.T) {
 	ctx, logs := testContext(t)
 	d := newDriver(t, "q35")
-	templates := t.TempDir()
+	templates := templateDir(t)
 	for i := range 2 {
 		dir := vmDir(t)
 		shared := filepath.Join(dir, "shared")
@@ -826,8 +826,11 @@ func TestTemplateVirtioFS(t *testing.T) {
 		t.Fatal(err)
 	}
 	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
-		ID: "fs-clone", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: t.TempDir(),
+		ID: "fs-clone", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templateDir(t),
 		Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.ShareVirtioFS, Path: startVirtiofsd(t, dir, shared)}},
+		// Headroom, and a clone bigger than its template: the memory
+		// virtio-mem plugs is shared with virtiofsd too.
+		VCPUs: 2, MemoryMB: 512, MaxVCPUs: 2, MaxMemoryMB: 512, BaseMemoryMB: 256, TemplateVCPUs: 1, TemplateMemoryMB: 256,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -843,6 +846,14 @@ func TestTemplateVirtioFS(t *testing.T) {
 	bootCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	readAgent(t, bootCtx, vm)
+	want := hypervisor.Size{VCPUs: 2, MemoryMB: 512, PluggedMB: 256}
+	var got hypervisor.Size
+	if err := vm.(*VM).waitUntil(bootCtx, time.Minute, func(ctx context.Context) (bool, error) {
+		got, err = vm.Size(ctx)
+		return got == want, err
+	}); err != nil {
+		t.Errorf("size %+v, want %+v: %v", got, want, err)
+	}
 	confined(t, vm, dir, true)
 }
 

@@ -104,6 +104,9 @@ func sharesMemory(l launch) bool {
 // empty stand-ins for its 9p directories, and nothing of the VM's own.
 func (d *Driver) templateLaunch(cfg hypervisor.VMConfig, dir string) launch {
 	t := cfg
+	// One template serves every size: it is taken at the template size,
+	// with the same headroom.
+	t.VCPUs, t.MemoryMB = templateSize(cfg)
 	t.ID = "template"
 	t.Dir = dir
 	t.NICs = nil
@@ -119,6 +122,18 @@ func (d *Driver) templateLaunch(cfg hypervisor.VMConfig, dir string) launch {
 		l.memPath = filepath.Join(dir, templateMemory)
 	}
 	return l
+}
+
+// templateSize is the size cfg's template is taken at.
+func templateSize(cfg hypervisor.VMConfig) (vcpus, memoryMB int) {
+	vcpus, memoryMB = cfg.VCPUs, cfg.MemoryMB
+	if cfg.TemplateVCPUs > 0 {
+		vcpus = cfg.TemplateVCPUs
+	}
+	if cfg.TemplateMemoryMB > 0 {
+		memoryMB = cfg.TemplateMemoryMB
+	}
+	return vcpus, memoryMB
 }
 
 // templateKey names the template of cfg: a hash of the template's command
@@ -151,6 +166,10 @@ func (d *Driver) startClone(ctx context.Context, l launch) (_ *VM, retErr error)
 		return nil, err
 	}
 	begin := time.Now()
+	// The clone starts with its template's command line, at the
+	// template's size, and is resized once restored.
+	vcpus, memoryMB := l.vm.VCPUs, l.vm.MemoryMB
+	l.vm.VCPUs, l.vm.MemoryMB = templateSize(l.vm)
 	l.snapshot = snapshotClone
 	if sharesMemory(l) {
 		l.memPath = filepath.Join(dir, templateMemory)
@@ -170,6 +189,9 @@ func (d *Driver) startClone(ctx context.Context, l launch) (_ *VM, retErr error)
 		return nil, fmt.Errorf("%w: restore from %s: %w", errTemplateUnusable, dir, err)
 	}
 	restored := time.Since(begin)
+	if err := vm.resizeClone(ctx, vcpus, memoryMB); err != nil {
+		return nil, fmt.Errorf("resize the clone from its template's %d vCPUs and %d MiB: %w", l.vm.VCPUs, l.vm.MemoryMB, err)
+	}
 	for i, s := range l.vm.Shares {
 		if !l.hotplugged(s) {
 			continue
@@ -196,6 +218,10 @@ func (d *Driver) ensureTemplate(ctx context.Context, cfg hypervisor.VMConfig, di
 	}
 	if err := os.MkdirAll(cfg.TemplateDir, 0o700); err != nil {
 		return fmt.Errorf("%w: %w", errTemplateUnusable, err)
+	}
+	if err := ensureRAMFS(ctx, cfg.TemplateDir); err != nil {
+		// Templates still work; their clones have no balloon.
+		log.G(ctx).WithError(err).Warn("qemu: templates stay where they are: clones get no balloon, and what their guests free stays on the host")
 	}
 	unlock, err := lockFile(ctx, dir+".lock")
 	if err != nil {

@@ -67,6 +67,16 @@ type VM struct {
 	hotplugMu sync.Mutex
 	ports     []string
 	vhost     bool // NICs use vhost-net
+
+	// resizeMu serializes SetVCPUs and SetMemory; resizeEvent wakes
+	// their waits on QMP events.
+	resizeMu    sync.Mutex
+	resizeEvent chan struct{}
+	size        sizing // as launched
+	machine     string
+	tcg         bool
+	// cpuUnplugged: a vCPU was unplugged (see SetVCPUs).
+	cpuUnplugged bool
 }
 
 var _ hypervisor.VM = (*VM)(nil)
@@ -106,6 +116,11 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 		ports:     make([]string, l.hotplugPorts),
 		agentOpen: make(chan struct{}),
 		vhost:     l.vhostNet,
+
+		resizeEvent: make(chan struct{}, 1),
+		size:        l.sizing(),
+		machine:     l.machine,
+		tcg:         l.accel != accelKVM,
 	}
 	var readers sync.WaitGroup
 	readers.Go(func() { vm.copyLines(outR, false) })
@@ -236,6 +251,7 @@ func (vm *VM) connect(ctx context.Context, path string) error {
 
 func (vm *VM) event(e Event) {
 	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
+	vm.notifyResize(e.Name)
 	if e.Name == "VSERPORT_CHANGE" {
 		var data struct {
 			ID   string `json:"id"`
@@ -349,12 +365,20 @@ func (vm *VM) VCPUThreads(ctx context.Context) ([]int, error) {
 	if err := json.Unmarshal(raw, &cpus); err != nil {
 		return nil, fmt.Errorf("qemu: vm %s: query-cpus-fast: %w", vm.id, err)
 	}
+	// Indexes are dense: vCPUs are plugged into the lowest free slots
+	// and unplugged from the highest.
+	slices.SortFunc(cpus, func(a, b struct {
+		Index  int `json:"cpu-index"`
+		Thread int `json:"thread-id"`
+	}) int {
+		return a.Index - b.Index
+	})
 	tids := make([]int, len(cpus))
-	for _, c := range cpus {
-		if c.Index < 0 || c.Index >= len(cpus) {
-			return nil, fmt.Errorf("qemu: vm %s: query-cpus-fast: vCPU index %d of %d", vm.id, c.Index, len(cpus))
+	for i, c := range cpus {
+		if c.Index != i {
+			return nil, fmt.Errorf("qemu: vm %s: query-cpus-fast: vCPU index %d where %d was expected (indexes %v)", vm.id, c.Index, i, cpus)
 		}
-		tids[c.Index] = c.Thread
+		tids[i] = c.Thread
 	}
 	return tids, nil
 }

@@ -42,6 +42,11 @@ type colocation struct {
 	// allowClass is whether colocation.annotations lets containers pick
 	// their class (ClassAnnotation).
 	allowClass bool
+	// vcpuList is the class of each vCPU as configured (colocation.vcpus
+	// or the pod's annotation); empty for every vCPU in the first class.
+	vcpuList []string
+	// classDefs are the configured classes, for the guest's.
+	classDefs []config.Class
 	// classIgnored logs that a container's class annotation is ignored:
 	// once per sandbox, as every container of a pod may carry it and
 	// each is looked at more than once on its way into the guest.
@@ -74,27 +79,21 @@ func annotationIgnored(l *log.Entry, key, value string) {
 		"annotation %s ignored: the node's colo config does not allow it (add it to colocation.annotations)", key)
 }
 
-// newColocation reads the co-location set-up of a sandbox from the config
-// and its first container's spec (cgroupsPath and pod annotations, where
-// colocation.annotations allows them). Errors are invalid arguments that
-// name what was wrong.
-func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec) (colocation, error) {
+// newColocation reads the co-location set-up of a sandbox of vcpus vCPUs
+// from the config and its first container's spec (cgroupsPath and pod
+// annotations, where colocation.annotations allows them). Errors are
+// invalid arguments that name what was wrong.
+func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec, vcpus int) (colocation, error) {
 	cc := cfg.Colocation
-	vcpus := cfg.Hypervisor.VCPUs
 	p := placement.Plan{
 		ParentWeight:   cc.PodWeight,
 		OverheadWeight: cc.OverheadWeight,
 		OverheadIdle:   cc.OverheadIdle,
-		VCPUClasses:    cc.VCPUs,
 	}
 	for _, c := range cc.Classes {
 		p.Classes = append(p.Classes, placement.Class{Name: c.Name, Weight: c.Weight, CPUs: c.CPUs})
 	}
-	if len(p.VCPUClasses) == 0 && len(p.Classes) > 0 {
-		for range vcpus {
-			p.VCPUClasses = append(p.VCPUClasses, p.Classes[0].Name)
-		}
-	}
+	vcpuList := cc.VCPUs
 	invalid := func(format string, args ...any) error {
 		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(format, args...))
 	}
@@ -115,7 +114,7 @@ func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec) (co
 		}
 		switch key {
 		case VCPUsAnnotation:
-			p.VCPUClasses = strings.Split(value, ",")
+			vcpuList = strings.Split(value, ",")
 		case PodWeightAnnotation:
 			w, err := strconv.ParseUint(value, 10, 64)
 			if err != nil {
@@ -137,18 +136,46 @@ func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec) (co
 			p.Parent = path.Join("/", cg)
 		}
 	}
-	if err := p.Validate(vcpus); err != nil {
-		return colocation{}, invalid("co-location: %v", err)
-	}
 	var once sync.Once
 	c := colocation{
 		plan:       p,
+		vcpuList:   vcpuList,
+		classDefs:  cc.Classes,
 		allowClass: slices.Contains(cc.Annotations, ClassAnnotation),
 		classIgnored: func(value string) {
 			once.Do(func() { annotationIgnored(l, ClassAnnotation, value) })
 		},
 	}
-	for _, cl := range cc.Classes {
+	c, err := c.withVCPUs(vcpus)
+	if err != nil {
+		return colocation{}, invalid("co-location: %v", err)
+	}
+	return c, nil
+}
+
+// withVCPUs is the set-up for a VM of n vCPUs: each vCPU's class comes
+// from vcpuList, and vCPUs beyond it, which a pod's size or a resize
+// adds, take the last class listed (without a list, the first class),
+// and a VM of fewer vCPUs than listed has the first n: a pod's vCPUs keep
+// their classes as it grows and shrinks.
+func (c colocation) withVCPUs(n int) (colocation, error) {
+	p := c.plan
+	p.VCPUClasses = nil
+	if len(p.Classes) > 0 {
+		list := c.vcpuList
+		if len(list) == 0 {
+			list = []string{p.Classes[0].Name}
+		}
+		for i := range n {
+			p.VCPUClasses = append(p.VCPUClasses, list[min(i, len(list)-1)])
+		}
+	}
+	if err := p.Validate(n); err != nil {
+		return c, err
+	}
+	c.plan = p
+	c.classes = nil
+	for _, cl := range c.classDefs {
 		gc := &agentproto.CPUClass{Name: cl.Name, Weight: cl.GuestWeight, OomScoreAdj: int32(cl.OOMScoreAdj)}
 		if gc.Weight == 0 {
 			gc.Weight = cl.Weight

@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -116,7 +117,17 @@ func TestNewColocation(t *testing.T) {
 		{name: "unknown annotation", spec: spec("", map[string]string{"io.colo.vcpu": "high,low"}), wantErr: "annotation io.colo.vcpu: colo knows no such annotation"},
 		{name: "unknown annotation, even with all allowed", cfg: allowAll, spec: spec("", map[string]string{"io.colo.priority": "low"}), wantErr: "annotation io.colo.priority: colo knows no such"},
 		{name: "unknown class", cfg: allowAll, spec: spec("", map[string]string{VCPUsAnnotation: "high,mid"}), wantErr: `no class "mid"`},
-		{name: "wrong count", cfg: allowAll, spec: spec("", map[string]string{VCPUsAnnotation: "high"}), wantErr: "1 vCPU classes"},
+		{
+			name: "fewer classes than vCPUs: the rest take the last",
+			cfg:  allowAll,
+			spec: spec("", map[string]string{VCPUsAnnotation: "high"}),
+			want: func(c colocation) string {
+				if strings.Join(c.plan.VCPUClasses, ",") != "high,high" {
+					return "want high,high"
+				}
+				return ""
+			},
+		},
 		{name: "bad idle", cfg: allowAll, spec: spec("", map[string]string{OverheadIdleAnnotation: "maybe"}), wantErr: `io.colo.overhead-idle="maybe"`},
 		{name: "bad pod weight", cfg: allowAll, spec: spec("", map[string]string{PodWeightAnnotation: "lots"}), wantErr: `io.colo.pod-weight="lots"`},
 		{
@@ -132,7 +143,7 @@ func TestNewColocation(t *testing.T) {
 				tc.cfg(&cfg.Colocation)
 			}
 			ctx, hook := logged()
-			c, err := newColocation(ctx, cfg, tc.spec)
+			c, err := newColocation(ctx, cfg, tc.spec, cfg.Hypervisor.VCPUs)
 			if tc.wantErr != "" {
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want invalid argument with %q", err, tc.wantErr)
@@ -161,7 +172,7 @@ func TestNewColocation(t *testing.T) {
 func TestColocationClass(t *testing.T) {
 	cfg := config.Default()
 	allowAll(&cfg.Colocation)
-	c, err := newColocation(context.Background(), cfg, &specs.Spec{Annotations: map[string]string{VCPUsAnnotation: "high,low"}})
+	c, err := newColocation(context.Background(), cfg, &specs.Spec{Annotations: map[string]string{VCPUsAnnotation: "high,low"}}, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +198,7 @@ func TestColocationClass(t *testing.T) {
 		}
 	}
 	// All vCPUs high: low has none, so no container can be in it.
-	c, err = newColocation(context.Background(), cfg, &specs.Spec{})
+	c, err = newColocation(context.Background(), cfg, &specs.Spec{}, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +215,7 @@ func TestColocationClassIgnored(t *testing.T) {
 	cfg.Colocation.VCPUs = []string{"high", "low"}
 	cfg.Colocation.Annotations = []string{VCPUsAnnotation}
 	ctx, hook := logged()
-	c, err := newColocation(ctx, cfg, &specs.Spec{Annotations: map[string]string{ClassAnnotation: "low"}})
+	c, err := newColocation(ctx, cfg, &specs.Spec{Annotations: map[string]string{ClassAnnotation: "low"}}, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,5 +228,36 @@ func TestColocationClassIgnored(t *testing.T) {
 	w := warnings(hook)
 	if len(w) != 1 || !strings.Contains(w[0], "annotation io.colo.class ignored") || !strings.Contains(w[0], "colocation.annotations") {
 		t.Errorf("warnings %q, want one naming io.colo.class and colocation.annotations", w)
+	}
+}
+
+// TestColocationResized: a VM's vCPUs keep their classes as it grows and
+// shrinks; the ones added take the last class listed.
+func TestColocationResized(t *testing.T) {
+	cfg := config.Default()
+	allowAll(&cfg.Colocation)
+	c, err := newColocation(context.Background(), cfg, &specs.Spec{Annotations: map[string]string{VCPUsAnnotation: "high,low"}}, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		n          int
+		vcpus, low string
+		classes    int
+	}{
+		{n: 4, vcpus: "high,low,low,low", low: "[1 2 3]", classes: 2},
+		{n: 1, vcpus: "high", classes: 1},
+		{n: 2, vcpus: "high,low", low: "[1]", classes: 2},
+	} {
+		r, err := c.withVCPUs(tc.n)
+		if err != nil {
+			t.Fatalf("%d vCPUs: %v", tc.n, err)
+		}
+		if got := strings.Join(r.plan.VCPUClasses, ","); got != tc.vcpus || len(r.classes) != tc.classes {
+			t.Errorf("%d vCPUs: classes %s (%d in the guest), want %s (%d)", tc.n, got, len(r.classes), tc.vcpus, tc.classes)
+		}
+		if tc.low != "" && fmt.Sprint(r.classes[1].GetCpus()) != tc.low {
+			t.Errorf("%d vCPUs: low has %v, want %s", tc.n, r.classes[1].GetCpus(), tc.low)
+		}
 	}
 }

@@ -153,11 +153,12 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 // createInGuest creates the container in the guest and adds it to the
 // sandbox.
 func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
-	class, err := s.colo.class(c.spec)
+	colo := s.colocation()
+	class, err := colo.class(c.spec)
 	if err != nil {
 		return err
 	}
-	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(s.colo.classes) > 0}
+	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(colo.classes) > 0}
 	if s.pod != nil {
 		view.podNamespaces, view.podFiles, view.guestNamespaces = true, s.pod.files, s.pod.guestNamespaces
 	}

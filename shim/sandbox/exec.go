@@ -188,16 +188,18 @@ var metricsTypes = []protoreflect.FullName{
 }
 
 // Update applies new resource limits to the container's cgroup in the
-// guest.
+// guest, and resizes the VM to the pod's new limits (resize.go).
 func (c *Container) Update(ctx context.Context, r *specs.LinuxResources) error {
 	b, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encode resources: %w", err)
 	}
-	if _, err := c.sb.agent.UpdateContainer(ctx, &agentproto.UpdateContainerRequest{ContainerId: c.id, Resources: b}); err != nil {
-		return agentError("UpdateContainer", err)
-	}
-	return nil
+	return c.sb.updateLimits(ctx, c.id, resourceLimits(r), func() error {
+		if _, err := c.sb.agent.UpdateContainer(ctx, &agentproto.UpdateContainerRequest{ContainerId: c.id, Resources: b}); err != nil {
+			return agentError("UpdateContainer", err)
+		}
+		return nil
+	})
 }
 
 // ResizePty sets the window size of the process's terminal.

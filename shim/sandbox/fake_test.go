@@ -71,7 +71,7 @@ func (d *fakeDriver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hyperv
 	if err != nil {
 		return nil, err
 	}
-	vm := &fakeVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{}), dialFailures: d.dialFailures}
+	vm := &fakeVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{}), dialFailures: d.dialFailures, size: hypervisor.Size{VCPUs: cfg.VCPUs, MemoryMB: cfg.MemoryMB}}
 	if err := os.WriteFile(filepath.Join(cfg.Dir, "pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600); err != nil {
 		return nil, err
 	}
@@ -134,9 +134,39 @@ type fakeVM struct {
 	err          error
 	mu           sync.Mutex
 	dialFailures int
+	// size is what SetVCPUs and SetMemory made it; resizes lists them
+	// ("vcpus 4", "memory 1024").
+	size    hypervisor.Size
+	resizes []string
 }
 
 func (v *fakeVM) Pid() int { return v.cmd.Process.Pid }
+
+func (v *fakeVM) SetVCPUs(_ context.Context, n int) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if n != v.size.VCPUs {
+		v.resizes = append(v.resizes, fmt.Sprintf("vcpus %d", n))
+	}
+	v.size.VCPUs = n
+	return nil
+}
+
+func (v *fakeVM) SetMemory(_ context.Context, mb int) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if mb != v.size.MemoryMB {
+		v.resizes = append(v.resizes, fmt.Sprintf("memory %d", mb))
+	}
+	v.size.MemoryMB = mb
+	return nil
+}
+
+func (v *fakeVM) Size(context.Context) (hypervisor.Size, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.size, nil
+}
 
 func (v *fakeVM) DialAgent(ctx context.Context) (net.Conn, error) {
 	v.mu.Lock()
@@ -195,6 +225,7 @@ type fakeAgent struct {
 	destroyed  bool
 	checkCalls int
 	calls      []string // the calls that change a container, in order
+	onlines    []*agentproto.OnlineCPUMemRequest
 	resources  map[string]string
 	times      []time.Time // SetGuestTime
 	winSizes   map[procKey][2]uint32
@@ -319,6 +350,13 @@ func (a *fakeAgent) Check(ctx context.Context, _ *agentproto.CheckRequest) (*age
 		return nil, errgrpc.ToGRPC(errdefs.ErrUnavailable.WithMessage("still booting"))
 	}
 	return &agentproto.CheckResponse{AgentVersion: "fake", ProtocolVersion: a.protocolVersion, BootId: "boot"}, nil
+}
+
+func (a *fakeAgent) OnlineCPUMem(ctx context.Context, r *agentproto.OnlineCPUMemRequest) (*agentproto.OnlineCPUMemResponse, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.onlines = append(a.onlines, r)
+	return &agentproto.OnlineCPUMemResponse{OnlineCpus: r.GetNbCpus()}, nil
 }
 
 func (a *fakeAgent) GetGuestDetails(ctx context.Context, _ *agentproto.GetGuestDetailsRequest) (*agentproto.GetGuestDetailsResponse, error) {

@@ -79,8 +79,9 @@ func (p PodConfig) spec(id string) *specs.Spec {
 	s := &specs.Spec{Hostname: p.Hostname, Linux: &specs.Linux{}, Annotations: map[string]string{}}
 	for k, v := range p.Annotations {
 		switch k {
-		case SandboxCPUQuotaAnnotation, SandboxCPUPeriodAnnotation, SandboxMemoryAnnotation:
-			// The pod's size (vmSize).
+		case SandboxCPUQuotaAnnotation, SandboxCPUPeriodAnnotation, SandboxMemoryAnnotation,
+			SandboxNameAnnotation, SandboxNamespaceAnnotation, SandboxUIDAnnotation:
+			// The pod's size (sizeFor) and name (State.Pod).
 			s.Annotations[k] = v
 		}
 		if strings.HasPrefix(k, coloAnnotationPrefix) {

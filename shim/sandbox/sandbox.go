@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -105,9 +106,27 @@ type Sandbox struct {
 	virtiofsd *storage.Virtiofsd
 	agent     *agentConn
 	net       *podNetwork // nil without a pod network namespace
-	colo      colocation
-	stateMu   sync.Mutex
-	state     State
+	// maxSize bounds the VM (sizeBounds); podLimits are the pod's own
+	// (podLimitsOf its first spec).
+	maxSize   vmSize
+	podLimits limits
+
+	// resizeMu serializes resizes (resize.go): one at a time, and none
+	// while a container's limits are being changed.
+	resizeMu sync.Mutex
+	// sizeMu guards size, colo and limits: read by container creates
+	// while a resize changes them.
+	sizeMu sync.Mutex
+	size   vmSize
+	colo   colocation
+	// limits are the limits of each container added to the pod (not the
+	// first container of Create, which is the pod: podLimits).
+	limits map[string]limits
+	// manage serves the management socket (manage.go) once booted.
+	manage *http.Server
+
+	stateMu sync.Mutex
+	state   State
 	// pod is set for a sandbox of containerd's sandbox API (CreatePod).
 	pod *pod
 
@@ -143,7 +162,7 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if err != nil {
 		return nil, nil, err
 	}
-	if _, err := s.colo.class(first.Spec); err != nil {
+	if _, err := s.colocation().class(first.Spec); err != nil {
 		return nil, nil, err
 	}
 	if err := s.makeDir(ctx, first.Bundle); err != nil {
@@ -193,14 +212,20 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 	if opts.Driver == nil {
 		return nil, errors.New("sandbox: no hypervisor driver")
 	}
-	// The VM is the pod's size: everything after this (co-location, the
-	// VM, its template, the record) sees the sized configuration.
-	vcpus, memoryMB, err := vmSize(opts.Config.Hypervisor, spec)
+	// The VM is the pod's size.
+	maxSize, err := sizeBounds(opts.Config.Hypervisor)
 	if err != nil {
 		return nil, err
 	}
-	opts.Config.Hypervisor.VCPUs, opts.Config.Hypervisor.MemoryMB = vcpus, memoryMB
-	colo, err := newColocation(ctx, opts.Config, spec)
+	podLimits, err := podLimitsOf(spec)
+	if err != nil {
+		return nil, err
+	}
+	size, err := sizeFor(opts.Config.Hypervisor, podLimits, maxSize)
+	if err != nil {
+		return nil, err
+	}
+	colo, err := newColocation(ctx, opts.Config, spec, size.vcpus)
 	if err != nil {
 		return nil, err
 	}
@@ -216,6 +241,8 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 	if onOOM == nil {
 		onOOM = func(string) {}
 	}
+	st := newState(dir, opts.ID, opts.Config)
+	st.Pod = podNameOf(spec.Annotations)
 	return &Sandbox{
 		id:         opts.ID,
 		dir:        dir,
@@ -229,7 +256,11 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 		containers: make(map[string]*Container),
 		stopping:   make(chan struct{}),
 		colo:       colo,
-		state:      newState(dir, opts.ID, opts.Config),
+		size:       size,
+		maxSize:    maxSize,
+		podLimits:  podLimits,
+		limits:     make(map[string]limits),
+		state:      st,
 	}, nil
 }
 
@@ -406,6 +437,7 @@ func checkName(what, v string) error {
 func checkSocketPaths(dir string) error {
 	for _, p := range []string{
 		filepath.Join(dir, virtiofsdSocket),
+		filepath.Join(dir, ManageSocket),
 		filepath.Join(dir, vmDir, "agent.sock"), // the driver's longest name
 	} {
 		if len(p) > unixPathMax {
@@ -534,7 +566,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	_, err = s.agent.CreateSandbox(ctx, &agentproto.CreateSandboxRequest{
 		SandboxId:  s.id,
 		Hostname:   spec.Hostname,
-		CpuClasses: s.colo.classes,
+		CpuClasses: s.colocation().classes,
 		Storages:   storages,
 		HostTime:   timestamppb.Now(),
 
@@ -549,7 +581,13 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	if err := configureGuest(ctx, s.agent, netcfg); err != nil {
 		return err
 	}
+	if err := s.awaitSize(ctx); err != nil {
+		return err
+	}
 	s.up.Store(true)
+	if err := s.serveManagement(ctx); err != nil {
+		return err
+	}
 	go s.watchHealth()
 	if s.virtiofsd != nil {
 		go s.watchVirtiofsd()
@@ -560,7 +598,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 // place puts the VM's threads into the host cgroups of their priority
 // classes (package placement), the sandbox's cgroup recorded first.
 func (s *Sandbox) place(ctx context.Context) error {
-	p := s.colo.plan
+	p := s.colocation().plan
 	if p.Parent == "" {
 		return nil
 	}
@@ -578,6 +616,9 @@ func (s *Sandbox) place(ctx context.Context) error {
 	if err := placement.Apply(p, t); err != nil {
 		return err
 	}
+	if err := s.limitHostMemory(s.size.memoryMB); err != nil {
+		return err
+	}
 	log.G(ctx).WithFields(log.Fields{"cgroup": p.Parent, "vcpus": p.VCPUClasses}).Debug("VM threads placed")
 	return nil
 }
@@ -592,10 +633,17 @@ func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 	return hypervisor.VMConfig{
 		ID:       s.id,
 		Dir:      filepath.Join(s.dir, vmDir),
-		VCPUs:    h.VCPUs,
-		MemoryMB: h.MemoryMB,
-		Kernel:   h.Kernel,
-		Initrd:   h.Initrd,
+		VCPUs:    s.size.vcpus,
+		MemoryMB: s.size.memoryMB,
+		// Every VM can grow to the bounds (resize.go); templates are
+		// taken at the size of a pod without limits.
+		MaxVCPUs:         s.maxSize.vcpus,
+		MaxMemoryMB:      s.maxSize.memoryMB,
+		BaseMemoryMB:     min(h.BaseMemoryMB, h.MemoryMB),
+		TemplateVCPUs:    h.VCPUs,
+		TemplateMemoryMB: h.MemoryMB,
+		Kernel:           h.Kernel,
+		Initrd:           h.Initrd,
 		// The driver adds colo.channel and hypervisor.kernel_params
 		// itself (driver.New gets the hypervisor configuration).
 		KernelParams: []string{"colo.log=" + s.cfg.Agent.LogLevel},
@@ -633,7 +681,7 @@ func (s *Sandbox) AddContainer(ctx context.Context, cfg ContainerConfig) (_ *Con
 	if !s.alive() {
 		return nil, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("sandbox %s: its VM is gone", s.id))
 	}
-	if _, err := s.colo.class(cfg.Spec); err != nil {
+	if _, err := s.colocation().class(cfg.Spec); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
@@ -645,6 +693,19 @@ func (s *Sandbox) AddContainer(ctx context.Context, cfg ContainerConfig) (_ *Con
 	if err := s.hotplugNetwork(ctx); err != nil {
 		return nil, err
 	}
+	var limits limits
+	if cfg.Spec.Linux != nil {
+		limits = resourceLimits(cfg.Spec.Linux.Resources)
+	}
+	undoLimits, err := s.growFor(ctx, cfg.ID, limits)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			undoLimits()
+		}
+	}()
 	c, err := s.prepareContainer(ctx, cfg)
 	if err != nil {
 		return nil, err
@@ -704,6 +765,7 @@ func (s *Sandbox) DeleteContainer(ctx context.Context, id string) (ProcessState,
 	s.mu.Lock()
 	delete(s.containers, id)
 	s.mu.Unlock()
+	s.dropLimits(id)
 	return p.State(), nil
 }
 
@@ -799,6 +861,7 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		return nil
 	}
 	s.stopOnce.Do(func() { close(s.stopping) })
+	s.stopManagement()
 	var errs []error
 	if s.vm != nil && !s.vmStopped {
 		stopCtx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Hypervisor.ShutdownTimeout))

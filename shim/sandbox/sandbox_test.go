@@ -22,6 +22,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/hypervisor/qemu"
 	"github.com/colo-runtime/colo/internal/procfs"
 	"github.com/colo-runtime/colo/storage"
 	"github.com/colo-runtime/colo/testbed"
@@ -73,6 +74,10 @@ func newEnv(t *testing.T, withStdin bool) *env {
 	cs := openClientStdio(t, filepath.Join(root, "fifos"), withStdin)
 	e.stdio, e.stdout, e.stderr, e.stdin = cs.Stdio, cs.stdout, cs.stderr, cs.stdin
 	t.Cleanup(func() {
+		// The real QEMU driver's templates sit on a ramfs of their own.
+		if err := qemu.ReleaseTemplates(filepath.Join(root, "templates")); err != nil {
+			t.Error(err)
+		}
 		for _, c := range []io.Closer{e.stdout, e.stderr, e.stdin} {
 			if c != nil {
 				c.Close()

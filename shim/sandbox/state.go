@@ -43,6 +43,9 @@ type State struct {
 	// directory whose state does not name it.
 	Dir string `json:"dir"`
 	ID  string `json:"id"`
+	// Pod names the Kubernetes pod the sandbox is, where CRI said
+	// (colo resize finds a sandbox by it).
+	Pod *PodName `json:"pod,omitempty"`
 	// Config is the sandbox's configuration. Cleanup reads only the
 	// hypervisor's name in it, to pick that hypervisor's cleanup.
 	Config config.Config `json:"config"`
@@ -67,6 +70,33 @@ type State struct {
 	// Containers are the sandbox's containers, from before their rootfs
 	// is mounted until it is unmounted.
 	Containers []ContainerState `json:"containers,omitempty"`
+}
+
+// PodName is a Kubernetes pod's identity, from CRI's sandbox annotations.
+type PodName struct {
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
+	UID       string `json:"uid"`
+}
+
+// CRI's annotations of the pod's identity on its sandbox.
+const (
+	SandboxNameAnnotation      = "io.kubernetes.cri.sandbox-name"
+	SandboxNamespaceAnnotation = "io.kubernetes.cri.sandbox-namespace"
+	SandboxUIDAnnotation       = "io.kubernetes.cri.sandbox-uid"
+)
+
+// podNameOf is the pod spec's annotations name, or nil.
+func podNameOf(annotations map[string]string) *PodName {
+	p := &PodName{
+		Name:      annotations[SandboxNameAnnotation],
+		Namespace: annotations[SandboxNamespaceAnnotation],
+		UID:       annotations[SandboxUIDAnnotation],
+	}
+	if p.Name == "" {
+		return nil
+	}
+	return p
 }
 
 // ContainerState records a container of the sandbox.

@@ -534,7 +534,7 @@ func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 }
 
 // Update applies new resource limits to the container's cgroup in the
-// guest. The VM itself keeps its size.
+// guest, and resizes the VM to the pod's new limits (sandbox.Container.Update).
 func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
 	e, err := s.get(r.ID)
 	if err != nil {
