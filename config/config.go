@@ -46,7 +46,9 @@ type Colocation struct {
 	// network interrupts go to the first class's vCPUs.
 	Classes []Class `toml:"classes"`
 	// VCPUs names the class of each vCPU, in order (default: every vCPU
-	// in the first class). Pod annotation io.colo.vcpus ("high,low").
+	// in the first class); vCPUs beyond the list, which a pod's size or a
+	// resize adds, take its last class. Pod annotation io.colo.vcpus
+	// ("high,low").
 	VCPUs []string `toml:"vcpus"`
 	// PodWeight, if not 0, is the CPU weight (1 to 10000) of the sandbox's
 	// own host cgroup: low for offline pods. Pod annotation

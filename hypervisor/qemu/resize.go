@@ -387,7 +387,14 @@ func (vm *VM) setVCPUs(ctx context.Context, n int, wait bool) error {
 					left = append(left, c)
 				}
 			}
-			return len(left) == 0, nil
+			if len(left) > 0 {
+				return false, nil
+			}
+			// The slot empties before the vCPU's thread is gone from
+			// query-cpus-fast (seen on a loaded host): VCPUThreads
+			// needs both.
+			tids, err := vm.VCPUThreads(ctx)
+			return err == nil && len(tids) == n, nil
 		})
 		if err != nil {
 			var names []string

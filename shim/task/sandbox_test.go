@@ -23,7 +23,6 @@ import (
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor/driver"
 	"github.com/colo-runtime/colo/shim/sandbox"
-	"github.com/colo-runtime/colo/storage"
 	"github.com/colo-runtime/colo/testbed"
 )
 
@@ -407,7 +406,7 @@ func TestSandboxAPI(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "state", "testns", "pod")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("sandbox dir left: %v", err)
 	}
-	if left, _ := storage.MountsUnder(dir); len(left) > 0 {
+	if left := mountsLeft(dir); len(left) > 0 {
 		t.Errorf("mounts left: %v", left)
 	}
 }

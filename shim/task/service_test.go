@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +29,7 @@ import (
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
 	"github.com/colo-runtime/colo/hypervisor/driver"
+	"github.com/colo-runtime/colo/hypervisor/qemu"
 	"github.com/colo-runtime/colo/storage"
 )
 
@@ -250,7 +252,19 @@ func realVMs(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Setenv(config.EnvPath, cfgPath)
+	t.Cleanup(func() {
+		if err := qemu.ReleaseTemplates(filepath.Join(dir, "templates")); err != nil {
+			t.Error(err)
+		}
+	})
 	return dir
+}
+
+// mountsLeft are the mounts under a realVMs directory but the templates'
+// ramfs, which outlives sandboxes.
+func mountsLeft(dir string) []string {
+	left, _ := storage.MountsUnder(dir)
+	return slices.DeleteFunc(left, func(m string) bool { return m == filepath.Join(dir, "templates") })
 }
 
 // busyboxBundle writes a bundle in dir whose rootfs holds the static
@@ -348,7 +362,7 @@ func TestTaskLifecycle(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(stateDir, "testns", "t1")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("sandbox dir left: %v", err)
 	}
-	if left, _ := storage.MountsUnder(dir); len(left) > 0 {
+	if left := mountsLeft(dir); len(left) > 0 {
 		t.Errorf("mounts left: %v", left)
 	}
 	if _, err := os.Stat(filepath.Join(bundle, "colo-sandbox")); !errors.Is(err, os.ErrNotExist) {

@@ -25,7 +25,6 @@ import (
 
 	"github.com/colo-runtime/colo/hypervisor/driver"
 	"github.com/colo-runtime/colo/shim/sandbox"
-	"github.com/colo-runtime/colo/storage"
 )
 
 // taskClient is the task API as a test uses it: calls that must succeed.
@@ -347,7 +346,7 @@ func TestTaskAPI(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "state", "testns", "pod")); !os.IsNotExist(err) {
 		t.Errorf("sandbox dir left: %v", err)
 	}
-	if left, _ := storage.MountsUnder(dir); len(left) > 0 {
+	if left := mountsLeft(dir); len(left) > 0 {
 		t.Errorf("mounts left: %v", left)
 	}
 }
