@@ -326,6 +326,7 @@ func (s *Sandbox) checkShrink(ctx context.Context, mb int) error {
 	const mib = 1 << 20
 	free := int64(mb-s.baseMemoryMB()) * mib
 	s.sizeMu.Lock()
+	pod := s.podLimits.memory
 	for id, l := range s.limits {
 		if l.memory > free {
 			s.sizeMu.Unlock()
@@ -335,6 +336,11 @@ func (s *Sandbox) checkShrink(ctx context.Context, mb int) error {
 		}
 	}
 	s.sizeMu.Unlock()
+	if pod > free {
+		return errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf(
+			"%d MiB: the pod has a memory limit of %d MiB, more than the %d MiB the VM would have above its base",
+			mb, pod/mib, free/mib))
+	}
 	d, err := s.agent.GetGuestDetails(ctx, &agentproto.GetGuestDetailsRequest{})
 	if err != nil {
 		return agentError("GetGuestDetails", err)

@@ -99,6 +99,21 @@ func TestResize(t *testing.T) {
 			},
 			resizes: "memory 768", size: vmSize{2, 768},
 		},
+		{
+			name: "an update of the pod's own container (ctr run alone)",
+			do: func() error {
+				c, err := sb.Container("c1")
+				if err != nil {
+					return err
+				}
+				return c.Update(ctx, &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: mib(1024)}})
+			},
+			resizes: "memory 1280", size: vmSize{2, 1280},
+		},
+		{
+			name: "not below the pod's limit", do: func() error { _, err := sb.Resize(ctx, Resources{MemoryMB: 1024}); return err },
+			err: "the pod has a memory limit of 1024 MiB", size: vmSize{2, 1280},
+		},
 	}
 	for _, st := range steps {
 		err := st.do()
