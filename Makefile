@@ -15,7 +15,8 @@ GO_SRC := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
 export PATH := $(BIN):$(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: all setup build guest generate check-generated lint test unit e2e demo bench bench-colo clean
+.PHONY: all setup build guest generate check-generated lint test unit e2e demo bench bench-colo clean \
+	install uninstall dist
 
 all: build guest
 
@@ -92,6 +93,49 @@ bench: build guest
 bench-colo: build guest
 	$(GO) build -o $(BUILD)/bench ./bench
 	$(BUILD)/bench -colocation
+
+# make install copies what make build guest left in build/ (it builds
+# nothing) under $(DESTDIR): the shim and the CLI to $(PREFIX)/bin, the guest
+# image and containerd's runtime snippet to $(GUEST_INSTALL), the default
+# config to /etc/colo/config.toml unless one is there. deploy/install.sh lists
+# what it installed in $(INSTALL_MANIFEST); make uninstall removes that, the
+# config only while it is the default. make dist: the same tree in a tarball
+# with deploy/install.sh and the Kubernetes manifests. docs/install.md.
+PREFIX ?= /usr/local
+DIST ?= $(BUILD)/dist
+DIST_NAME = colo-$(VERSION)-linux-amd64
+INSTALL_MANIFEST = $(GUEST_INSTALL)/installed-files
+INSTALL_FROM = $(BIN)/containerd-shim-colo-v2 $(BIN)/colo $(GUEST)/vmlinux $(GUEST)/initrd.img
+# The tarball's files' mtime: the last commit's.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+# The installed tree, written under $(1).
+stage = install -D -m 0755 -t $(1)$(PREFIX)/bin $(BIN)/containerd-shim-colo-v2 $(BIN)/colo && \
+	install -D -m 0644 -t $(1)$(GUEST_INSTALL) $(GUEST)/vmlinux $(GUEST)/initrd.img deploy/containerd-colo.toml && \
+	install -D -m 0644 deploy/config.toml $(1)/etc/colo/config.toml
+install-from = @for f in $(INSTALL_FROM); do \
+	[ -f $$f ] || { echo "$$f is missing: run make build guest first"; exit 1; }; done
+
+install:
+	$(install-from)
+	@root=$$(mktemp -d) && trap 'rm -rf $$root' EXIT && $(call stage,$$root) && \
+	DESTDIR="$(DESTDIR)" COLO_MANIFEST=$(INSTALL_MANIFEST) deploy/install.sh install $$root
+
+uninstall:
+	@DESTDIR="$(DESTDIR)" COLO_MANIFEST=$(INSTALL_MANIFEST) COLO_DEFAULT_CONFIG=deploy/config.toml \
+		deploy/install.sh uninstall
+
+# Reproducible: sorted, owner root, every mtime SOURCE_DATE_EPOCH, gzip -n.
+dist:
+	$(install-from)
+	rm -rf $(DIST)/$(DIST_NAME) && mkdir -p $(DIST)/$(DIST_NAME)
+	$(call stage,$(DIST)/$(DIST_NAME)/root)
+	install -m 0755 -t $(DIST)/$(DIST_NAME) deploy/install.sh deploy/node-setup.sh
+	install -D -m 0644 -t $(DIST)/$(DIST_NAME)/kubernetes deploy/kubernetes/*.yaml
+	set -o pipefail && tar -C $(DIST) -cf - --sort=name --format=gnu --owner=0 --group=0 --numeric-owner \
+		--mode=u+rwX,go=rX --mtime=@$(SOURCE_DATE_EPOCH) $(DIST_NAME) | gzip -n >$(DIST)/$(DIST_NAME).tar.gz.tmp
+	mv $(DIST)/$(DIST_NAME).tar.gz.tmp $(DIST)/$(DIST_NAME).tar.gz
+	rm -rf $(DIST)/$(DIST_NAME)
+	cd $(DIST) && sha256sum $(DIST_NAME).tar.gz >$(DIST_NAME).tar.gz.sha256
 
 clean:
 	rm -rf $(BUILD)

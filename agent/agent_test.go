@@ -695,10 +695,6 @@ func TestErrors(t *testing.T) {
 			_, err := a.OnlineCPUMem(ctx, &agentproto.OnlineCPUMemRequest{})
 			return err
 		}, codes.InvalidArgument},
-		{"not implemented yet", func() error {
-			_, err := a.GetMetrics(ctx, &agentproto.GetMetricsRequest{})
-			return err
-		}, codes.Unimplemented},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -38,6 +38,9 @@ func Serve(ctx context.Context, cfg ServeConfig) (retErr error) {
 	if err := protectFromOOM(); err != nil {
 		log.G(ctx).WithError(err).Error("the guest OOM killer may pick the agent service")
 	}
+	// The debug console, if the VM has one (console.go); its shell is
+	// killed when the service stops.
+	defer startConsole(ctx, cfg)()
 	svc, err := NewService(cfg.Service)
 	if err != nil {
 		return err

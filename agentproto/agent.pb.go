@@ -855,10 +855,65 @@ func (*GetMetricsRequest) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
+// GetMetricsResponse is the guest's figures behind the host's colo_guest_*
+// and colo_agent_* metrics: numbers in typed fields, never text to
+// re-publish. The few strings (meminfo keys, interface and device names)
+// are the guest's words: the agent keeps only short names of [A-Za-z0-9._@+!-]
+// (meminfo keys may also have "(" and ")"), but the host must still check
+// them against an allow-list before using them as labels. Counters are as
+// the guest kernel keeps them (monotonic since boot unless the guest lies).
+// A figure the agent cannot read is left out (a missing entry, or 0), and
+// counted in skipped; the call itself does not fail for it.
 type GetMetricsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Prometheus text exposition format.
-	Metrics       string `protobuf:"bytes,1,opt,name=metrics,proto3" json:"metrics,omitempty"`
+	// /proc/meminfo, every field given in kB, in bytes, keyed by its
+	// name there ("MemTotal", "MemAvailable", "Active(anon)", ...). Fields
+	// without a unit (HugePages_Total and the other HugePages_ counts)
+	// are left out. At most 128 entries.
+	MeminfoBytes map[string]uint64 `protobuf:"bytes,1,rep,name=meminfo_bytes,json=meminfoBytes,proto3" json:"meminfo_bytes,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// CPU time of all CPUs together: the "cpu" line of /proc/stat.
+	CpuTotal *CPUTime `protobuf:"bytes,2,opt,name=cpu_total,json=cpuTotal,proto3" json:"cpu_total,omitempty"`
+	// CPU time of each online CPU: the "cpuN" lines of /proc/stat, in
+	// their order, at most 1024.
+	Cpus []*CPUTime `protobuf:"bytes,3,rep,name=cpus,proto3" json:"cpus,omitempty"`
+	// Context switches since boot (/proc/stat ctxt).
+	ContextSwitches uint64 `protobuf:"varint,4,opt,name=context_switches,json=contextSwitches,proto3" json:"context_switches,omitempty"`
+	// Processes and threads created since boot (/proc/stat processes).
+	Forks uint64 `protobuf:"varint,5,opt,name=forks,proto3" json:"forks,omitempty"`
+	// Runnable and blocked (in uninterruptible I/O) tasks now
+	// (/proc/stat procs_running, procs_blocked).
+	ProcsRunning uint64 `protobuf:"varint,6,opt,name=procs_running,json=procsRunning,proto3" json:"procs_running,omitempty"`
+	ProcsBlocked uint64 `protobuf:"varint,7,opt,name=procs_blocked,json=procsBlocked,proto3" json:"procs_blocked,omitempty"`
+	// Guest boot time, seconds since the Unix epoch by the guest's clock
+	// (/proc/stat btime).
+	BootTimeSeconds uint64 `protobuf:"varint,8,opt,name=boot_time_seconds,json=bootTimeSeconds,proto3" json:"boot_time_seconds,omitempty"`
+	// Seconds since the guest booted (first field of /proc/uptime).
+	UptimeSeconds float64 `protobuf:"fixed64,9,opt,name=uptime_seconds,json=uptimeSeconds,proto3" json:"uptime_seconds,omitempty"`
+	// Load averages over 1, 5 and 15 minutes (/proc/loadavg); finite and
+	// not negative.
+	Load1  float64 `protobuf:"fixed64,10,opt,name=load1,proto3" json:"load1,omitempty"`
+	Load5  float64 `protobuf:"fixed64,11,opt,name=load5,proto3" json:"load5,omitempty"`
+	Load15 float64 `protobuf:"fixed64,12,opt,name=load15,proto3" json:"load15,omitempty"`
+	// The interfaces of the agent's (the guest's) network namespace
+	// (/proc/net/dev), lo included, in its order, at most 256.
+	Netdev []*NetDevStats `protobuf:"bytes,13,rep,name=netdev,proto3" json:"netdev,omitempty"`
+	// Block devices and partitions (/proc/diskstats), in its order, at
+	// most 256; loop and ram devices that have done nothing are left out.
+	Disks []*DiskStats `protobuf:"bytes,14,rep,name=disks,proto3" json:"disks,omitempty"`
+	// The sandbox's CPU classes (CreateSandboxRequest.cpu_classes), in
+	// their order: their guest cgroups (agentproto.ClassCgroup).
+	Classes []*ClassStats `protobuf:"bytes,15,rep,name=classes,proto3" json:"classes,omitempty"`
+	// Resident memory of the agent: PID 1 and the service process
+	// together (VmRSS of both), in bytes, as in GetGuestDetails.
+	AgentRssBytes uint64 `protobuf:"varint,16,opt,name=agent_rss_bytes,json=agentRssBytes,proto3" json:"agent_rss_bytes,omitempty"`
+	// Goroutines of the agent's service process.
+	AgentGoroutines uint32 `protobuf:"varint,17,opt,name=agent_goroutines,json=agentGoroutines,proto3" json:"agent_goroutines,omitempty"`
+	// Open file descriptors of the agent's service process (entries of
+	// /proc/self/fd, the one used to list them included).
+	AgentOpenFds uint32 `protobuf:"varint,18,opt,name=agent_open_fds,json=agentOpenFds,proto3" json:"agent_open_fds,omitempty"`
+	// Lines or entries left out: malformed, over a cap, or unreadable
+	// (a file or cgroup missing). 0 on a healthy guest.
+	Skipped       uint32 `protobuf:"varint,19,opt,name=skipped,proto3" json:"skipped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -893,11 +948,596 @@ func (*GetMetricsResponse) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
-func (x *GetMetricsResponse) GetMetrics() string {
+func (x *GetMetricsResponse) GetMeminfoBytes() map[string]uint64 {
 	if x != nil {
-		return x.Metrics
+		return x.MeminfoBytes
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetCpuTotal() *CPUTime {
+	if x != nil {
+		return x.CpuTotal
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetCpus() []*CPUTime {
+	if x != nil {
+		return x.Cpus
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetContextSwitches() uint64 {
+	if x != nil {
+		return x.ContextSwitches
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetForks() uint64 {
+	if x != nil {
+		return x.Forks
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetProcsRunning() uint64 {
+	if x != nil {
+		return x.ProcsRunning
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetProcsBlocked() uint64 {
+	if x != nil {
+		return x.ProcsBlocked
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetBootTimeSeconds() uint64 {
+	if x != nil {
+		return x.BootTimeSeconds
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetUptimeSeconds() float64 {
+	if x != nil {
+		return x.UptimeSeconds
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetLoad1() float64 {
+	if x != nil {
+		return x.Load1
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetLoad5() float64 {
+	if x != nil {
+		return x.Load5
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetLoad15() float64 {
+	if x != nil {
+		return x.Load15
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetNetdev() []*NetDevStats {
+	if x != nil {
+		return x.Netdev
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetDisks() []*DiskStats {
+	if x != nil {
+		return x.Disks
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetClasses() []*ClassStats {
+	if x != nil {
+		return x.Classes
+	}
+	return nil
+}
+
+func (x *GetMetricsResponse) GetAgentRssBytes() uint64 {
+	if x != nil {
+		return x.AgentRssBytes
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetAgentGoroutines() uint32 {
+	if x != nil {
+		return x.AgentGoroutines
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetAgentOpenFds() uint32 {
+	if x != nil {
+		return x.AgentOpenFds
+	}
+	return 0
+}
+
+func (x *GetMetricsResponse) GetSkipped() uint32 {
+	if x != nil {
+		return x.Skipped
+	}
+	return 0
+}
+
+// CPUTime is one line of /proc/stat, in seconds (the kernel's USER_HZ
+// ticks divided by 100). Guest time is part of user and nice, as in the
+// kernel's line.
+type CPUTime struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// N of "cpuN"; 0 in cpu_total.
+	Cpu            uint32  `protobuf:"varint,1,opt,name=cpu,proto3" json:"cpu,omitempty"`
+	UserSeconds    float64 `protobuf:"fixed64,2,opt,name=user_seconds,json=userSeconds,proto3" json:"user_seconds,omitempty"`
+	NiceSeconds    float64 `protobuf:"fixed64,3,opt,name=nice_seconds,json=niceSeconds,proto3" json:"nice_seconds,omitempty"`
+	SystemSeconds  float64 `protobuf:"fixed64,4,opt,name=system_seconds,json=systemSeconds,proto3" json:"system_seconds,omitempty"`
+	IdleSeconds    float64 `protobuf:"fixed64,5,opt,name=idle_seconds,json=idleSeconds,proto3" json:"idle_seconds,omitempty"`
+	IowaitSeconds  float64 `protobuf:"fixed64,6,opt,name=iowait_seconds,json=iowaitSeconds,proto3" json:"iowait_seconds,omitempty"`
+	IrqSeconds     float64 `protobuf:"fixed64,7,opt,name=irq_seconds,json=irqSeconds,proto3" json:"irq_seconds,omitempty"`
+	SoftirqSeconds float64 `protobuf:"fixed64,8,opt,name=softirq_seconds,json=softirqSeconds,proto3" json:"softirq_seconds,omitempty"`
+	// Time the host ran something else while this vCPU wanted to run.
+	StealSeconds  float64 `protobuf:"fixed64,9,opt,name=steal_seconds,json=stealSeconds,proto3" json:"steal_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CPUTime) Reset() {
+	*x = CPUTime{}
+	mi := &file_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CPUTime) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CPUTime) ProtoMessage() {}
+
+func (x *CPUTime) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CPUTime.ProtoReflect.Descriptor instead.
+func (*CPUTime) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CPUTime) GetCpu() uint32 {
+	if x != nil {
+		return x.Cpu
+	}
+	return 0
+}
+
+func (x *CPUTime) GetUserSeconds() float64 {
+	if x != nil {
+		return x.UserSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetNiceSeconds() float64 {
+	if x != nil {
+		return x.NiceSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetSystemSeconds() float64 {
+	if x != nil {
+		return x.SystemSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetIdleSeconds() float64 {
+	if x != nil {
+		return x.IdleSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetIowaitSeconds() float64 {
+	if x != nil {
+		return x.IowaitSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetIrqSeconds() float64 {
+	if x != nil {
+		return x.IrqSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetSoftirqSeconds() float64 {
+	if x != nil {
+		return x.SoftirqSeconds
+	}
+	return 0
+}
+
+func (x *CPUTime) GetStealSeconds() float64 {
+	if x != nil {
+		return x.StealSeconds
+	}
+	return 0
+}
+
+// NetDevStats is one interface of /proc/net/dev; counters since the
+// interface was made.
+type NetDevStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The interface's name (1 to 15 characters of [A-Za-z0-9._@+!-]).
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	RxBytes       uint64 `protobuf:"varint,2,opt,name=rx_bytes,json=rxBytes,proto3" json:"rx_bytes,omitempty"`
+	RxPackets     uint64 `protobuf:"varint,3,opt,name=rx_packets,json=rxPackets,proto3" json:"rx_packets,omitempty"`
+	RxErrors      uint64 `protobuf:"varint,4,opt,name=rx_errors,json=rxErrors,proto3" json:"rx_errors,omitempty"`
+	RxDropped     uint64 `protobuf:"varint,5,opt,name=rx_dropped,json=rxDropped,proto3" json:"rx_dropped,omitempty"`
+	TxBytes       uint64 `protobuf:"varint,6,opt,name=tx_bytes,json=txBytes,proto3" json:"tx_bytes,omitempty"`
+	TxPackets     uint64 `protobuf:"varint,7,opt,name=tx_packets,json=txPackets,proto3" json:"tx_packets,omitempty"`
+	TxErrors      uint64 `protobuf:"varint,8,opt,name=tx_errors,json=txErrors,proto3" json:"tx_errors,omitempty"`
+	TxDropped     uint64 `protobuf:"varint,9,opt,name=tx_dropped,json=txDropped,proto3" json:"tx_dropped,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetDevStats) Reset() {
+	*x = NetDevStats{}
+	mi := &file_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetDevStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetDevStats) ProtoMessage() {}
+
+func (x *NetDevStats) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetDevStats.ProtoReflect.Descriptor instead.
+func (*NetDevStats) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *NetDevStats) GetName() string {
+	if x != nil {
+		return x.Name
 	}
 	return ""
+}
+
+func (x *NetDevStats) GetRxBytes() uint64 {
+	if x != nil {
+		return x.RxBytes
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetRxPackets() uint64 {
+	if x != nil {
+		return x.RxPackets
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetRxErrors() uint64 {
+	if x != nil {
+		return x.RxErrors
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetRxDropped() uint64 {
+	if x != nil {
+		return x.RxDropped
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetTxBytes() uint64 {
+	if x != nil {
+		return x.TxBytes
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetTxPackets() uint64 {
+	if x != nil {
+		return x.TxPackets
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetTxErrors() uint64 {
+	if x != nil {
+		return x.TxErrors
+	}
+	return 0
+}
+
+func (x *NetDevStats) GetTxDropped() uint64 {
+	if x != nil {
+		return x.TxDropped
+	}
+	return 0
+}
+
+// DiskStats is one block device of /proc/diskstats; counters since boot
+// (or since the device appeared).
+type DiskStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The device's name ("vda", "vda1"; 1 to 31 characters of
+	// [A-Za-z0-9._@+!-]).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Reads and writes completed.
+	Reads  uint64 `protobuf:"varint,2,opt,name=reads,proto3" json:"reads,omitempty"`
+	Writes uint64 `protobuf:"varint,3,opt,name=writes,proto3" json:"writes,omitempty"`
+	// Bytes read and written (the kernel's 512-byte sectors, times 512).
+	ReadBytes    uint64 `protobuf:"varint,4,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	WrittenBytes uint64 `protobuf:"varint,5,opt,name=written_bytes,json=writtenBytes,proto3" json:"written_bytes,omitempty"`
+	// Milliseconds spent reading, writing (summed over requests, so more
+	// than wall time with parallel requests), and with I/O in flight
+	// (wall time the device was busy).
+	ReadTimeMs    uint64 `protobuf:"varint,6,opt,name=read_time_ms,json=readTimeMs,proto3" json:"read_time_ms,omitempty"`
+	WriteTimeMs   uint64 `protobuf:"varint,7,opt,name=write_time_ms,json=writeTimeMs,proto3" json:"write_time_ms,omitempty"`
+	IoTimeMs      uint64 `protobuf:"varint,8,opt,name=io_time_ms,json=ioTimeMs,proto3" json:"io_time_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskStats) Reset() {
+	*x = DiskStats{}
+	mi := &file_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskStats) ProtoMessage() {}
+
+func (x *DiskStats) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskStats.ProtoReflect.Descriptor instead.
+func (*DiskStats) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *DiskStats) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DiskStats) GetReads() uint64 {
+	if x != nil {
+		return x.Reads
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWrites() uint64 {
+	if x != nil {
+		return x.Writes
+	}
+	return 0
+}
+
+func (x *DiskStats) GetReadBytes() uint64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWrittenBytes() uint64 {
+	if x != nil {
+		return x.WrittenBytes
+	}
+	return 0
+}
+
+func (x *DiskStats) GetReadTimeMs() uint64 {
+	if x != nil {
+		return x.ReadTimeMs
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWriteTimeMs() uint64 {
+	if x != nil {
+		return x.WriteTimeMs
+	}
+	return 0
+}
+
+func (x *DiskStats) GetIoTimeMs() uint64 {
+	if x != nil {
+		return x.IoTimeMs
+	}
+	return 0
+}
+
+// ClassStats is the guest cgroup of one CPU class, its containers'
+// cgroups included.
+type ClassStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The class's name, as the host gave it in cpu_classes.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// cpu.stat: CPU time used, in user and system mode, in microseconds.
+	CpuUsageUsec  uint64 `protobuf:"varint,2,opt,name=cpu_usage_usec,json=cpuUsageUsec,proto3" json:"cpu_usage_usec,omitempty"`
+	CpuUserUsec   uint64 `protobuf:"varint,3,opt,name=cpu_user_usec,json=cpuUserUsec,proto3" json:"cpu_user_usec,omitempty"`
+	CpuSystemUsec uint64 `protobuf:"varint,4,opt,name=cpu_system_usec,json=cpuSystemUsec,proto3" json:"cpu_system_usec,omitempty"`
+	// cpu.stat of the cpu controller: periods with a quota (cpu.max),
+	// periods throttled, and microseconds throttled. 0 without a quota.
+	CpuNrPeriods     uint64 `protobuf:"varint,5,opt,name=cpu_nr_periods,json=cpuNrPeriods,proto3" json:"cpu_nr_periods,omitempty"`
+	CpuNrThrottled   uint64 `protobuf:"varint,6,opt,name=cpu_nr_throttled,json=cpuNrThrottled,proto3" json:"cpu_nr_throttled,omitempty"`
+	CpuThrottledUsec uint64 `protobuf:"varint,7,opt,name=cpu_throttled_usec,json=cpuThrottledUsec,proto3" json:"cpu_throttled_usec,omitempty"`
+	// memory.current, and anon and file of memory.stat, in bytes. Unset
+	// while the memory controller is not enabled in the class's cgroup
+	// (the agent enables cpu and cpuset for the classes; runc enables
+	// memory once a container is created in one).
+	MemoryCurrentBytes *uint64 `protobuf:"varint,8,opt,name=memory_current_bytes,json=memoryCurrentBytes,proto3,oneof" json:"memory_current_bytes,omitempty"`
+	MemoryAnonBytes    *uint64 `protobuf:"varint,9,opt,name=memory_anon_bytes,json=memoryAnonBytes,proto3,oneof" json:"memory_anon_bytes,omitempty"`
+	MemoryFileBytes    *uint64 `protobuf:"varint,10,opt,name=memory_file_bytes,json=memoryFileBytes,proto3,oneof" json:"memory_file_bytes,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *ClassStats) Reset() {
+	*x = ClassStats{}
+	mi := &file_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClassStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClassStats) ProtoMessage() {}
+
+func (x *ClassStats) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClassStats.ProtoReflect.Descriptor instead.
+func (*ClassStats) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ClassStats) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ClassStats) GetCpuUsageUsec() uint64 {
+	if x != nil {
+		return x.CpuUsageUsec
+	}
+	return 0
+}
+
+func (x *ClassStats) GetCpuUserUsec() uint64 {
+	if x != nil {
+		return x.CpuUserUsec
+	}
+	return 0
+}
+
+func (x *ClassStats) GetCpuSystemUsec() uint64 {
+	if x != nil {
+		return x.CpuSystemUsec
+	}
+	return 0
+}
+
+func (x *ClassStats) GetCpuNrPeriods() uint64 {
+	if x != nil {
+		return x.CpuNrPeriods
+	}
+	return 0
+}
+
+func (x *ClassStats) GetCpuNrThrottled() uint64 {
+	if x != nil {
+		return x.CpuNrThrottled
+	}
+	return 0
+}
+
+func (x *ClassStats) GetCpuThrottledUsec() uint64 {
+	if x != nil {
+		return x.CpuThrottledUsec
+	}
+	return 0
+}
+
+func (x *ClassStats) GetMemoryCurrentBytes() uint64 {
+	if x != nil && x.MemoryCurrentBytes != nil {
+		return *x.MemoryCurrentBytes
+	}
+	return 0
+}
+
+func (x *ClassStats) GetMemoryAnonBytes() uint64 {
+	if x != nil && x.MemoryAnonBytes != nil {
+		return *x.MemoryAnonBytes
+	}
+	return 0
+}
+
+func (x *ClassStats) GetMemoryFileBytes() uint64 {
+	if x != nil && x.MemoryFileBytes != nil {
+		return *x.MemoryFileBytes
+	}
+	return 0
 }
 
 type CreateContainerRequest struct {
@@ -919,7 +1559,7 @@ type CreateContainerRequest struct {
 
 func (x *CreateContainerRequest) Reset() {
 	*x = CreateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -931,7 +1571,7 @@ func (x *CreateContainerRequest) String() string {
 func (*CreateContainerRequest) ProtoMessage() {}
 
 func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -944,7 +1584,7 @@ func (x *CreateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerRequest.ProtoReflect.Descriptor instead.
 func (*CreateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateContainerRequest) GetContainerId() string {
@@ -1005,7 +1645,7 @@ type StartContainerRequest struct {
 
 func (x *StartContainerRequest) Reset() {
 	*x = StartContainerRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1657,7 @@ func (x *StartContainerRequest) String() string {
 func (*StartContainerRequest) ProtoMessage() {}
 
 func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1670,7 @@ func (x *StartContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerRequest.ProtoReflect.Descriptor instead.
 func (*StartContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StartContainerRequest) GetContainerId() string {
@@ -1050,7 +1690,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1702,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1715,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -1094,7 +1734,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1746,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1759,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RemoveContainerRequest) GetContainerId() string {
@@ -1138,7 +1778,7 @@ type PauseContainerRequest struct {
 
 func (x *PauseContainerRequest) Reset() {
 	*x = PauseContainerRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1790,7 @@ func (x *PauseContainerRequest) String() string {
 func (*PauseContainerRequest) ProtoMessage() {}
 
 func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1803,7 @@ func (x *PauseContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseContainerRequest.ProtoReflect.Descriptor instead.
 func (*PauseContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PauseContainerRequest) GetContainerId() string {
@@ -1182,7 +1822,7 @@ type ResumeContainerRequest struct {
 
 func (x *ResumeContainerRequest) Reset() {
 	*x = ResumeContainerRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1834,7 @@ func (x *ResumeContainerRequest) String() string {
 func (*ResumeContainerRequest) ProtoMessage() {}
 
 func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1847,7 @@ func (x *ResumeContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeContainerRequest.ProtoReflect.Descriptor instead.
 func (*ResumeContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ResumeContainerRequest) GetContainerId() string {
@@ -1228,7 +1868,7 @@ type UpdateContainerRequest struct {
 
 func (x *UpdateContainerRequest) Reset() {
 	*x = UpdateContainerRequest{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1880,7 @@ func (x *UpdateContainerRequest) String() string {
 func (*UpdateContainerRequest) ProtoMessage() {}
 
 func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1893,7 @@ func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
 func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UpdateContainerRequest) GetContainerId() string {
@@ -1279,7 +1919,7 @@ type StatsContainerRequest struct {
 
 func (x *StatsContainerRequest) Reset() {
 	*x = StatsContainerRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1931,7 @@ func (x *StatsContainerRequest) String() string {
 func (*StatsContainerRequest) ProtoMessage() {}
 
 func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1944,7 @@ func (x *StatsContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerRequest.ProtoReflect.Descriptor instead.
 func (*StatsContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StatsContainerRequest) GetContainerId() string {
@@ -1325,7 +1965,7 @@ type StatsContainerResponse struct {
 
 func (x *StatsContainerResponse) Reset() {
 	*x = StatsContainerResponse{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1977,7 @@ func (x *StatsContainerResponse) String() string {
 func (*StatsContainerResponse) ProtoMessage() {}
 
 func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1990,7 @@ func (x *StatsContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsContainerResponse.ProtoReflect.Descriptor instead.
 func (*StatsContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StatsContainerResponse) GetMetrics() *anypb.Any {
@@ -1369,7 +2009,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1381,7 +2021,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1394,7 +2034,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListProcessesRequest) GetContainerId() string {
@@ -1414,7 +2054,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1426,7 +2066,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1439,7 +2079,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1465,7 +2105,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +2117,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +2130,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1516,7 +2156,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +2168,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +2181,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExecProcessRequest) GetContainerId() string {
@@ -1602,7 +2242,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1614,7 +2254,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1627,7 +2267,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -1650,7 +2290,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1662,7 +2302,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1675,7 +2315,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SignalProcessRequest) GetContainerId() string {
@@ -1716,7 +2356,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +2368,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +2381,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WaitProcessRequest) GetContainerId() string {
@@ -1770,7 +2410,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1782,7 +2422,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1795,7 +2435,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *WaitProcessResponse) GetExitStatus() uint32 {
@@ -1829,7 +2469,7 @@ type RemoveProcessRequest struct {
 
 func (x *RemoveProcessRequest) Reset() {
 	*x = RemoveProcessRequest{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +2481,7 @@ func (x *RemoveProcessRequest) String() string {
 func (*RemoveProcessRequest) ProtoMessage() {}
 
 func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +2494,7 @@ func (x *RemoveProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveProcessRequest.ProtoReflect.Descriptor instead.
 func (*RemoveProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RemoveProcessRequest) GetContainerId() string {
@@ -1882,7 +2522,7 @@ type WriteStreamRequest struct {
 
 func (x *WriteStreamRequest) Reset() {
 	*x = WriteStreamRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1894,7 +2534,7 @@ func (x *WriteStreamRequest) String() string {
 func (*WriteStreamRequest) ProtoMessage() {}
 
 func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1907,7 +2547,7 @@ func (x *WriteStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamRequest.ProtoReflect.Descriptor instead.
 func (*WriteStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *WriteStreamRequest) GetContainerId() string {
@@ -1940,7 +2580,7 @@ type WriteStreamResponse struct {
 
 func (x *WriteStreamResponse) Reset() {
 	*x = WriteStreamResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1952,7 +2592,7 @@ func (x *WriteStreamResponse) String() string {
 func (*WriteStreamResponse) ProtoMessage() {}
 
 func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1965,7 +2605,7 @@ func (x *WriteStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStreamResponse.ProtoReflect.Descriptor instead.
 func (*WriteStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *WriteStreamResponse) GetLen() uint32 {
@@ -1985,7 +2625,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1997,7 +2637,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2010,7 +2650,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CloseStdinRequest) GetContainerId() string {
@@ -2039,7 +2679,7 @@ type ReadStreamRequest struct {
 
 func (x *ReadStreamRequest) Reset() {
 	*x = ReadStreamRequest{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2051,7 +2691,7 @@ func (x *ReadStreamRequest) String() string {
 func (*ReadStreamRequest) ProtoMessage() {}
 
 func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2064,7 +2704,7 @@ func (x *ReadStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamRequest.ProtoReflect.Descriptor instead.
 func (*ReadStreamRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ReadStreamRequest) GetContainerId() string {
@@ -2098,7 +2738,7 @@ type ReadStreamResponse struct {
 
 func (x *ReadStreamResponse) Reset() {
 	*x = ReadStreamResponse{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2110,7 +2750,7 @@ func (x *ReadStreamResponse) String() string {
 func (*ReadStreamResponse) ProtoMessage() {}
 
 func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2123,7 +2763,7 @@ func (x *ReadStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStreamResponse.ProtoReflect.Descriptor instead.
 func (*ReadStreamResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ReadStreamResponse) GetData() []byte {
@@ -2152,7 +2792,7 @@ type TtyWinResizeRequest struct {
 
 func (x *TtyWinResizeRequest) Reset() {
 	*x = TtyWinResizeRequest{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2164,7 +2804,7 @@ func (x *TtyWinResizeRequest) String() string {
 func (*TtyWinResizeRequest) ProtoMessage() {}
 
 func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2177,7 +2817,7 @@ func (x *TtyWinResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TtyWinResizeRequest.ProtoReflect.Descriptor instead.
 func (*TtyWinResizeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *TtyWinResizeRequest) GetContainerId() string {
@@ -2219,7 +2859,7 @@ type IPAddress struct {
 
 func (x *IPAddress) Reset() {
 	*x = IPAddress{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2231,7 +2871,7 @@ func (x *IPAddress) String() string {
 func (*IPAddress) ProtoMessage() {}
 
 func (x *IPAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2244,7 +2884,7 @@ func (x *IPAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IPAddress.ProtoReflect.Descriptor instead.
 func (*IPAddress) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *IPAddress) GetAddress() string {
@@ -2276,7 +2916,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2288,7 +2928,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2301,7 +2941,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Interface) GetName() string {
@@ -2354,7 +2994,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2366,7 +3006,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2379,7 +3019,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Route) GetDest() string {
@@ -2436,7 +3076,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2448,7 +3088,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2461,7 +3101,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Neighbor) GetIpAddress() string {
@@ -2501,7 +3141,7 @@ type UpdateInterfaceRequest struct {
 
 func (x *UpdateInterfaceRequest) Reset() {
 	*x = UpdateInterfaceRequest{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2513,7 +3153,7 @@ func (x *UpdateInterfaceRequest) String() string {
 func (*UpdateInterfaceRequest) ProtoMessage() {}
 
 func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2526,7 +3166,7 @@ func (x *UpdateInterfaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateInterfaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateInterfaceRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *UpdateInterfaceRequest) GetInterface() *Interface {
@@ -2545,7 +3185,7 @@ type UpdateRoutesRequest struct {
 
 func (x *UpdateRoutesRequest) Reset() {
 	*x = UpdateRoutesRequest{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +3197,7 @@ func (x *UpdateRoutesRequest) String() string {
 func (*UpdateRoutesRequest) ProtoMessage() {}
 
 func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +3210,7 @@ func (x *UpdateRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *UpdateRoutesRequest) GetRoutes() []*Route {
@@ -2589,7 +3229,7 @@ type UpdateRoutesResponse struct {
 
 func (x *UpdateRoutesResponse) Reset() {
 	*x = UpdateRoutesResponse{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2601,7 +3241,7 @@ func (x *UpdateRoutesResponse) String() string {
 func (*UpdateRoutesResponse) ProtoMessage() {}
 
 func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2614,7 +3254,7 @@ func (x *UpdateRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRoutesResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *UpdateRoutesResponse) GetRoutes() []*Route {
@@ -2633,7 +3273,7 @@ type AddARPNeighborsRequest struct {
 
 func (x *AddARPNeighborsRequest) Reset() {
 	*x = AddARPNeighborsRequest{}
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2645,7 +3285,7 @@ func (x *AddARPNeighborsRequest) String() string {
 func (*AddARPNeighborsRequest) ProtoMessage() {}
 
 func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2658,7 +3298,7 @@ func (x *AddARPNeighborsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddARPNeighborsRequest.ProtoReflect.Descriptor instead.
 func (*AddARPNeighborsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{46}
+	return file_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *AddARPNeighborsRequest) GetNeighbors() []*Neighbor {
@@ -2676,7 +3316,7 @@ type ListInterfacesRequest struct {
 
 func (x *ListInterfacesRequest) Reset() {
 	*x = ListInterfacesRequest{}
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2688,7 +3328,7 @@ func (x *ListInterfacesRequest) String() string {
 func (*ListInterfacesRequest) ProtoMessage() {}
 
 func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2701,7 +3341,7 @@ func (x *ListInterfacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesRequest.ProtoReflect.Descriptor instead.
 func (*ListInterfacesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{47}
+	return file_agent_proto_rawDescGZIP(), []int{51}
 }
 
 type ListInterfacesResponse struct {
@@ -2713,7 +3353,7 @@ type ListInterfacesResponse struct {
 
 func (x *ListInterfacesResponse) Reset() {
 	*x = ListInterfacesResponse{}
-	mi := &file_agent_proto_msgTypes[48]
+	mi := &file_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2725,7 +3365,7 @@ func (x *ListInterfacesResponse) String() string {
 func (*ListInterfacesResponse) ProtoMessage() {}
 
 func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[48]
+	mi := &file_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2738,7 +3378,7 @@ func (x *ListInterfacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListInterfacesResponse.ProtoReflect.Descriptor instead.
 func (*ListInterfacesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{48}
+	return file_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListInterfacesResponse) GetInterfaces() []*Interface {
@@ -2810,9 +3450,84 @@ const file_agent_proto_rawDesc = "" +
 	"\x12GetOOMEventRequest\"8\n" +
 	"\x13GetOOMEventResponse\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\"\x13\n" +
-	"\x11GetMetricsRequest\".\n" +
-	"\x12GetMetricsResponse\x12\x18\n" +
-	"\ametrics\x18\x01 \x01(\tR\ametrics\"\xec\x01\n" +
+	"\x11GetMetricsRequest\"\xde\x06\n" +
+	"\x12GetMetricsResponse\x12X\n" +
+	"\rmeminfo_bytes\x18\x01 \x03(\v23.colo.agent.v1.GetMetricsResponse.MeminfoBytesEntryR\fmeminfoBytes\x123\n" +
+	"\tcpu_total\x18\x02 \x01(\v2\x16.colo.agent.v1.CPUTimeR\bcpuTotal\x12*\n" +
+	"\x04cpus\x18\x03 \x03(\v2\x16.colo.agent.v1.CPUTimeR\x04cpus\x12)\n" +
+	"\x10context_switches\x18\x04 \x01(\x04R\x0fcontextSwitches\x12\x14\n" +
+	"\x05forks\x18\x05 \x01(\x04R\x05forks\x12#\n" +
+	"\rprocs_running\x18\x06 \x01(\x04R\fprocsRunning\x12#\n" +
+	"\rprocs_blocked\x18\a \x01(\x04R\fprocsBlocked\x12*\n" +
+	"\x11boot_time_seconds\x18\b \x01(\x04R\x0fbootTimeSeconds\x12%\n" +
+	"\x0euptime_seconds\x18\t \x01(\x01R\ruptimeSeconds\x12\x14\n" +
+	"\x05load1\x18\n" +
+	" \x01(\x01R\x05load1\x12\x14\n" +
+	"\x05load5\x18\v \x01(\x01R\x05load5\x12\x16\n" +
+	"\x06load15\x18\f \x01(\x01R\x06load15\x122\n" +
+	"\x06netdev\x18\r \x03(\v2\x1a.colo.agent.v1.NetDevStatsR\x06netdev\x12.\n" +
+	"\x05disks\x18\x0e \x03(\v2\x18.colo.agent.v1.DiskStatsR\x05disks\x123\n" +
+	"\aclasses\x18\x0f \x03(\v2\x19.colo.agent.v1.ClassStatsR\aclasses\x12&\n" +
+	"\x0fagent_rss_bytes\x18\x10 \x01(\x04R\ragentRssBytes\x12)\n" +
+	"\x10agent_goroutines\x18\x11 \x01(\rR\x0fagentGoroutines\x12$\n" +
+	"\x0eagent_open_fds\x18\x12 \x01(\rR\fagentOpenFds\x12\x18\n" +
+	"\askipped\x18\x13 \x01(\rR\askipped\x1a?\n" +
+	"\x11MeminfoBytesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xc1\x02\n" +
+	"\aCPUTime\x12\x10\n" +
+	"\x03cpu\x18\x01 \x01(\rR\x03cpu\x12!\n" +
+	"\fuser_seconds\x18\x02 \x01(\x01R\vuserSeconds\x12!\n" +
+	"\fnice_seconds\x18\x03 \x01(\x01R\vniceSeconds\x12%\n" +
+	"\x0esystem_seconds\x18\x04 \x01(\x01R\rsystemSeconds\x12!\n" +
+	"\fidle_seconds\x18\x05 \x01(\x01R\vidleSeconds\x12%\n" +
+	"\x0eiowait_seconds\x18\x06 \x01(\x01R\riowaitSeconds\x12\x1f\n" +
+	"\virq_seconds\x18\a \x01(\x01R\n" +
+	"irqSeconds\x12'\n" +
+	"\x0fsoftirq_seconds\x18\b \x01(\x01R\x0esoftirqSeconds\x12#\n" +
+	"\rsteal_seconds\x18\t \x01(\x01R\fstealSeconds\"\x8d\x02\n" +
+	"\vNetDevStats\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\brx_bytes\x18\x02 \x01(\x04R\arxBytes\x12\x1d\n" +
+	"\n" +
+	"rx_packets\x18\x03 \x01(\x04R\trxPackets\x12\x1b\n" +
+	"\trx_errors\x18\x04 \x01(\x04R\brxErrors\x12\x1d\n" +
+	"\n" +
+	"rx_dropped\x18\x05 \x01(\x04R\trxDropped\x12\x19\n" +
+	"\btx_bytes\x18\x06 \x01(\x04R\atxBytes\x12\x1d\n" +
+	"\n" +
+	"tx_packets\x18\a \x01(\x04R\ttxPackets\x12\x1b\n" +
+	"\ttx_errors\x18\b \x01(\x04R\btxErrors\x12\x1d\n" +
+	"\n" +
+	"tx_dropped\x18\t \x01(\x04R\ttxDropped\"\xf5\x01\n" +
+	"\tDiskStats\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05reads\x18\x02 \x01(\x04R\x05reads\x12\x16\n" +
+	"\x06writes\x18\x03 \x01(\x04R\x06writes\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\x04 \x01(\x04R\treadBytes\x12#\n" +
+	"\rwritten_bytes\x18\x05 \x01(\x04R\fwrittenBytes\x12 \n" +
+	"\fread_time_ms\x18\x06 \x01(\x04R\n" +
+	"readTimeMs\x12\"\n" +
+	"\rwrite_time_ms\x18\a \x01(\x04R\vwriteTimeMs\x12\x1c\n" +
+	"\n" +
+	"io_time_ms\x18\b \x01(\x04R\bioTimeMs\"\xee\x03\n" +
+	"\n" +
+	"ClassStats\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12$\n" +
+	"\x0ecpu_usage_usec\x18\x02 \x01(\x04R\fcpuUsageUsec\x12\"\n" +
+	"\rcpu_user_usec\x18\x03 \x01(\x04R\vcpuUserUsec\x12&\n" +
+	"\x0fcpu_system_usec\x18\x04 \x01(\x04R\rcpuSystemUsec\x12$\n" +
+	"\x0ecpu_nr_periods\x18\x05 \x01(\x04R\fcpuNrPeriods\x12(\n" +
+	"\x10cpu_nr_throttled\x18\x06 \x01(\x04R\x0ecpuNrThrottled\x12,\n" +
+	"\x12cpu_throttled_usec\x18\a \x01(\x04R\x10cpuThrottledUsec\x125\n" +
+	"\x14memory_current_bytes\x18\b \x01(\x04H\x00R\x12memoryCurrentBytes\x88\x01\x01\x12/\n" +
+	"\x11memory_anon_bytes\x18\t \x01(\x04H\x01R\x0fmemoryAnonBytes\x88\x01\x01\x12/\n" +
+	"\x11memory_file_bytes\x18\n" +
+	" \x01(\x04H\x02R\x0fmemoryFileBytes\x88\x01\x01B\x17\n" +
+	"\x15_memory_current_bytesB\x14\n" +
+	"\x12_memory_anon_bytesB\x14\n" +
+	"\x12_memory_file_bytes\"\xec\x01\n" +
 	"\x16CreateContainerRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x19\n" +
 	"\boci_spec\x18\x02 \x01(\fR\aociSpec\x122\n" +
@@ -2977,7 +3692,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
 var file_agent_proto_goTypes = []any{
 	(*CheckRequest)(nil),            // 0: colo.agent.v1.CheckRequest
 	(*CheckResponse)(nil),           // 1: colo.agent.v1.CheckResponse
@@ -2994,125 +3709,136 @@ var file_agent_proto_goTypes = []any{
 	(*GetOOMEventResponse)(nil),     // 12: colo.agent.v1.GetOOMEventResponse
 	(*GetMetricsRequest)(nil),       // 13: colo.agent.v1.GetMetricsRequest
 	(*GetMetricsResponse)(nil),      // 14: colo.agent.v1.GetMetricsResponse
-	(*CreateContainerRequest)(nil),  // 15: colo.agent.v1.CreateContainerRequest
-	(*StartContainerRequest)(nil),   // 16: colo.agent.v1.StartContainerRequest
-	(*StartContainerResponse)(nil),  // 17: colo.agent.v1.StartContainerResponse
-	(*RemoveContainerRequest)(nil),  // 18: colo.agent.v1.RemoveContainerRequest
-	(*PauseContainerRequest)(nil),   // 19: colo.agent.v1.PauseContainerRequest
-	(*ResumeContainerRequest)(nil),  // 20: colo.agent.v1.ResumeContainerRequest
-	(*UpdateContainerRequest)(nil),  // 21: colo.agent.v1.UpdateContainerRequest
-	(*StatsContainerRequest)(nil),   // 22: colo.agent.v1.StatsContainerRequest
-	(*StatsContainerResponse)(nil),  // 23: colo.agent.v1.StatsContainerResponse
-	(*ListProcessesRequest)(nil),    // 24: colo.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),             // 25: colo.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil),   // 26: colo.agent.v1.ListProcessesResponse
-	(*ExecProcessRequest)(nil),      // 27: colo.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 28: colo.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 29: colo.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 30: colo.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 31: colo.agent.v1.WaitProcessResponse
-	(*RemoveProcessRequest)(nil),    // 32: colo.agent.v1.RemoveProcessRequest
-	(*WriteStreamRequest)(nil),      // 33: colo.agent.v1.WriteStreamRequest
-	(*WriteStreamResponse)(nil),     // 34: colo.agent.v1.WriteStreamResponse
-	(*CloseStdinRequest)(nil),       // 35: colo.agent.v1.CloseStdinRequest
-	(*ReadStreamRequest)(nil),       // 36: colo.agent.v1.ReadStreamRequest
-	(*ReadStreamResponse)(nil),      // 37: colo.agent.v1.ReadStreamResponse
-	(*TtyWinResizeRequest)(nil),     // 38: colo.agent.v1.TtyWinResizeRequest
-	(*IPAddress)(nil),               // 39: colo.agent.v1.IPAddress
-	(*Interface)(nil),               // 40: colo.agent.v1.Interface
-	(*Route)(nil),                   // 41: colo.agent.v1.Route
-	(*Neighbor)(nil),                // 42: colo.agent.v1.Neighbor
-	(*UpdateInterfaceRequest)(nil),  // 43: colo.agent.v1.UpdateInterfaceRequest
-	(*UpdateRoutesRequest)(nil),     // 44: colo.agent.v1.UpdateRoutesRequest
-	(*UpdateRoutesResponse)(nil),    // 45: colo.agent.v1.UpdateRoutesResponse
-	(*AddARPNeighborsRequest)(nil),  // 46: colo.agent.v1.AddARPNeighborsRequest
-	(*ListInterfacesRequest)(nil),   // 47: colo.agent.v1.ListInterfacesRequest
-	(*ListInterfacesResponse)(nil),  // 48: colo.agent.v1.ListInterfacesResponse
-	nil,                             // 49: colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
-	(*timestamppb.Timestamp)(nil),   // 50: google.protobuf.Timestamp
-	(*anypb.Any)(nil),               // 51: google.protobuf.Any
-	(*emptypb.Empty)(nil),           // 52: google.protobuf.Empty
+	(*CPUTime)(nil),                 // 15: colo.agent.v1.CPUTime
+	(*NetDevStats)(nil),             // 16: colo.agent.v1.NetDevStats
+	(*DiskStats)(nil),               // 17: colo.agent.v1.DiskStats
+	(*ClassStats)(nil),              // 18: colo.agent.v1.ClassStats
+	(*CreateContainerRequest)(nil),  // 19: colo.agent.v1.CreateContainerRequest
+	(*StartContainerRequest)(nil),   // 20: colo.agent.v1.StartContainerRequest
+	(*StartContainerResponse)(nil),  // 21: colo.agent.v1.StartContainerResponse
+	(*RemoveContainerRequest)(nil),  // 22: colo.agent.v1.RemoveContainerRequest
+	(*PauseContainerRequest)(nil),   // 23: colo.agent.v1.PauseContainerRequest
+	(*ResumeContainerRequest)(nil),  // 24: colo.agent.v1.ResumeContainerRequest
+	(*UpdateContainerRequest)(nil),  // 25: colo.agent.v1.UpdateContainerRequest
+	(*StatsContainerRequest)(nil),   // 26: colo.agent.v1.StatsContainerRequest
+	(*StatsContainerResponse)(nil),  // 27: colo.agent.v1.StatsContainerResponse
+	(*ListProcessesRequest)(nil),    // 28: colo.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),             // 29: colo.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil),   // 30: colo.agent.v1.ListProcessesResponse
+	(*ExecProcessRequest)(nil),      // 31: colo.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 32: colo.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 33: colo.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 34: colo.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 35: colo.agent.v1.WaitProcessResponse
+	(*RemoveProcessRequest)(nil),    // 36: colo.agent.v1.RemoveProcessRequest
+	(*WriteStreamRequest)(nil),      // 37: colo.agent.v1.WriteStreamRequest
+	(*WriteStreamResponse)(nil),     // 38: colo.agent.v1.WriteStreamResponse
+	(*CloseStdinRequest)(nil),       // 39: colo.agent.v1.CloseStdinRequest
+	(*ReadStreamRequest)(nil),       // 40: colo.agent.v1.ReadStreamRequest
+	(*ReadStreamResponse)(nil),      // 41: colo.agent.v1.ReadStreamResponse
+	(*TtyWinResizeRequest)(nil),     // 42: colo.agent.v1.TtyWinResizeRequest
+	(*IPAddress)(nil),               // 43: colo.agent.v1.IPAddress
+	(*Interface)(nil),               // 44: colo.agent.v1.Interface
+	(*Route)(nil),                   // 45: colo.agent.v1.Route
+	(*Neighbor)(nil),                // 46: colo.agent.v1.Neighbor
+	(*UpdateInterfaceRequest)(nil),  // 47: colo.agent.v1.UpdateInterfaceRequest
+	(*UpdateRoutesRequest)(nil),     // 48: colo.agent.v1.UpdateRoutesRequest
+	(*UpdateRoutesResponse)(nil),    // 49: colo.agent.v1.UpdateRoutesResponse
+	(*AddARPNeighborsRequest)(nil),  // 50: colo.agent.v1.AddARPNeighborsRequest
+	(*ListInterfacesRequest)(nil),   // 51: colo.agent.v1.ListInterfacesRequest
+	(*ListInterfacesResponse)(nil),  // 52: colo.agent.v1.ListInterfacesResponse
+	nil,                             // 53: colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	nil,                             // 54: colo.agent.v1.GetMetricsResponse.MeminfoBytesEntry
+	(*timestamppb.Timestamp)(nil),   // 55: google.protobuf.Timestamp
+	(*anypb.Any)(nil),               // 56: google.protobuf.Any
+	(*emptypb.Empty)(nil),           // 57: google.protobuf.Empty
 }
 var file_agent_proto_depIdxs = []int32{
 	2,  // 0: colo.agent.v1.CreateSandboxRequest.storages:type_name -> colo.agent.v1.Storage
-	50, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
+	55, // 1: colo.agent.v1.CreateSandboxRequest.host_time:type_name -> google.protobuf.Timestamp
 	4,  // 2: colo.agent.v1.CreateSandboxRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
-	49, // 3: colo.agent.v1.CreateSandboxRequest.pod_sysctls:type_name -> colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
-	50, // 4: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
+	53, // 3: colo.agent.v1.CreateSandboxRequest.pod_sysctls:type_name -> colo.agent.v1.CreateSandboxRequest.PodSysctlsEntry
+	55, // 4: colo.agent.v1.SetGuestTimeRequest.time:type_name -> google.protobuf.Timestamp
 	4,  // 5: colo.agent.v1.OnlineCPUMemRequest.cpu_classes:type_name -> colo.agent.v1.CPUClass
-	2,  // 6: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
-	51, // 7: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
-	25, // 8: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
-	50, // 9: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
-	39, // 10: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
-	40, // 11: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
-	41, // 12: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
-	41, // 13: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
-	42, // 14: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
-	40, // 15: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
-	0,  // 16: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
-	3,  // 17: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
-	5,  // 18: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
-	6,  // 19: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
-	8,  // 20: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
-	9,  // 21: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
-	11, // 22: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
-	13, // 23: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
-	15, // 24: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
-	16, // 25: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
-	18, // 26: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
-	19, // 27: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
-	20, // 28: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
-	21, // 29: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
-	22, // 30: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
-	24, // 31: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
-	27, // 32: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
-	29, // 33: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
-	30, // 34: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
-	32, // 35: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
-	33, // 36: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
-	35, // 37: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
-	36, // 38: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
-	36, // 39: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
-	38, // 40: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
-	43, // 41: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
-	44, // 42: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
-	46, // 43: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
-	47, // 44: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
-	1,  // 45: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
-	52, // 46: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
-	52, // 47: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
-	7,  // 48: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
-	52, // 49: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
-	10, // 50: colo.agent.v1.Agent.OnlineCPUMem:output_type -> colo.agent.v1.OnlineCPUMemResponse
-	12, // 51: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
-	14, // 52: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
-	52, // 53: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
-	17, // 54: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
-	52, // 55: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
-	52, // 56: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
-	52, // 57: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
-	52, // 58: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
-	23, // 59: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
-	26, // 60: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
-	28, // 61: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
-	52, // 62: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
-	31, // 63: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
-	52, // 64: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
-	34, // 65: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
-	52, // 66: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
-	37, // 67: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
-	37, // 68: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
-	52, // 69: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
-	40, // 70: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
-	45, // 71: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
-	52, // 72: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
-	48, // 73: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
-	45, // [45:74] is the sub-list for method output_type
-	16, // [16:45] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	54, // 6: colo.agent.v1.GetMetricsResponse.meminfo_bytes:type_name -> colo.agent.v1.GetMetricsResponse.MeminfoBytesEntry
+	15, // 7: colo.agent.v1.GetMetricsResponse.cpu_total:type_name -> colo.agent.v1.CPUTime
+	15, // 8: colo.agent.v1.GetMetricsResponse.cpus:type_name -> colo.agent.v1.CPUTime
+	16, // 9: colo.agent.v1.GetMetricsResponse.netdev:type_name -> colo.agent.v1.NetDevStats
+	17, // 10: colo.agent.v1.GetMetricsResponse.disks:type_name -> colo.agent.v1.DiskStats
+	18, // 11: colo.agent.v1.GetMetricsResponse.classes:type_name -> colo.agent.v1.ClassStats
+	2,  // 12: colo.agent.v1.CreateContainerRequest.storages:type_name -> colo.agent.v1.Storage
+	56, // 13: colo.agent.v1.StatsContainerResponse.metrics:type_name -> google.protobuf.Any
+	29, // 14: colo.agent.v1.ListProcessesResponse.processes:type_name -> colo.agent.v1.ProcessInfo
+	55, // 15: colo.agent.v1.WaitProcessResponse.exited_at:type_name -> google.protobuf.Timestamp
+	43, // 16: colo.agent.v1.Interface.addresses:type_name -> colo.agent.v1.IPAddress
+	44, // 17: colo.agent.v1.UpdateInterfaceRequest.interface:type_name -> colo.agent.v1.Interface
+	45, // 18: colo.agent.v1.UpdateRoutesRequest.routes:type_name -> colo.agent.v1.Route
+	45, // 19: colo.agent.v1.UpdateRoutesResponse.routes:type_name -> colo.agent.v1.Route
+	46, // 20: colo.agent.v1.AddARPNeighborsRequest.neighbors:type_name -> colo.agent.v1.Neighbor
+	44, // 21: colo.agent.v1.ListInterfacesResponse.interfaces:type_name -> colo.agent.v1.Interface
+	0,  // 22: colo.agent.v1.Agent.Check:input_type -> colo.agent.v1.CheckRequest
+	3,  // 23: colo.agent.v1.Agent.CreateSandbox:input_type -> colo.agent.v1.CreateSandboxRequest
+	5,  // 24: colo.agent.v1.Agent.DestroySandbox:input_type -> colo.agent.v1.DestroySandboxRequest
+	6,  // 25: colo.agent.v1.Agent.GetGuestDetails:input_type -> colo.agent.v1.GetGuestDetailsRequest
+	8,  // 26: colo.agent.v1.Agent.SetGuestTime:input_type -> colo.agent.v1.SetGuestTimeRequest
+	9,  // 27: colo.agent.v1.Agent.OnlineCPUMem:input_type -> colo.agent.v1.OnlineCPUMemRequest
+	11, // 28: colo.agent.v1.Agent.GetOOMEvent:input_type -> colo.agent.v1.GetOOMEventRequest
+	13, // 29: colo.agent.v1.Agent.GetMetrics:input_type -> colo.agent.v1.GetMetricsRequest
+	19, // 30: colo.agent.v1.Agent.CreateContainer:input_type -> colo.agent.v1.CreateContainerRequest
+	20, // 31: colo.agent.v1.Agent.StartContainer:input_type -> colo.agent.v1.StartContainerRequest
+	22, // 32: colo.agent.v1.Agent.RemoveContainer:input_type -> colo.agent.v1.RemoveContainerRequest
+	23, // 33: colo.agent.v1.Agent.PauseContainer:input_type -> colo.agent.v1.PauseContainerRequest
+	24, // 34: colo.agent.v1.Agent.ResumeContainer:input_type -> colo.agent.v1.ResumeContainerRequest
+	25, // 35: colo.agent.v1.Agent.UpdateContainer:input_type -> colo.agent.v1.UpdateContainerRequest
+	26, // 36: colo.agent.v1.Agent.StatsContainer:input_type -> colo.agent.v1.StatsContainerRequest
+	28, // 37: colo.agent.v1.Agent.ListProcesses:input_type -> colo.agent.v1.ListProcessesRequest
+	31, // 38: colo.agent.v1.Agent.ExecProcess:input_type -> colo.agent.v1.ExecProcessRequest
+	33, // 39: colo.agent.v1.Agent.SignalProcess:input_type -> colo.agent.v1.SignalProcessRequest
+	34, // 40: colo.agent.v1.Agent.WaitProcess:input_type -> colo.agent.v1.WaitProcessRequest
+	36, // 41: colo.agent.v1.Agent.RemoveProcess:input_type -> colo.agent.v1.RemoveProcessRequest
+	37, // 42: colo.agent.v1.Agent.WriteStdin:input_type -> colo.agent.v1.WriteStreamRequest
+	39, // 43: colo.agent.v1.Agent.CloseStdin:input_type -> colo.agent.v1.CloseStdinRequest
+	40, // 44: colo.agent.v1.Agent.ReadStdout:input_type -> colo.agent.v1.ReadStreamRequest
+	40, // 45: colo.agent.v1.Agent.ReadStderr:input_type -> colo.agent.v1.ReadStreamRequest
+	42, // 46: colo.agent.v1.Agent.TtyWinResize:input_type -> colo.agent.v1.TtyWinResizeRequest
+	47, // 47: colo.agent.v1.Agent.UpdateInterface:input_type -> colo.agent.v1.UpdateInterfaceRequest
+	48, // 48: colo.agent.v1.Agent.UpdateRoutes:input_type -> colo.agent.v1.UpdateRoutesRequest
+	50, // 49: colo.agent.v1.Agent.AddARPNeighbors:input_type -> colo.agent.v1.AddARPNeighborsRequest
+	51, // 50: colo.agent.v1.Agent.ListInterfaces:input_type -> colo.agent.v1.ListInterfacesRequest
+	1,  // 51: colo.agent.v1.Agent.Check:output_type -> colo.agent.v1.CheckResponse
+	57, // 52: colo.agent.v1.Agent.CreateSandbox:output_type -> google.protobuf.Empty
+	57, // 53: colo.agent.v1.Agent.DestroySandbox:output_type -> google.protobuf.Empty
+	7,  // 54: colo.agent.v1.Agent.GetGuestDetails:output_type -> colo.agent.v1.GetGuestDetailsResponse
+	57, // 55: colo.agent.v1.Agent.SetGuestTime:output_type -> google.protobuf.Empty
+	10, // 56: colo.agent.v1.Agent.OnlineCPUMem:output_type -> colo.agent.v1.OnlineCPUMemResponse
+	12, // 57: colo.agent.v1.Agent.GetOOMEvent:output_type -> colo.agent.v1.GetOOMEventResponse
+	14, // 58: colo.agent.v1.Agent.GetMetrics:output_type -> colo.agent.v1.GetMetricsResponse
+	57, // 59: colo.agent.v1.Agent.CreateContainer:output_type -> google.protobuf.Empty
+	21, // 60: colo.agent.v1.Agent.StartContainer:output_type -> colo.agent.v1.StartContainerResponse
+	57, // 61: colo.agent.v1.Agent.RemoveContainer:output_type -> google.protobuf.Empty
+	57, // 62: colo.agent.v1.Agent.PauseContainer:output_type -> google.protobuf.Empty
+	57, // 63: colo.agent.v1.Agent.ResumeContainer:output_type -> google.protobuf.Empty
+	57, // 64: colo.agent.v1.Agent.UpdateContainer:output_type -> google.protobuf.Empty
+	27, // 65: colo.agent.v1.Agent.StatsContainer:output_type -> colo.agent.v1.StatsContainerResponse
+	30, // 66: colo.agent.v1.Agent.ListProcesses:output_type -> colo.agent.v1.ListProcessesResponse
+	32, // 67: colo.agent.v1.Agent.ExecProcess:output_type -> colo.agent.v1.ExecProcessResponse
+	57, // 68: colo.agent.v1.Agent.SignalProcess:output_type -> google.protobuf.Empty
+	35, // 69: colo.agent.v1.Agent.WaitProcess:output_type -> colo.agent.v1.WaitProcessResponse
+	57, // 70: colo.agent.v1.Agent.RemoveProcess:output_type -> google.protobuf.Empty
+	38, // 71: colo.agent.v1.Agent.WriteStdin:output_type -> colo.agent.v1.WriteStreamResponse
+	57, // 72: colo.agent.v1.Agent.CloseStdin:output_type -> google.protobuf.Empty
+	41, // 73: colo.agent.v1.Agent.ReadStdout:output_type -> colo.agent.v1.ReadStreamResponse
+	41, // 74: colo.agent.v1.Agent.ReadStderr:output_type -> colo.agent.v1.ReadStreamResponse
+	57, // 75: colo.agent.v1.Agent.TtyWinResize:output_type -> google.protobuf.Empty
+	44, // 76: colo.agent.v1.Agent.UpdateInterface:output_type -> colo.agent.v1.Interface
+	49, // 77: colo.agent.v1.Agent.UpdateRoutes:output_type -> colo.agent.v1.UpdateRoutesResponse
+	57, // 78: colo.agent.v1.Agent.AddARPNeighbors:output_type -> google.protobuf.Empty
+	52, // 79: colo.agent.v1.Agent.ListInterfaces:output_type -> colo.agent.v1.ListInterfacesResponse
+	51, // [51:80] is the sub-list for method output_type
+	22, // [22:51] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3120,13 +3846,14 @@ func file_agent_proto_init() {
 	if File_agent_proto != nil {
 		return
 	}
+	file_agent_proto_msgTypes[18].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   50,
+			NumMessages:   55,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -12,7 +12,10 @@ const (
 	// 3: OnlineCPUMem is implemented and answers OnlineCPUMemResponse
 	// (it answered Empty), and nb_cpus is the total of vCPUs to have
 	// online, not a number to add.
-	ProtocolVersion = 3
+	// 4: GetMetrics is implemented and answers typed figures
+	// (GetMetricsResponse's fields replace its Prometheus text, which
+	// the host must not re-publish from an untrusted guest).
+	ProtocolVersion = 4
 
 	// VsockPort is the AF_VSOCK port the agent listens on.
 	VsockPort = 1024

@@ -22,15 +22,30 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"resize": {summary: "set a sandbox's vCPUs or memory: resize POD-OR-SANDBOX [--cpus N] [--memory SIZE]", run: resize},
+	"check":   {summary: "tell whether this host can run colo, and why not", run: checkCmd},
+	"console": {summary: "run a shell (or a command) in a sandbox's guest, outside its containers: console POD-OR-SANDBOX [-- CMD ARGS]", run: consoleCmd},
+	"dump":    {summary: "write a vmcore of a sandbox's guest now: dump POD-OR-SANDBOX [--dir DIR]", run: dumpCmd},
+	"env":     {summary: "print the effective configuration", run: envCmd},
+	"metrics": {summary: "print a sandbox's metrics (Prometheus text): metrics POD-OR-SANDBOX", run: metricsCmd},
+	"monitor": {summary: "serve /metrics for every sandbox on the node: monitor [--listen ADDR]", run: monitorCmd},
+	"ps":      {summary: "list the sandboxes on this node", run: psCmd},
+	"resize":  {summary: "set a sandbox's vCPUs or memory: resize POD-OR-SANDBOX [--cpus N] [--memory SIZE]", run: resize},
 }
 
 // env is what every command gets.
 type env struct {
-	cfg    config.Config
-	stdout io.Writer
-	stderr io.Writer
+	cfg config.Config
+	// configPath is --config's value ("" when not given).
+	configPath string
+	stdout     io.Writer
+	stderr     io.Writer
 }
+
+// exitStatus ends a command with a status of its own and no message:
+// colo console passes on its command's.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 // errUsage marks an error in the command line: exit status 2.
 var errUsage = errors.New("usage")
@@ -61,7 +76,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "colo: %v\n", err)
 		return 1
 	}
-	if err := cmd.run(ctx, &env{cfg: cfg, stdout: stdout, stderr: stderr}, fs.Args()[1:]); err != nil {
+	if err := cmd.run(ctx, &env{cfg: cfg, configPath: *configPath, stdout: stdout, stderr: stderr}, fs.Args()[1:]); err != nil {
+		var status exitStatus
+		if errors.As(err, &status) {
+			return int(status)
+		}
 		fmt.Fprintf(stderr, "colo %s: %v\n", name, err)
 		if errors.Is(err, errUsage) {
 			return 2

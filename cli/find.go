@@ -1,7 +1,10 @@
 package cli
 
 import (
+	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -80,4 +83,16 @@ func findSandbox(stateDir, ref string) (sandbox.State, error) {
 	}
 	sort.Strings(names)
 	return sandbox.State{}, fmt.Errorf("%s names %d sandboxes: %s", quoted(ref), len(matches), strings.Join(names, ", "))
+}
+
+// manageClient is an HTTP client of the management socket of the sandbox
+// in dir, and the socket's path for messages.
+func manageClient(dir string) (*http.Client, string) {
+	sock := filepath.Join(dir, sandbox.ManageSocket)
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+	}}, sock
 }

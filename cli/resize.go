@@ -7,9 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -71,13 +69,7 @@ func resize(ctx context.Context, e *env, args []string) error {
 // call makes a request of a sandbox's management socket and decodes the
 // answer into out; an answer that is not 2xx is the error it names.
 func call(ctx context.Context, dir, method, path string, body, out any) error {
-	sock := filepath.Join(dir, sandbox.ManageSocket)
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-	}}
+	client, sock := manageClient(dir)
 	var r io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)

@@ -162,6 +162,15 @@ type Hypervisor struct {
 	// instead of booting each (default true; q35 with the serial agent
 	// channel only).
 	Template bool `toml:"template"`
+	// DumpDir is where the shim writes a vmcore of a guest whose kernel
+	// panicked (an ELF core of the guest's memory, for crash), named
+	// <sandbox id>-<time>.vmcore, before it fails the sandbox; only when
+	// the directory's filesystem has at least twice the guest's memory
+	// free (default "": no dump, the panic is logged).
+	DumpDir string `toml:"dump_dir"`
+	// DumpTimeout bounds writing one vmcore (default 5m); a dump cut short
+	// is removed.
+	DumpTimeout Duration `toml:"dump_timeout"`
 	// Sandbox runs QEMU under its seccomp filter (-sandbox on with
 	// obsolete, elevateprivileges, spawn and resourcecontrol denied;
 	// default true). Turning it off is unsafe: the guest is untrusted, and
@@ -196,6 +205,12 @@ type Agent struct {
 	// exit and the VM is torn down.
 	HealthInterval Duration `toml:"health_interval"`
 	HealthFailures int      `toml:"health_failures"`
+	// DebugConsole gives every guest a shell outside its containers, as
+	// root in the guest, on a port of its own (never the agent's
+	// channel), reached through the sandbox's management socket: `colo
+	// console` (default false). For debugging: whoever can reach the
+	// management socket (root on the node) gets it.
+	DebugConsole bool `toml:"debug_console"`
 }
 
 // Storage configures how container filesystems reach the guest.
@@ -219,6 +234,9 @@ type Runtime struct {
 	// host's shims start at once; the others wait their turn (default 0:
 	// as many as the host has CPUs).
 	MaxParallelStarts int `toml:"max_parallel_starts"`
+	// Pprof serves Go's profiles of the shim at /debug/pprof/ on each
+	// sandbox's management socket (default false).
+	Pprof bool `toml:"pprof"`
 	// TemplateDir keeps the VM templates (hypervisor.template), one per
 	// VM configuration and guest image (default /run/colo/templates: a
 	// tmpfs, as they are memory images).
@@ -239,6 +257,7 @@ func Default() Config {
 			Initrd:          "/usr/share/colo/initrd.img",
 			BootTimeout:     Duration(30 * time.Second),
 			ShutdownTimeout: Duration(5 * time.Second),
+			DumpTimeout:     Duration(5 * time.Minute),
 			HotplugPorts:    6,
 			Template:        true,
 			Sandbox:         true,
@@ -360,6 +379,12 @@ func (c Config) Validate() error {
 	}
 	if h.BootTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.boot_timeout = %s: want a positive duration", h.BootTimeout))
+	}
+	if h.DumpTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("hypervisor.dump_timeout = %s: want a positive duration", h.DumpTimeout))
+	}
+	if h.DumpDir != "" && !filepath.IsAbs(h.DumpDir) {
+		errs = append(errs, fmt.Errorf("hypervisor.dump_dir = %q: want an absolute path", h.DumpDir))
 	}
 	if h.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("hypervisor.shutdown_timeout = %s: want a positive duration", h.ShutdownTimeout))

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -122,13 +121,15 @@ func memTotalMB(t *testing.T, id string) int {
 	return kb / 1024
 }
 
-// coloCLI runs the colo command against the test bed's state directory.
+// coloCLI runs the colo command with the configuration cfg: its output
+// (standard output and error together), and an error if it failed.
 func coloCLI(t *testing.T, cfg string, args ...string) (string, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "colo", append([]string{"--config", cfg}, args...)...).CombinedOutput()
-	return string(out), err
+	out, errOut, code := runColoCLI(t, cfg, args...)
+	if code != 0 {
+		return out + errOut, fmt.Errorf("colo %s: exit status %d", strings.Join(args, " "), code)
+	}
+	return out + errOut, nil
 }
 
 // hostMemoryLimitMB is the memory limit of a host cgroup (v1 or v2).

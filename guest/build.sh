@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the colo guest: the kernel as an uncompressed PVH vmlinux and an
-# initrd with colo-agent as /init, both from Debian's linux-image-amd64.
+# initrd with colo-agent as /init, both from Debian's linux-image-amd64, and
+# Debian's static busybox as the shell of the debug console.
 #
 # Usage: guest/build.sh --agent PATH --out DIR [--cache DIR]
 #
 #   --agent PATH  the static colo-agent binary; it becomes /init
 #   --out DIR     where vmlinux and initrd.img are written
-#   --cache DIR   where the kernel package is downloaded and unpacked
+#   --cache DIR   where the kernel and busybox packages are downloaded and
+#                 unpacked
 #                 (default: ${XDG_CACHE_HOME:-$HOME/.cache}/colo/guest);
 #                 nothing is downloaded again while the .deb is there
 #
@@ -21,6 +23,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 prog=${0##*/}
 meta_package=linux-image-amd64
+busybox_package=busybox-static
 
 die() {
 	echo "$prog: $*" >&2
@@ -73,20 +76,28 @@ trap 'rm -rf "$tmp"' EXIT
 package=$(apt-cache depends "$meta_package" 2>/dev/null |
 	awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
 [ -n "$package" ] || die "apt-cache depends $meta_package: no linux-image-* dependency (run apt-get update?)"
-filename=$(apt-cache show --no-all-versions "$package" | awk '$1 == "Filename:" { print $2; exit }')
-[ -n "$filename" ] || die "apt-cache show $package: no Filename"
-deb=$cache/${filename##*/}
 
-if [ ! -f "$deb" ]; then
-	echo "$prog: downloading $package" >&2
-	mkdir "$tmp/download"
-	# APT::Sandbox::User=root: the _apt user cannot write the caller's cache.
-	(cd "$tmp/download" && apt-get -q -o APT::Sandbox::User=root download "$package" >&2) ||
-		die "apt-get download $package failed"
-	got=$(find "$tmp/download" -maxdepth 1 -name '*.deb' | head -n 1)
-	[ -n "$got" ] || die "apt-get download $package: no .deb written"
-	mv "$got" "$deb"
-fi
+# fetch PACKAGE prints the path of the package's .deb in the cache,
+# downloading the candidate version unless it is there.
+fetch() {
+	local package=$1 filename deb got
+	filename=$(apt-cache show --no-all-versions "$package" | awk '$1 == "Filename:" { print $2; exit }')
+	[ -n "$filename" ] || die "apt-cache show $package: no Filename (run apt-get update?)"
+	deb=$cache/${filename##*/}
+	if [ ! -f "$deb" ]; then
+		echo "$prog: downloading $package" >&2
+		rm -rf "$tmp/download"
+		mkdir "$tmp/download"
+		# APT::Sandbox::User=root: the _apt user cannot write the caller's cache.
+		(cd "$tmp/download" && apt-get -q -o APT::Sandbox::User=root download "$package" >&2) ||
+			die "apt-get download $package failed"
+		got=$(find "$tmp/download" -maxdepth 1 -name '*.deb' | head -n 1)
+		[ -n "$got" ] || die "apt-get download $package: no .deb written"
+		mv "$got" "$deb"
+	fi
+	echo "$deb"
+}
+deb=$(fetch "$package")
 
 # Unpack once per package version; depmod writes the modules.dep the .deb
 # leaves to the postinst.
@@ -162,10 +173,34 @@ while read -r name _; do
 	fi
 done < <(sed 's/#.*//' "$modules_list")
 
+# The debug console's shell (agent.debug_console): Debian's static busybox.
+# Nothing else in the guest uses it. Its applets are linked in /bin only,
+# none in /sbin: the kernel runs /sbin/modprobe and /sbin/poweroff when
+# they exist, and a guest must behave the same with the console or without.
+busybox_deb=$(fetch "$busybox_package")
+mkdir "$tmp/busybox"
+dpkg-deb -x "$busybox_deb" "$tmp/busybox"
+busybox=$tmp/busybox/bin/busybox
+[ -f "$busybox" ] || die "${busybox_deb##*/}: no bin/busybox"
+if readelf -lW "$busybox" | grep -q 'Requesting program interpreter'; then
+	die "${busybox_deb##*/}: bin/busybox is dynamically linked; the initrd has no libc"
+fi
+# The applets this busybox has; init and linuxrc would be other inits.
+applets=$("$busybox" --list | grep -vxE 'busybox|init|linuxrc') ||
+	die "${busybox_deb##*/}: bin/busybox --list failed"
+echo "$applets" | grep -qx sh || die "${busybox_deb##*/}: busybox has no sh applet"
+
 # The initrd tree.
 stage=$tmp/initrd
-mkdir -p "$stage"/{proc,sys,dev,run,tmp,etc/colo}
+mkdir -p "$stage"/{proc,sys,dev,run,tmp,bin,etc/colo}
 cp "$agent" "$stage/init"
+cp "$busybox" "$stage/bin/busybox"
+for applet in $applets; do
+	case $applet in
+	*/* | . | ..) die "busybox applet $applet: not a file name" ;;
+	esac
+	ln -s busybox "$stage/bin/$applet"
+done
 : >"$stage/etc/colo/modules"
 for mod in "${order[@]}"; do
 	case $mod in
@@ -182,7 +217,7 @@ done
 # time decompressing under TCG than it saves reading.
 find "$stage" -type d -exec chmod 0755 {} +
 find "$stage" -type f -exec chmod 0644 {} +
-chmod 0755 "$stage/init"
+chmod 0755 "$stage/init" "$stage/bin/busybox"
 find "$stage" -exec touch -h -d "@$epoch" {} +
 (cd "$stage" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
 	cpio --create --format=newc --reproducible --owner=0:0 --quiet) >"$tmp/initrd.img"
@@ -196,4 +231,4 @@ else
 	mv "$tmp/vmlinux.out" "$out/vmlinux"
 fi
 mv "$tmp/initrd.img" "$out/initrd.img"
-echo "$prog: $out/vmlinux $out/initrd.img (kernel $kver, ${#order[@]} modules)" >&2
+echo "$prog: $out/vmlinux $out/initrd.img (kernel $kver, ${#order[@]} modules, busybox with $(echo "$applets" | wc -l) applets)" >&2

@@ -86,6 +86,9 @@ type VMConfig struct {
 	// NICs are attached at boot; AddNIC attaches more later.
 	NICs    []NIC
 	Channel AgentChannel
+	// DebugConsole gives the guest a debug console (DialConsole): a port
+	// of its own, never the agent's channel.
+	DebugConsole bool
 	// TemplateDir, if set, is where the driver may keep snapshots of
 	// booted guests, to start VMs of the same configuration from instead
 	// of booting them.
@@ -129,6 +132,19 @@ type VM interface {
 	// Console is the last lines of the guest console and the
 	// hypervisor's own messages, for the log when something fails.
 	Console() []string
+	// DialConsole connects to the guest's debug console, a port of its
+	// own (VMConfig.DebugConsole); an error wrapping ErrNoConsole when
+	// the VM has none.
+	DialConsole(ctx context.Context) (net.Conn, error)
+	// Panicked is closed when the guest kernel has panicked (a pvpanic
+	// device); the VM is then paused with its memory as it was, for
+	// Dump, until it is stopped.
+	Panicked() <-chan struct{}
+	// Dump writes the guest's memory to path as an ELF vmcore (crash
+	// and gdb read it), pausing the guest while it writes; it returns
+	// once the file is complete, or when ctx ends (the dump is then
+	// cancelled and the file removed).
+	Dump(ctx context.Context, path string) error
 }
 
 // Size is a VM's current size.
@@ -146,6 +162,9 @@ type Size struct {
 // cannot change that part of its size (a machine type without hot-plug,
 // or no headroom declared at launch).
 var ErrNotResizable = errors.New("the VM cannot be resized")
+
+// ErrNoConsole is returned by DialConsole on a VM without a debug console.
+var ErrNoConsole = errors.New("the VM has no debug console")
 
 // Driver starts VMs of one hypervisor.
 //

@@ -13,9 +13,11 @@ const (
 	accelTCG = "tcg"
 )
 
-// chooseAccel resolves the configured accelerator ("auto", "kvm", "tcg" or
-// empty for auto) and tells why, for the log.
-func chooseAccel(configured, kvmDevice, cpuinfo string) (accel, reason string, err error) {
+// ChooseAccel resolves the configured accelerator ("auto", "kvm", "tcg" or
+// empty for auto) on a host whose KVM device and /proc/cpuinfo are at
+// kvmDevice and cpuinfo, and tells why: the driver logs it, colo check
+// prints it.
+func ChooseAccel(configured, kvmDevice, cpuinfo string) (accel, reason string, err error) {
 	switch configured {
 	case accelTCG:
 		return accelTCG, "configured", nil

@@ -11,7 +11,9 @@ import (
 
 // baseKernelParams make the Debian kernel boot fast and quietly on a
 // virtual machine (measured in docs/platform-notes.md). panic=-1 reboots at
-// once on a panic, and -no-reboot turns that reboot into QEMU's exit.
+// once on a panic, and -no-reboot turns that reboot into QEMU's exit; once
+// the guest's pvpanic driver is loaded, the panic pauses the VM instead
+// (-action panic=pause, see args).
 var baseKernelParams = []string{
 	"console=ttyS0", "quiet", "loglevel=1", "mitigations=off", "tsc=reliable",
 	"no_timer_check", "noreplace-smp", "cryptomgr.notests", "i8042.noaux",
@@ -91,6 +93,7 @@ func (l launch) kernelCmdline() string {
 		// can be unplugged again.
 		params = append(params, "memhp_default_state=online_movable")
 	}
+	params = append(params, l.consoleKernelParams()...) // console.go
 	params = append(params, l.kernelParams...)
 	params = append(params, l.vm.KernelParams...)
 	return strings.Join(params, " ")
@@ -158,6 +161,14 @@ func (l launch) args() []string {
 		"-pidfile", l.pidfile,
 		"-chardev", fmt.Sprintf("socket,id=qmp,fd=%d,server=on,wait=off", l.qmpFD),
 		"-mon", "chardev=qmp,mode=control",
+		// A guest kernel that panics tells the pvpanic device (on the ISA
+		// bus of both machines; the guest's pvpanic_mmio driver finds it
+		// through ACPI) before panic=-1 would reboot it: QEMU then pauses
+		// the VM with its memory as it was and sends GUEST_PANICKED, so
+		// the shim can dump it (panic.go). A panic before the driver is
+		// loaded still ends QEMU through -no-reboot.
+		"-action", "panic=pause",
+		"-device", "pvpanic",
 	)
 
 	switch l.vm.Channel {
@@ -172,6 +183,7 @@ func (l launch) args() []string {
 	case hypervisor.ChannelVsock:
 		a = append(a, "-device", fmt.Sprintf("%s,id=vsock0,guest-cid=%d,vhostfd=%d", dev("vhost-vsock"), l.cid, l.vhostFD))
 	}
+	a = append(a, l.consoleArgs(dev)...) // console.go
 
 	for i, n := range l.vm.NICs {
 		if l.snapshot != snapshotNone {

@@ -22,6 +22,7 @@ func TestArgs(t *testing.T) {
 			"-pidfile", "/run/vm/qemu.pid",
 			"-chardev", "socket,id=qmp,fd=3,server=on,wait=off",
 			"-mon", "chardev=qmp,mode=control",
+			"-action", "panic=pause", "-device", "pvpanic",
 		}
 	}
 	vm := hypervisor.VMConfig{
@@ -396,7 +397,7 @@ func TestChooseAccel(t *testing.T) {
 		{"unknown", "hvf", kvm, vmx, "", "", `accel "hvf"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, reason, err := chooseAccel(tc.configured, tc.kvm, tc.cpuinfo)
+			got, reason, err := ChooseAccel(tc.configured, tc.kvm, tc.cpuinfo)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("got %q, %v; want an error containing %q", got, err, tc.err)

@@ -172,7 +172,7 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("qemu: machine %q: want q35 or microvm", cfg.Machine)
 	}
-	d.accel, d.accelReason, err = chooseAccel(cfg.Accel, kvmDevice, cpuinfo)
+	d.accel, d.accelReason, err = ChooseAccel(cfg.Accel, kvmDevice, cpuinfo)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}

@@ -77,6 +77,12 @@ type VM struct {
 	tcg         bool
 	// cpuUnplugged: a vCPU was unplugged (see SetVCPUs).
 	cpuUnplugged bool
+
+	// panicked is closed on GUEST_PANICKED (panic.go); dumping holds
+	// the one dump QEMU runs at a time.
+	panicked     chan struct{}
+	panickedOnce sync.Once
+	dumping      chan struct{}
 }
 
 var _ hypervisor.VM = (*VM)(nil)
@@ -118,6 +124,8 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 		vhost:     l.vhostNet,
 
 		resizeEvent: make(chan struct{}, 1),
+		panicked:    make(chan struct{}),
+		dumping:     make(chan struct{}, 1),
 		size:        l.sizing(),
 		machine:     l.machine,
 		tcg:         l.accel != accelKVM,
@@ -252,6 +260,9 @@ func (vm *VM) connect(ctx context.Context, path string) error {
 func (vm *VM) event(e Event) {
 	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
 	vm.notifyResize(e.Name)
+	if e.Name == "GUEST_PANICKED" {
+		vm.guestPanicked(e.Data)
+	}
 	if e.Name == "VSERPORT_CHANGE" {
 		var data struct {
 			ID   string `json:"id"`
@@ -473,6 +484,7 @@ func driverFiles(dir string) []string {
 	return []string{
 		filepath.Join(dir, QMPSocket),
 		filepath.Join(dir, AgentSocket),
+		filepath.Join(dir, ConsoleSocket),
 		filepath.Join(dir, PidFile),
 	}
 }

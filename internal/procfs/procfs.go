@@ -41,7 +41,16 @@ type Stat struct {
 	Pgrp int
 	// Start is field 22, the start time in clock ticks after boot.
 	Start uint64
+	// UTime and STime (fields 14 and 15) are the CPU time in user and
+	// kernel mode, in clock ticks (ClockTicks a second).
+	UTime, STime uint64
+	// Threads is field 20.
+	Threads int
 }
+
+// ClockTicks is USER_HZ, the unit of /proc's times: 100 on every
+// architecture colo runs on.
+const ClockTicks = 100
 
 // ReadStat reads the state (field 3), process group (field 5) and start
 // time (field 22) of a process.
@@ -64,11 +73,14 @@ func ReadStat(pid int) (Stat, error) {
 	if err != nil {
 		return Stat{}, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
 	}
-	start, err := strconv.ParseUint(f[19], 10, 64)
-	if err != nil {
+	start, err1 := strconv.ParseUint(f[19], 10, 64)
+	utime, err2 := strconv.ParseUint(f[11], 10, 64)
+	stime, err3 := strconv.ParseUint(f[12], 10, 64)
+	threads, err4 := strconv.Atoi(f[17])
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		return Stat{}, fmt.Errorf("malformed /proc/%d/stat: %w", pid, err)
 	}
-	return Stat{State: f[0], Pgrp: pgrp, Start: start}, nil
+	return Stat{State: f[0], Pgrp: pgrp, Start: start, UTime: utime, STime: stime, Threads: threads}, nil
 }
 
 // Gone reports whether the process has exited. A zombie counts as gone: it

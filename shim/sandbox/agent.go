@@ -61,6 +61,8 @@ type agentConn struct {
 // agent.create_timeout).
 type agentTimeouts struct {
 	call, create time.Duration
+	// observe, if set, is told how long each bounded call took.
+	observe func(method string, d time.Duration)
 }
 
 // waitingCalls wait for something to happen in the guest for as long as
@@ -102,7 +104,11 @@ func (t agentTimeouts) intercept(ctx context.Context, req *ttrpc.Request, resp *
 	}
 	ctx, cancel := context.WithTimeoutCause(ctx, d, errNoAnswer)
 	defer cancel()
+	start := time.Now()
 	err := invoke(ctx, req, resp)
+	if t.observe != nil {
+		t.observe(method, time.Since(start))
+	}
 	if err != nil && errors.Is(context.Cause(ctx), errNoAnswer) {
 		return fmt.Errorf("%s: no answer from the guest within %s (%s): %w", method, d, key, context.DeadlineExceeded)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -161,6 +162,14 @@ func (v *fakeVM) SetMemory(_ context.Context, mb int) error {
 	v.size.MemoryMB = mb
 	return nil
 }
+
+func (v *fakeVM) DialConsole(context.Context) (net.Conn, error) {
+	return nil, hypervisor.ErrNoConsole
+}
+
+func (v *fakeVM) Panicked() <-chan struct{} { return nil }
+
+func (v *fakeVM) Dump(context.Context, string) error { return errors.New("fake VM: no dump") }
 
 func (v *fakeVM) Size(context.Context) (hypervisor.Size, error) {
 	v.mu.Lock()
@@ -670,4 +679,19 @@ func testConfig(dir, sharedFS string) config.Config {
 // UpdateInterface accepts what the guest is told of a pod interface.
 func (a *fakeAgent) UpdateInterface(ctx context.Context, r *agentproto.UpdateInterfaceRequest) (*agentproto.Interface, error) {
 	return r.GetInterface(), nil
+}
+
+// GetMetrics answers guest figures, with names a hostile guest might send
+// among them.
+func (a *fakeAgent) GetMetrics(context.Context, *agentproto.GetMetricsRequest) (*agentproto.GetMetricsResponse, error) {
+	nan := math.NaN()
+	return &agentproto.GetMetricsResponse{
+		MeminfoBytes:  map[string]uint64{"MemTotal": 256 << 20, "MemAvailable": 200 << 20, "Evil\"} 1\nx": 1},
+		Cpus:          []*agentproto.CPUTime{{Cpu: 0, UserSeconds: 1.5}, {Cpu: 1, IdleSeconds: nan}, {Cpu: 1 << 30}},
+		Load1:         0.5,
+		Netdev:        []*agentproto.NetDevStats{{Name: "eth0", RxBytes: 10}, {Name: "bad name{}", RxBytes: 1}},
+		Disks:         []*agentproto.DiskStats{{Name: "vda", Reads: 3}},
+		Classes:       []*agentproto.ClassStats{{Name: "high", CpuUsageUsec: 2e6}, {Name: "injected", CpuUsageUsec: 1}},
+		AgentRssBytes: 17 << 20,
+	}, nil
 }

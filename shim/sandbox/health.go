@@ -22,6 +22,9 @@ func (s *Sandbox) timeouts() agentTimeouts {
 	return agentTimeouts{
 		call:   time.Duration(s.cfg.Agent.CallTimeout),
 		create: time.Duration(s.cfg.Agent.CreateTimeout),
+		observe: func(method string, d time.Duration) {
+			s.agentRPC.WithLabelValues(method).Observe(d.Seconds())
+		},
 	}
 }
 
@@ -76,11 +79,18 @@ func (s *Sandbox) watchHealth() {
 		select {
 		case <-s.stopping:
 			return
+		case <-s.vm.Panicked():
+			// Paused for its vmcore; watchPanic fails the sandbox.
+			return
 		case <-tick.C:
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, time.Duration(s.cfg.Agent.CallTimeout))
 		_, err := s.agent.Check(ctx, &agentproto.CheckRequest{})
 		cancel()
+		if err != nil && s.dumping.Load() > 0 {
+			// Paused while a vmcore is written (dump.go).
+			continue
+		}
 		if err == nil {
 			if missed > 0 {
 				log.G(s.ctx).WithField("missed", missed).Warn("agent answers again")

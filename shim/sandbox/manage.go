@@ -50,8 +50,7 @@ func (s *Sandbox) serveManagement(ctx context.Context) error {
 		return fmt.Errorf("management socket: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /resources", s.handleGetResources)
-	mux.HandleFunc("PUT /resources", s.handlePutResources)
+	s.routes(mux)
 	srv := &http.Server{
 		Handler: mux,
 		// Every wait is bounded: a client that stalls loses its
@@ -68,6 +67,19 @@ func (s *Sandbox) serveManagement(ctx context.Context) error {
 		}
 	}()
 	return nil
+}
+
+// routes are the management API, one line each (the handlers are in the
+// files of what they serve).
+func (s *Sandbox) routes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /resources", s.handleGetResources)
+	mux.HandleFunc("PUT /resources", s.handlePutResources)
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("POST /dump", s.handleDump)
+	mux.HandleFunc("GET /console", s.handleConsole)
+	if s.cfg.Runtime.Pprof {
+		s.routePprof(mux)
+	}
 }
 
 // stopManagement closes the management server and its socket.

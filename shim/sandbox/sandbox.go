@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/colo-runtime/colo/agentproto"
@@ -65,6 +66,9 @@ type Options struct {
 	OnExit func(Exit)
 	// OnOOM is called with the id of a container that had an OOM kill.
 	OnOOM func(containerID string)
+	// ShimMetrics are the shim's own, served with the sandbox's (nil:
+	// none).
+	ShimMetrics *ShimMetrics
 }
 
 // Exit is a process's exit.
@@ -124,6 +128,11 @@ type Sandbox struct {
 	limits map[string]limits
 	// manage serves the management socket (manage.go) once booted.
 	manage *http.Server
+	// The management socket's metrics (prometheus.go).
+	shimMetrics *ShimMetrics
+	agentRPC    *prometheus.HistogramVec
+	metricsOnce sync.Once
+	metrics     http.Handler
 
 	stateMu sync.Mutex
 	state   State
@@ -138,6 +147,8 @@ type Sandbox struct {
 	// up is set once the sandbox has booted: from then on a lost agent
 	// connection fails it.
 	up atomic.Bool
+	// dumping counts vmcores being written: the guest is paused.
+	dumping atomic.Int32
 
 	teardownMu sync.Mutex
 	vmStopped  bool
@@ -244,23 +255,25 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 	st := newState(dir, opts.ID, opts.Config)
 	st.Pod = podNameOf(spec.Annotations)
 	return &Sandbox{
-		id:         opts.ID,
-		dir:        dir,
-		cfg:        opts.Config,
-		driver:     opts.Driver,
-		namespace:  opts.Namespace,
-		onExit:     onExit,
-		onOOM:      onOOM,
-		created:    time.Now(),
-		ctx:        context.WithoutCancel(ctx),
-		containers: make(map[string]*Container),
-		stopping:   make(chan struct{}),
-		colo:       colo,
-		size:       size,
-		maxSize:    maxSize,
-		podLimits:  podLimits,
-		limits:     make(map[string]limits),
-		state:      st,
+		id:          opts.ID,
+		dir:         dir,
+		cfg:         opts.Config,
+		driver:      opts.Driver,
+		namespace:   opts.Namespace,
+		onExit:      onExit,
+		onOOM:       onOOM,
+		created:     time.Now(),
+		ctx:         context.WithoutCancel(ctx),
+		containers:  make(map[string]*Container),
+		stopping:    make(chan struct{}),
+		colo:        colo,
+		size:        size,
+		maxSize:     maxSize,
+		podLimits:   podLimits,
+		limits:      make(map[string]limits),
+		shimMetrics: opts.ShimMetrics,
+		agentRPC:    newAgentRPCMetric(),
+		state:       st,
 	}, nil
 }
 
@@ -589,6 +602,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		return err
 	}
 	go s.watchHealth()
+	go s.watchPanic()
 	if s.virtiofsd != nil {
 		go s.watchVirtiofsd()
 	}
@@ -649,6 +663,7 @@ func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 		KernelParams: []string{"colo.log=" + s.cfg.Agent.LogLevel},
 		Shares:       []hypervisor.Share{share},
 		Channel:      channel,
+		DebugConsole: s.cfg.Agent.DebugConsole,
 		TemplateDir:  templateDir,
 	}
 }

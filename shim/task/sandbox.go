@@ -262,6 +262,8 @@ func (ss *sandboxService) StartSandbox(ctx context.Context, r *sandboxAPI.StartS
 			Driver:    p.driver,
 			OnExit:    s.exited,
 			OnOOM:     s.oom,
+
+			ShimMetrics: s.metrics,
 		}, p.pod)
 		if err != nil {
 			log.G(ctx).WithError(err).Error("start sandbox")

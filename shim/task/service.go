@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path"
 	"sync"
 	"time"
 
@@ -56,6 +57,7 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 		containers: make(map[string]*entry),
 		sandboxes:  make(map[string]*sandbox.Sandbox),
 		pods:       make(map[string]*podSandbox),
+		metrics:    sandbox.NewShimMetrics(),
 	}
 	go s.forward(publisher)
 	// The shim may be told to go (SIGTERM, or Shutdown) with sandboxes
@@ -81,6 +83,20 @@ type service struct {
 	pods map[string]*podSandbox
 
 	trim trimmer
+	// metrics are the shim's own, served on its sandboxes' management
+	// sockets.
+	metrics *sandbox.ShimMetrics
+}
+
+// UnaryServerInterceptor times containerd's calls for the shim's metrics
+// (the shim's ttrpc server chains it: pkg/shim's TTRPCServerUnaryOptioner).
+func (s *service) UnaryServerInterceptor() ttrpc.UnaryServerInterceptor {
+	return func(ctx context.Context, u ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, m ttrpc.Method) (any, error) {
+		start := time.Now()
+		resp, err := m(ctx, u)
+		s.metrics.ObserveRPC(path.Base(info.FullMethod), time.Since(start))
+		return resp, err
+	}
 }
 
 // entry is a task: a container and the sandbox it runs in. c is nil while
@@ -185,6 +201,8 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			Driver:    drv,
 			OnExit:    s.exited,
 			OnOOM:     s.oom,
+
+			ShimMetrics: s.metrics,
 		}, ccfg)
 		if err != nil {
 			return nil, errgrpc.ToGRPC(err)

@@ -1,0 +1,62 @@
+package cli
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/colo-runtime/colo/shim/sandbox"
+)
+
+// dumpMargin is how much longer than hypervisor.dump_timeout the command
+// waits for the shim, which bounds the dump itself and then answers.
+const dumpMargin = 30 * time.Second
+
+// dumpCmd writes a vmcore of a sandbox's guest through its management
+// socket and prints its path.
+func dumpCmd(ctx context.Context, e *env, args []string) error {
+	fs := flag.NewFlagSet("dump", flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	dir := fs.String("dir", "", "directory for the vmcore (default: the sandbox's hypervisor.dump_dir)")
+	// The sandbox may come before or after the flags.
+	var ref string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		ref, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return usageError("%v", err)
+	}
+	if ref == "" && fs.NArg() > 0 {
+		ref = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		return usageError("unexpected %s", quoted(strings.Join(fs.Args(), " ")))
+	}
+	var req sandbox.DumpRequest
+	if *dir != "" {
+		// The shim runs elsewhere: a relative directory is the caller's.
+		abs, err := filepath.Abs(*dir)
+		if err != nil {
+			return usageError("--dir %s: %v", quoted(*dir), err)
+		}
+		req.Dir = abs
+	}
+	// Without --dir the shim's hypervisor.dump_dir applies (its
+	// configuration may not be this command's); the shim refuses when
+	// it has none.
+	st, err := findSandbox(e.cfg.Runtime.StateDir, ref)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(e.cfg.Hypervisor.DumpTimeout)+dumpMargin)
+	defer cancel()
+	var out sandbox.DumpReply
+	if err := call(ctx, st.Dir, http.MethodPost, "/dump", req, &out); err != nil {
+		return fmt.Errorf("sandbox %s: %w", st.ID, err)
+	}
+	fmt.Fprintln(e.stdout, out.Path)
+	return nil
+}
