@@ -67,3 +67,19 @@ func TestMetrics(t *testing.T) {
 	}
 	waitExit(t, e.exits)
 }
+
+// TestPprofRoute: the shim's profiles are served only when the config
+// asks for them.
+func TestPprofRoute(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		s := &Sandbox{}
+		s.cfg.Runtime.Pprof = on
+		mux := http.NewServeMux()
+		s.routes(mux)
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/pprof/", nil))
+		if got := rec.Code == http.StatusOK; got != on {
+			t.Errorf("runtime.pprof = %v: GET /debug/pprof/ answered %d", on, rec.Code)
+		}
+	}
+}
