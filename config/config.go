@@ -61,7 +61,9 @@ type Colocation struct {
 	// io.colo.overhead-idle ("true").
 	OverheadIdle bool `toml:"overhead_idle"`
 	// Annotations are the io.colo.* annotations (ColocationAnnotations)
-	// that pods and containers may set (default none). They let a pod's
+	// that pods and containers may set (default none): also the pod's
+	// io.colo.host-namespaces, which lets a pod that asks for the node's
+	// namespaces have the guest's instead (docs/kubernetes.md). They let a pod's
 	// author move their work to better vCPUs or away from the node's
 	// priorities, so the node's administrator opts in to each: one not
 	// listed is ignored.
@@ -70,11 +72,11 @@ type Colocation struct {
 
 // ColocationAnnotations are the io.colo.* annotations colo knows, each of
 // which colocation.annotations may allow: io.colo.class (a container's
-// class), io.colo.vcpus, io.colo.pod-weight and io.colo.overhead-idle (a
-// pod's). Any other io.colo.* annotation is an error, so that a typo is
-// not mistaken for a setting that took effect.
+// class), io.colo.vcpus, io.colo.pod-weight, io.colo.overhead-idle and
+// io.colo.host-namespaces (a pod's). Any other io.colo.* annotation is an
+// error, so that a typo is not mistaken for a setting that took effect.
 func ColocationAnnotations() []string {
-	return []string{"io.colo.class", "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle"}
+	return []string{"io.colo.class", "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle", "io.colo.host-namespaces"}
 }
 
 // Class is a CPU priority class.

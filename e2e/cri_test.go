@@ -89,6 +89,20 @@ type pod struct {
 // Each mod changes the config before the pod is run.
 func runPod(ctx context.Context, t *testing.T, rs internalapi.RuntimeService, name, handler string, mods ...func(*runtimeapi.PodSandboxConfig)) *pod {
 	t.Helper()
+	p := newPod(t, rs, name, mods...)
+	id, err := rs.RunPodSandbox(ctx, p.config, handler)
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	p.id = id
+	p.ids = append(p.ids, id)
+	return p
+}
+
+// newPod configures a pod as runPod does, with its cleanup, without
+// running it.
+func newPod(t *testing.T, rs internalapi.RuntimeService, name string, mods ...func(*runtimeapi.PodSandboxConfig)) *pod {
+	t.Helper()
 	p := &pod{rs: rs, uid: newUID(t)}
 	t.Cleanup(func() { p.cleanup(t) })
 	labels := map[string]string{
@@ -116,12 +130,6 @@ func runPod(ctx context.Context, t *testing.T, rs internalapi.RuntimeService, na
 	for _, mod := range mods {
 		mod(p.config)
 	}
-	id, err := rs.RunPodSandbox(ctx, p.config, handler)
-	if err != nil {
-		t.Fatalf("RunPodSandbox: %v", err)
-	}
-	p.id = id
-	p.ids = append(p.ids, id)
 	return p
 }
 

@@ -13,6 +13,7 @@ import (
 	internalapi "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/colo-runtime/colo/shim/sandbox"
 	"github.com/colo-runtime/colo/testbed"
 )
 
@@ -139,7 +140,10 @@ func testGuestOOM(t *testing.T, h criHandler) {
 	tools := buildOOMHog(ctx, t)
 	rs := criRuntime(t)
 	p := runPod(ctx, t, rs, "guest-oom", h.handler, func(c *runtimeapi.PodSandboxConfig) {
+		// hostPID with the guest's PID namespace for it: the test bed's
+		// config allows the annotation (e2e's TestMain).
 		c.Linux.SecurityContext.NamespaceOptions.Pid = runtimeapi.NamespaceMode_NODE
+		c.Annotations[sandbox.HostNamespacesAnnotation] = "guest"
 	})
 	// After runPod: its cleanup, which runs the leak check, must come
 	// after ctr events has been stopped.

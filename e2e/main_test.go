@@ -28,8 +28,9 @@ func TestMain(m *testing.M) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	var err error
 	// Four vCPUs on this two-CPU machine: a pod may grow to 4
-	// (TestCPUResize).
-	cd, err = testbed.Start(ctx, testbed.Options{CRI: true, ColoConfig: "[hypervisor]\nmax_vcpus = 4\n"})
+	// (TestCPUResize). A pod may take the guest's namespaces for the
+	// node's it asks for (TestGuestOOM; TestHostNamespaces).
+	cd, err = testbed.Start(ctx, testbed.Options{CRI: true, ColoConfig: "[hypervisor]\nmax_vcpus = 4\n\n[colocation]\nannotations = [\"io.colo.host-namespaces\"]\n"})
 	if err == nil {
 		err = cd.ImportBusybox(ctx)
 	}

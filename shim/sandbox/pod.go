@@ -42,10 +42,11 @@ type PodConfig struct {
 	// Sysctls are the pod's namespaced sysctls, applied in the pod's
 	// namespaces in the guest (agentproto.PodSysctl).
 	Sysctls map[string]string
-	// GuestNamespaces are the namespaces ("pid", "ipc") the pod shares with
-	// the node (hostPID, hostIPC): in the VM, the guest's own, as runc's
-	// containers would join the host's.
-	GuestNamespaces []string
+	// HostNamespaces are the node's namespaces ("network", "pid", "ipc")
+	// the pod asks for (hostNetwork, hostPID, hostIPC): refused, or where
+	// the node allows it and the pod opts in, the guest's own
+	// (hostns.go).
+	HostNamespaces []string
 	// Hosts and ResolvConf, if not nil, are the pod's /etc/hosts and
 	// /etc/resolv.conf, which every container gets unless its spec mounts
 	// its own, as CRI gives them with a pause container.
@@ -63,7 +64,8 @@ type pod struct {
 	// files maps a container path (/etc/hosts) to the guest path of the
 	// pod's file.
 	files map[string]string
-	// guestNamespaces: PodConfig.GuestNamespaces.
+	// guestNamespaces are the PID and IPC namespaces of PodConfig's
+	// HostNamespaces: the guest's own.
 	guestNamespaces []string
 	// stopRequested tells a stop asked for (exit status 0) from a VM
 	// that failed or died (VMExitStatus).
@@ -122,13 +124,16 @@ func CreatePod(ctx context.Context, opts Options, p PodConfig) (_ *Sandbox, retE
 				"pod sysctl %q: not one of a namespace the pod has of its own (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*, kernel.domainname)", clip(k)))
 		}
 	}
+	if err := checkHostNamespaces(opts.Config, p.Annotations, p.HostNamespaces); err != nil {
+		return nil, err
+	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
 	spec := p.spec(opts.ID)
 	s, err := newSandbox(ctx, opts, spec)
 	if err != nil {
 		return nil, err
 	}
-	s.pod = &pod{sysctls: maps.Clone(p.Sysctls), files: make(map[string]string), guestNamespaces: slices.Clone(p.GuestNamespaces), exited: make(chan struct{})}
+	s.pod = &pod{sysctls: maps.Clone(p.Sysctls), files: make(map[string]string), guestNamespaces: slices.DeleteFunc(slices.Clone(p.HostNamespaces), func(ns string) bool { return ns == "network" }), exited: make(chan struct{})}
 	if err := s.makeDir(ctx, p.Bundle); err != nil {
 		return nil, err
 	}

@@ -168,6 +168,9 @@ func Create(ctx context.Context, opts Options, first ContainerConfig) (_ *Sandbo
 	if err := first.Stdio.Validate(); err != nil {
 		return nil, nil, err
 	}
+	if err := checkHostNamespaces(opts.Config, first.Spec.Annotations, hostNamespacesOf(first.Spec)); err != nil {
+		return nil, nil, err
+	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("sandbox", opts.ID))
 	s, err := newSandbox(ctx, opts, first.Spec)
 	if err != nil {

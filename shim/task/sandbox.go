@@ -192,11 +192,13 @@ func podConfig(r *sandboxAPI.CreateSandboxRequest) (sandbox.PodConfig, error) {
 		p.Annotations[sandbox.SandboxMemoryAnnotation] = strconv.FormatInt(res.GetMemoryLimitInBytes(), 10)
 	}
 	nso := c.GetLinux().GetSecurityContext().GetNamespaceOptions()
-	if nso.GetPid() == criapi.NamespaceMode_NODE {
-		p.GuestNamespaces = append(p.GuestNamespaces, "pid")
-	}
-	if nso.GetIpc() == criapi.NamespaceMode_NODE {
-		p.GuestNamespaces = append(p.GuestNamespaces, "ipc")
+	for _, ns := range []struct {
+		mode criapi.NamespaceMode
+		name string
+	}{{nso.GetNetwork(), "network"}, {nso.GetPid(), "pid"}, {nso.GetIpc(), "ipc"}} {
+		if ns.mode == criapi.NamespaceMode_NODE {
+			p.HostNamespaces = append(p.HostNamespaces, ns.name)
+		}
 	}
 	if p.Hosts, err = readHostFile("/etc/hosts"); err != nil {
 		return p, err
