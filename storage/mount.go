@@ -54,7 +54,7 @@ func SetupShare(dir string, record func(rel string) error) error {
 	if err := record(ShareMounts); err != nil {
 		return err
 	}
-	if err := cloneMount(mounts, mounts, false, Writable); err != nil {
+	if err := cloneMount(mounts, mounts, false, Writable, false); err != nil {
 		return fmt.Errorf("bind %s on itself: %w", ShareMounts, err)
 	}
 	if err := setPropagation(dir, ShareMounts, unix.MS_PRIVATE); err != nil {
@@ -73,7 +73,7 @@ func SetupShare(dir string, record func(rel string) error) error {
 		return err
 	}
 	defer src.Close()
-	if err := cloneMount(src, view, false, ReadOnly); err != nil {
+	if err := cloneMount(src, view, false, ReadOnly, false); err != nil {
 		return fmt.Errorf("bind %s read-only on %s: %w", ShareMounts, ShareView, err)
 	}
 	// A slave receives what is mounted in ShareMounts and sends nothing
@@ -122,7 +122,16 @@ const (
 // resolved again) as one step: the mount is made detached, given its
 // flags, then moved into place, so that what propagation copies from
 // target already has them. recursive takes the mounts below source along.
-func cloneMount(source, target *os.File, recursive bool, ro ReadOnlyMode) error {
+//
+// With private, the bind is private (MS_PRIVATE) whatever source's
+// propagation, as binds of the orchestrator's paths are: a clone of a
+// shared mount (kubelet's volume directories are) would otherwise join
+// its peer group, and a mount the host made under source later would
+// appear in the share, and in the guest, with its own flags (writable
+// under a read-only volume). runc's containers get such volumes rprivate
+// by default too; propagation from the host into a VM is not offered
+// (docs/kubernetes.md).
+func cloneMount(source, target *os.File, recursive bool, ro ReadOnlyMode, private bool) error {
 	flags := uint(unix.OPEN_TREE_CLONE | unix.O_CLOEXEC)
 	if recursive {
 		flags |= unix.AT_RECURSIVE
@@ -132,6 +141,11 @@ func cloneMount(source, target *os.File, recursive bool, ro ReadOnlyMode) error 
 		return fmt.Errorf("open_tree %s: %w", source.Name(), err)
 	}
 	defer unix.Close(fd)
+	if private {
+		if err := unix.MountSetattr(fd, "", uint(unix.AT_EMPTY_PATH|unix.AT_RECURSIVE), &unix.MountAttr{Propagation: unix.MS_PRIVATE}); err != nil {
+			return fmt.Errorf("make bind of %s private: %w", source.Name(), err)
+		}
+	}
 	if ro != Writable {
 		attrFlags := uint(unix.AT_EMPTY_PATH)
 		if ro == RecursiveReadOnly {
@@ -214,7 +228,7 @@ func bindOnto(source string, target *os.File, recursive bool, ro ReadOnlyMode) e
 		return fmt.Errorf("bind mount source: %w", err)
 	}
 	defer src.Close()
-	return cloneMount(src, target, recursive, ro)
+	return cloneMount(src, target, recursive, ro, true)
 }
 
 // BindMount binds the host file or directory source on rel below root (the

@@ -383,3 +383,42 @@ func TestBindMount(t *testing.T) {
 		t.Errorf("mount point left for a missing source: %v", err)
 	}
 }
+
+// TestBindMountPrivate: a volume on a shared host mount (as kubelet's
+// are) is bound private: a mount the host makes below it later does not
+// reach the share, and so not the guest, where it would keep its own
+// flags under a read-only volume.
+func TestBindMountPrivate(t *testing.T) {
+	requireRoot(t)
+	sh := newShare(t)
+	src := filepath.Join(tempDir(t), "volume")
+	if err := os.MkdirAll(filepath.Join(src, "later"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(src, src, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(src, unix.MNT_DETACH) })
+	if err := unix.Mount("", src, "", unix.MS_SHARED, ""); err != nil {
+		t.Fatal(err)
+	}
+	rel := ShareMounts + "/c1/mounts/volume"
+	_ = sh.record(rel)
+	if err := BindMount(src, sh.dir, rel, true, ReadOnly); err != nil {
+		t.Fatal(err)
+	}
+	later := filepath.Join(src, "later")
+	if err := unix.Mount("tmpfs", later, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(later, unix.MNT_DETACH) })
+	if err := os.WriteFile(filepath.Join(later, "hostfile"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tree := range []string{ShareMounts, ShareView} {
+		p := filepath.Join(sh.dir, tree, "c1", "mounts", "volume", "later", "hostfile")
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: a host mount made after the bind reached the share (%v)", p, err)
+		}
+	}
+}
