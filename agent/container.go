@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,6 +19,7 @@ import (
 	_ "github.com/opencontainers/cgroups/devices" // device rules in cgroups
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/opencontainers/runc/libcontainer/devices"
 	"github.com/opencontainers/runc/libcontainer/specconv"
 	"github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -81,9 +83,21 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	}()
 
 	setCgroupsPath(spec, id)
+	if err := addGuestDevices(spec, "/dev"); err != nil {
+		return nil, err
+	}
 	if err := podSysctls(ctx, spec); err != nil {
 		return nil, err
 	}
+	// Mount propagation between the pod's containers (propagation.go).
+	if err := shareVolumes(ctx, id, spec); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			releaseVolumes(ctx, id)
+		}
+	}()
 	config, err := specconv.CreateLibcontainerConfig(&specconv.CreateOpts{
 		CgroupName:  id,
 		NoPivotRoot: opts.noPivotRoot,
@@ -130,6 +144,70 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 		}()
 	}
 	return c, nil
+}
+
+// privilegedCaps are the capabilities that, with no masked and no
+// read-only paths, make a spec privileged. Not "every capability": CRI
+// gives a privileged container containerd's own (its WithPrivileged), which
+// may lack some (the test bed's lack CAP_SYS_RESOURCE), and the newest
+// depend on the host's kernel.
+var privilegedCaps = []string{"CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_NET_ADMIN", "CAP_MKNOD"}
+
+// isPrivileged tells a privileged container's spec (CRI's and ctr's
+// WithPrivileged: all capabilities, no masked or read-only paths) from
+// others: its bounding set holds privilegedCaps and it has neither masked
+// nor read-only paths. A container given all capabilities alone keeps its
+// masked paths; one in a privileged pod without them, its capabilities.
+func isPrivileged(spec *specs.Spec) bool {
+	if spec.Process == nil || spec.Process.Capabilities == nil || spec.Linux == nil {
+		return false
+	}
+	if len(spec.Linux.MaskedPaths) > 0 || len(spec.Linux.ReadonlyPaths) > 0 {
+		return false
+	}
+	for _, c := range privilegedCaps {
+		if !slices.Contains(spec.Process.Capabilities.Bounding, c) {
+			return false
+		}
+	}
+	return true
+}
+
+// addGuestDevices gives a privileged container the guest's devices, as
+// runc gives one the host's: every device node under devDir (the guest's
+// /dev, with runc's exceptions: pts, shm, mqueue, console) and access to
+// every device. The host's devices never reach the guest (the shim refuses
+// them), so this is what CRI's privileged_without_host_devices leaves out.
+// Other containers' specs are left alone.
+func addGuestDevices(spec *specs.Spec, devDir string) error {
+	if !isPrivileged(spec) {
+		return nil
+	}
+	devs, err := devices.GetDevices(devDir)
+	if err != nil {
+		return fmt.Errorf("list the guest's devices: %w", err)
+	}
+	have := map[string]bool{}
+	for _, d := range spec.Linux.Devices {
+		have[d.Path] = true
+	}
+	for _, d := range devs {
+		p := filepath.Join("/dev", strings.TrimPrefix(d.Path, devDir))
+		if have[p] {
+			continue
+		}
+		mode := d.FileMode
+		uid, gid := d.Uid, d.Gid
+		spec.Linux.Devices = append(spec.Linux.Devices, specs.LinuxDevice{
+			Path: p, Type: string(d.Type), Major: d.Major, Minor: d.Minor,
+			FileMode: &mode, UID: &uid, GID: &gid,
+		})
+	}
+	if spec.Linux.Resources == nil {
+		spec.Linux.Resources = &specs.LinuxResources{}
+	}
+	spec.Linux.Resources.Devices = []specs.LinuxDeviceCgroup{{Allow: true, Access: "rwm"}}
+	return nil
 }
 
 // podSysctls applies the net.* sysctls of a container that runs in the
@@ -498,5 +576,6 @@ func (c *container) remove(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	c.mounts = nil
+	releaseVolumes(ctx, c.id)
 	return errors.Join(errs...)
 }

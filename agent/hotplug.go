@@ -107,8 +107,11 @@ func (s *Service) OnlineCPUMem(ctx context.Context, req *agentproto.OnlineCPUMem
 	s.fixAffinity(ctx, online)
 
 	if !req.GetCpuOnly() {
+		// A fallback only: virtio-mem onlines what it plugs, and refuses
+		// (EINVAL) blocks it is still bringing up or holds partly
+		// unplugged. The host has checked the plugged size already.
 		if err := onlineMemory(filepath.Join(s.sysRoot, "devices/system/memory")); err != nil {
-			return nil, err
+			log.G(ctx).WithError(err).Warn("memory blocks left offline")
 		}
 	}
 	memKB, err := statusKB(s.meminfo, "MemTotal")

@@ -92,6 +92,10 @@ func Init(ctx context.Context) {
 	if err := loadModules(ctx, modulesList, "/lib/modules"); err != nil {
 		log.G(ctx).WithError(err).Error("load kernel modules")
 	}
+	// The nodes of on-demand modules (/dev/net/tun), whose open loads them.
+	if err := makeStaticNodes(moduleDir(), "/dev"); err != nil {
+		log.G(ctx).WithError(err).Warn("create static device nodes")
+	}
 	enableControllers(ctx, "/sys/fs/cgroup")
 	if err := loopbackUp(); err != nil {
 		log.G(ctx).WithError(err).Error("bring up loopback")
@@ -341,11 +345,18 @@ func loadModule(path string) error {
 		return err
 	}
 	defer f.Close()
+	return loadModuleFile(f)
+}
+
+// loadModuleFile loads the open module file f (compressed unless its name
+// ends in .ko); a module loaded already is no error. Boot and
+// /sbin/modprobe (modprobe.go) both load through it.
+func loadModuleFile(f *os.File) error {
 	flags := 0
-	if !strings.HasSuffix(path, ".ko") {
+	if !strings.HasSuffix(f.Name(), ".ko") {
 		flags |= unix.MODULE_INIT_COMPRESSED_FILE
 	}
-	err = unix.FinitModule(int(f.Fd()), "", flags)
+	err := unix.FinitModule(int(f.Fd()), "", flags)
 	if errors.Is(err, unix.EEXIST) {
 		return nil
 	}

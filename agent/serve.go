@@ -41,6 +41,9 @@ func Serve(ctx context.Context, cfg ServeConfig) (retErr error) {
 	// The debug console, if the VM has one (console.go); its shell is
 	// killed when the service stops.
 	defer startConsole(ctx, cfg)()
+	// Port-forwarding to the guest's loopback, if the VM has the channel
+	// (portforward.go).
+	defer startPortForward(ctx, cfg)()
 	svc, err := NewService(cfg.Service)
 	if err != nil {
 		return err

@@ -82,3 +82,22 @@ func PodSysctl(key string) bool {
 	}
 	return ipcSysctls[key] || key == "kernel.domainname"
 }
+
+// SharedVolumesAnnotation, in a guest spec, maps the index (in mounts) of
+// each bind mount whose propagation receives mounts (rshared, rslave) to
+// its SharedVolume. Each container's volume is shared into the guest at a
+// path of its own, so a mount one container makes below its volume could
+// not reach another container's: the agent binds the mounts of one volume
+// from a single shared mount point in the guest instead, as runc's binds
+// of one host directory are peers of its host mount.
+const SharedVolumesAnnotation = "io.colo.shared-volumes"
+
+// SharedVolume is a volume as SharedVolumesAnnotation names it.
+type SharedVolume struct {
+	// Key is the same for the pod's mounts of one host source; it tells
+	// the guest nothing of the host's paths.
+	Key string `json:"key"`
+	// ReadOnly: the mount's share path is read-only on the host, so the
+	// agent must not serve a writable mount of the volume from it.
+	ReadOnly bool `json:"readOnly,omitempty"`
+}

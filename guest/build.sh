@@ -135,7 +135,9 @@ if [ ! -f "$vmlinux" ]; then
 fi
 
 # Modules: the listed names, each after its dependencies (modules.dep lists
-# a module's dependencies transitively).
+# a module's dependencies transitively). Those before "[on-demand]" are
+# loaded at boot, in this order; the others are only copied, for
+# /sbin/modprobe (colo-agent) to load when the kernel asks for them.
 declare -A path_of=() deps_of=() builtin=() placed=()
 while IFS= read -r line; do
 	mod=${line%%:*}
@@ -151,21 +153,30 @@ while IFS= read -r mod; do
 	builtin[${name//-/_}]=1
 done <"$moddir/modules.builtin"
 
-order=()
+order=() on_demand=()
 place() {
-	local mod=$1 dep
+	local mod=$1 list=$2 dep
 	[ -z "${placed[$mod]:-}" ] || return 0
 	placed[$mod]=1
 	for dep in ${deps_of[$mod]}; do
-		place "$dep"
+		place "$dep" "$list"
 	done
-	order+=("$mod")
+	if [ "$list" = boot ]; then
+		order+=("$mod")
+	else
+		on_demand+=("$mod")
+	fi
 }
+section=boot
 while read -r name _; do
-	case $name in '' | '#'*) continue ;; esac
+	case $name in
+	'' | '#'*) continue ;;
+	'[on-demand]') section=on-demand; continue ;;
+	'['*) die "$modules_list: unknown section $name (want [on-demand])" ;;
+	esac
 	key=${name//-/_}
 	if [ -n "${path_of[$key]:-}" ]; then
-		place "${path_of[$key]}"
+		place "${path_of[$key]}" "$section"
 	elif [ -n "${builtin[$key]:-}" ]; then
 		echo "$prog: module $name is built into $kver: skipped" >&2
 	else
@@ -175,8 +186,11 @@ done < <(sed 's/#.*//' "$modules_list")
 
 # The debug console's shell (agent.debug_console): Debian's static busybox.
 # Nothing else in the guest uses it. Its applets are linked in /bin only,
-# none in /sbin: the kernel runs /sbin/modprobe and /sbin/poweroff when
-# they exist, and a guest must behave the same with the console or without.
+# none in /sbin: the kernel runs /sbin/modprobe (kernel.modprobe) and
+# /sbin/poweroff when they exist, and a guest must behave the same with the
+# console or without. /sbin/modprobe is colo-agent itself (below), which
+# loads the on-demand modules; busybox's modprobe stays out of the kernel's
+# way.
 busybox_deb=$(fetch "$busybox_package")
 mkdir "$tmp/busybox"
 dpkg-deb -x "$busybox_deb" "$tmp/busybox"
@@ -192,8 +206,11 @@ echo "$applets" | grep -qx sh || die "${busybox_deb##*/}: busybox has no sh appl
 
 # The initrd tree.
 stage=$tmp/initrd
-mkdir -p "$stage"/{proc,sys,dev,run,tmp,bin,etc/colo}
+mkdir -p "$stage"/{proc,sys,dev,run,tmp,bin,sbin,etc/colo}
 cp "$agent" "$stage/init"
+# The kernel's usermode helper for request_module: "/sbin/modprobe -q --
+# NAME"; colo-agent acts as modprobe when called by that name.
+ln -s ../init "$stage/sbin/modprobe"
 cp "$busybox" "$stage/bin/busybox"
 for applet in $applets; do
 	case $applet in
@@ -202,14 +219,28 @@ for applet in $applets; do
 	ln -s busybox "$stage/bin/$applet"
 done
 : >"$stage/etc/colo/modules"
-for mod in "${order[@]}"; do
+for mod in "${order[@]}" "${on_demand[@]}"; do
 	case $mod in
 	*.ko) ;;
 	*) die "$mod: compressed module; the agent loads plain .ko files only" ;;
 	esac
 	mkdir -p "$stage/lib/modules/$kver/${mod%/*}"
 	cp "$moddir/$mod" "$stage/lib/modules/$kver/$mod"
+done
+for mod in "${order[@]}"; do
 	echo "lib/modules/$kver/$mod" >>"$stage/etc/colo/modules"
+done
+# modules.dep, modules.alias and modules.devname of the modules in the
+# initrd, for /sbin/modprobe and the static device nodes the agent makes at
+# boot (such as /dev/net/tun, whose open loads tun); modules.builtin so that
+# modprobe of a built-in module succeeds. Nothing else depmod writes.
+cp "$moddir/modules.builtin" "$moddir/modules.builtin.modinfo" "$moddir/modules.order" "$stage/lib/modules/$kver/"
+"$depmod" -b "$stage" "$kver" || die "depmod of the initrd's modules failed"
+for f in "$stage/lib/modules/$kver"/modules.*; do
+	case ${f##*/} in
+	modules.dep | modules.alias | modules.devname | modules.builtin) ;;
+	*) rm -f "$f" ;;
+	esac
 done
 
 # Reproducible: fixed modes, owner and mtimes, sorted entries, no inode or
@@ -231,4 +262,4 @@ else
 	mv "$tmp/vmlinux.out" "$out/vmlinux"
 fi
 mv "$tmp/initrd.img" "$out/initrd.img"
-echo "$prog: $out/vmlinux $out/initrd.img (kernel $kver, ${#order[@]} modules, busybox with $(echo "$applets" | wc -l) applets)" >&2
+echo "$prog: $out/vmlinux $out/initrd.img (kernel $kver, ${#order[@]} modules at boot, ${#on_demand[@]} on demand, busybox with $(echo "$applets" | wc -l) applets)" >&2

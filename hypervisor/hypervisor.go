@@ -89,6 +89,10 @@ type VMConfig struct {
 	// DebugConsole gives the guest a debug console (DialConsole): a port
 	// of its own, never the agent's channel.
 	DebugConsole bool
+	// PortForward gives the guest a port-forward channel
+	// (DialPortForward): a port of its own that carries connections to
+	// the guest's loopback, for pods on the pod network.
+	PortForward bool
 	// TemplateDir, if set, is where the driver may keep snapshots of
 	// booted guests, to start VMs of the same configuration from instead
 	// of booting them.
@@ -136,6 +140,10 @@ type VM interface {
 	// own (VMConfig.DebugConsole); an error wrapping ErrNoConsole when
 	// the VM has none.
 	DialConsole(ctx context.Context) (net.Conn, error)
+	// DialPortForward connects to the guest's port-forward channel, a
+	// port of its own that carries connections to the guest's loopback
+	// (CRI PortForward); one client at a time.
+	DialPortForward(ctx context.Context) (net.Conn, error)
 	// Panicked is closed when the guest kernel has panicked (a pvpanic
 	// device); the VM is then paused with its memory as it was, for
 	// Dump, until it is stopped.

@@ -241,6 +241,10 @@ func fakeVirtiofsdParent() {
 		os.Exit(1)
 	}
 	defer l.Close()
+	// Written before the child exists, so that a Stop the test makes once
+	// it sees the child always finds it (a SIGTERM could otherwise come
+	// first on a loaded machine).
+	fmt.Fprintln(os.Stderr, "parent listening")
 	// The child keeps the parent's command line, as a fork would.
 	child := exec.Command(os.Args[0], os.Args[1:]...)
 	child.Env = append(os.Environ(), fakeVirtiofsdEnv+"=child")
@@ -249,7 +253,6 @@ func fakeVirtiofsdParent() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Fprintln(os.Stderr, "parent listening")
 	time.Sleep(2 * time.Minute)
 	os.Exit(0)
 }

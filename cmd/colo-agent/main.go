@@ -4,6 +4,7 @@
 //	colo-agent serve [flags]   the ttrpc agent service
 //	colo-agent init            libcontainer's container init (internal)
 //	colo-agent pod-ns          holds a pod's namespaces (internal)
+//	/sbin/modprobe [-q] [--] NAME  the guest kernel's modprobe (a link to colo-agent)
 package main
 
 import (
@@ -12,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/runc/libcontainer"
@@ -43,6 +45,11 @@ func init() {
 }
 
 func main() {
+	// The kernel's request_module runs "/sbin/modprobe -q -- NAME", a
+	// link to this binary: never PID 1, and before anything else.
+	if filepath.Base(os.Args[0]) == agent.ModprobeName {
+		os.Exit(agent.RunModprobe(os.Args[1:], os.Stderr))
+	}
 	ctx := context.Background()
 	// Plain text: the logs end up on a serial console, not a terminal.
 	log.L.Logger.SetFormatter(&logrus.TextFormatter{

@@ -183,7 +183,8 @@ func (l launch) args() []string {
 	case hypervisor.ChannelVsock:
 		a = append(a, "-device", fmt.Sprintf("%s,id=vsock0,guest-cid=%d,vhostfd=%d", dev("vhost-vsock"), l.cid, l.vhostFD))
 	}
-	a = append(a, l.consoleArgs(dev)...) // console.go
+	a = append(a, l.consoleArgs(dev)...)     // console.go
+	a = append(a, l.portForwardArgs(dev)...) // portforward.go
 
 	for i, n := range l.vm.NICs {
 		if l.snapshot != snapshotNone {

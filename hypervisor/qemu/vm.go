@@ -485,6 +485,7 @@ func driverFiles(dir string) []string {
 		filepath.Join(dir, QMPSocket),
 		filepath.Join(dir, AgentSocket),
 		filepath.Join(dir, ConsoleSocket),
+		filepath.Join(dir, PortForwardSocket),
 		filepath.Join(dir, PidFile),
 	}
 }

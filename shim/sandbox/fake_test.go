@@ -167,6 +167,10 @@ func (v *fakeVM) DialConsole(context.Context) (net.Conn, error) {
 	return nil, hypervisor.ErrNoConsole
 }
 
+func (v *fakeVM) DialPortForward(context.Context) (net.Conn, error) {
+	return nil, errors.New("fake VM: no port-forward channel")
+}
+
 func (v *fakeVM) Panicked() <-chan struct{} { return nil }
 
 func (v *fakeVM) Dump(context.Context, string) error { return errors.New("fake VM: no dump") }

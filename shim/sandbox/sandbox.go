@@ -545,6 +545,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 			return err
 		}
 		vmcfg.NICs, netcfg = nics, cfg
+		vmcfg.PortForward = true // portforward.go
 	}
 	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
 		return fmt.Errorf("create VM dir: %w", err)
@@ -604,6 +605,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	if err := s.serveManagement(ctx); err != nil {
 		return err
 	}
+	s.startPortForward() // portforward.go: pods on the pod network
 	go s.watchHealth()
 	go s.watchPanic()
 	if s.virtiofsd != nil {

@@ -2,6 +2,8 @@ package sandbox
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -265,6 +268,9 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 	for i, src := range v.binds {
 		g.Mounts[i].Source = src
 	}
+	if err := setSharedVolumes(&g, s, v.binds); err != nil {
+		return nil, err
+	}
 	// libcontainer in the guest would run them, from the guest's files:
 	// refused here too, should a caller have skipped ValidateSpec.
 	if err := checkHooks(g.Hooks); err != nil {
@@ -310,6 +316,66 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 		addPodMounts(&g, podIPC, v.podFiles)
 	}
 	return &g, nil
+}
+
+// receivingPropagation are the propagation options under which a bind
+// receives the mounts made below its source: with any other (rprivate,
+// CRI's PROPAGATION_PRIVATE, or none) the container keeps today's private
+// bind of its own share path.
+var receivingPropagation = []string{"shared", "rshared", "slave", "rslave"}
+
+// setSharedVolumes sets agentproto.SharedVolumesAnnotation in g for the bind mounts
+// of s (binds: their guest sources) with a receiving propagation, and
+// drops one the spec's author set: the shim alone says which mounts share
+// a guest mount point.
+func setSharedVolumes(g *specs.Spec, s *specs.Spec, binds map[int]string) error {
+	delete(g.Annotations, agentproto.SharedVolumesAnnotation)
+	vols := sharedVolumes(s, binds)
+	if len(vols) == 0 {
+		return nil
+	}
+	b, err := json.Marshal(vols)
+	if err != nil {
+		return fmt.Errorf("encode shared volumes: %w", err)
+	}
+	if g.Annotations == nil {
+		g.Annotations = map[string]string{}
+	}
+	g.Annotations[agentproto.SharedVolumesAnnotation] = string(b)
+	return nil
+}
+
+// sharedVolumes maps the index of each bind mount of s with a receiving
+// propagation to its volume. The pod's /dev/shm is one guest tmpfs for all
+// containers already.
+func sharedVolumes(s *specs.Spec, binds map[int]string) map[string]agentproto.SharedVolume {
+	vols := map[string]agentproto.SharedVolume{}
+	for i, src := range binds {
+		m := s.Mounts[i]
+		if src == agentproto.SandboxShm || !slices.ContainsFunc(m.Options, func(o string) bool {
+			return slices.Contains(receivingPropagation, o)
+		}) {
+			continue
+		}
+		// As shareBinds decides: "ro" or "rro" make the share path
+		// read-only on the host.
+		ro := slices.Contains(m.Options, "ro") || slices.Contains(m.Options, "rro")
+		vols[strconv.Itoa(i)] = agentproto.SharedVolume{Key: volumeKey(m), ReadOnly: ro}
+	}
+	return vols
+}
+
+// volumeKey names a volume in the guest: the mounts of one host source
+// that shareBinds binds alike (recursively or not, which changes what the
+// share path shows) share a guest mount point. A hash, so that the guest
+// does not learn host paths.
+func volumeKey(m specs.Mount) string {
+	src := path.Clean(m.Source)
+	if slices.Contains(m.Options, "rbind") {
+		src += "\x00rbind"
+	}
+	sum := sha256.Sum256([]byte(src))
+	return hex.EncodeToString(sum[:16])
 }
 
 // guestNamespace is the guest path of the pod's namespace of type t that a

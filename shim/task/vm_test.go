@@ -124,6 +124,9 @@ func podSpec(pod, kind string, args ...string) *specs.Spec {
 		sandbox.PodAnnotation:              pod,
 		"io.kubernetes.cri.container-type": kind,
 	}
+	// A network namespace of its own, as CRI's pause container has (spec
+	// gives PID and IPC ones): the node's would be refused.
+	s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace})
 	return s
 }
 
