@@ -123,13 +123,28 @@ func (s *Service) configureLink(ctx context.Context, nl *netlink.Handle, want *a
 	return describeLink(nl, link)
 }
 
+// linkList lists the links, again when the kernel says the list changed
+// while it was read (a NIC being hot-plugged): a dump interrupted so is
+// incomplete, and it passes in a moment.
+func linkList(nl *netlink.Handle) ([]netlink.Link, error) {
+	var err error
+	for range 10 {
+		var links []netlink.Link
+		if links, err = nl.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil, err
+}
+
 // waitLinkByMAC finds the link with the MAC, waiting a while for a device
 // that is still being probed.
 func waitLinkByMAC(ctx context.Context, nl *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
 	ctx, cancel := context.WithTimeout(ctx, nicTimeout)
 	defer cancel()
 	for {
-		links, err := nl.LinkList()
+		links, err := linkList(nl)
 		if err != nil {
 			return nil, fmt.Errorf("list interfaces: %w", err)
 		}
@@ -301,7 +316,7 @@ func (s *Service) ListInterfaces(ctx context.Context, req *agentproto.ListInterf
 		return nil, err
 	}
 	defer nl.Close()
-	links, err := nl.LinkList()
+	links, err := linkList(nl)
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
