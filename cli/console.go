@@ -162,12 +162,17 @@ func consoleRun(ctx context.Context, sock string, argv []string, out io.Writer) 
 	begin := "__COLO_BEGIN_" + id
 	end := "__COLO_END_" + id + ":"
 
+	// The new shell speaks first (its banner): what is typed before may
+	// still reach the last session's shell, which is ending.
+	m := &markerReader{r: r}
+	if err := m.wait(); err != nil {
+		return 0, wrapCtx(ctx, fmt.Errorf("the shell did not start: %w", err))
+	}
 	// -onlcr: the output as the command wrote it, without \r added.
 	setup := fmt.Sprintf("stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; printf '%%s%%s\\n' __COLO_BEGIN_ %s\n", id)
 	if _, err := io.WriteString(conn, setup); err != nil {
 		return 0, wrapCtx(ctx, err)
 	}
-	m := &markerReader{r: r}
 	if _, err := m.copyUntil(io.Discard, begin); err != nil {
 		return 0, wrapCtx(ctx, fmt.Errorf("the shell did not start: %w", err))
 	}
@@ -207,6 +212,19 @@ func wrapCtx(ctx context.Context, err error) error {
 type markerReader struct {
 	r   io.Reader
 	buf []byte // read, not yet consumed
+}
+
+// wait reads until something has come, and keeps it.
+func (m *markerReader) wait() error {
+	chunk := make([]byte, 4<<10)
+	for len(m.buf) == 0 {
+		n, err := m.r.Read(chunk)
+		m.buf = append(m.buf, chunk[:n]...)
+		if err != nil && len(m.buf) == 0 {
+			return err
+		}
+	}
+	return nil
 }
 
 // copyUntil copies to w what comes before marker and consumes the marker.

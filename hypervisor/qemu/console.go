@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -76,11 +77,21 @@ func (l launch) consoleKernelParams() []string {
 	return []string{ConsoleKernelParam}
 }
 
-// consoleSessions holds the VMs whose console has a client. QEMU's socket
+// consoleClient is the console's one client at a time. QEMU's socket
 // takes one client at a time and leaves a second one connected but unread
 // in its backlog, which would look like a console that hangs: DialConsole
-// refuses it instead.
-var consoleSessions sync.Map // *VM -> struct{}
+// refuses it instead. A client that follows another waits consoleGap after
+// the last one left: the guest must see it leave (its port's host side
+// closing) before the next one's bytes arrive, or they would go to the
+// session that is ending, whose shell the guest is killing.
+type consoleClient struct {
+	mu   sync.Mutex
+	busy bool
+	left time.Time
+}
+
+// consoleGap is how long the guest is given to see a console client leave.
+const consoleGap = time.Second
 
 // DialConsole connects to the guest's debug console: a byte stream to and
 // from the shell the agent runs on a terminal. One client at a time; the
@@ -104,15 +115,36 @@ func (vm *VM) DialConsole(ctx context.Context) (net.Conn, error) {
 	if !has {
 		return nil, fmt.Errorf("qemu: vm %s: %w", vm.id, hypervisor.ErrNoConsole)
 	}
-	if _, busy := consoleSessions.LoadOrStore(vm, struct{}{}); busy {
+	c := &vm.console
+	c.mu.Lock()
+	if c.busy {
+		c.mu.Unlock()
 		return nil, fmt.Errorf("qemu: vm %s: the debug console has a client already (one at a time): %w", vm.id, errdefs.ErrConflict)
+	}
+	c.busy = true
+	wait := time.Until(c.left.Add(consoleGap))
+	c.mu.Unlock()
+	free := func() {
+		c.mu.Lock()
+		c.busy, c.left = false, time.Now()
+		c.mu.Unlock()
+	}
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			free()
+			return nil, fmt.Errorf("qemu: vm %s: dial console: %w", vm.id, ctx.Err())
+		case <-t.C:
+		}
 	}
 	conn, err := (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(vm.dir, ConsoleSocket))
 	if err != nil {
-		consoleSessions.Delete(vm)
+		free()
 		return nil, fmt.Errorf("qemu: vm %s: dial console: %w", vm.id, err)
 	}
-	return &consoleConn{Conn: conn, vm: vm}, nil
+	return &consoleConn{Conn: conn, free: free}, nil
 }
 
 // hasConsole asks QEMU whether the console's chardev exists.
@@ -138,12 +170,12 @@ func (vm *VM) hasConsole(ctx context.Context) (bool, error) {
 // consoleConn frees the console for the next client when closed.
 type consoleConn struct {
 	net.Conn
-	vm   *VM
+	free func()
 	once sync.Once
 }
 
 func (c *consoleConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(func() { consoleSessions.Delete(c.vm) })
+	c.once.Do(c.free)
 	return err
 }

@@ -129,6 +129,18 @@ func consoleGuest(t *testing.T) *Driver {
 
 // shellSays sends a line to the console's shell and waits (bounded) for
 // output matching re; quotes in the line keep its echo from matching.
+// shellReady waits for the new shell to speak (its banner): what a client
+// types before may still reach the last session's shell, which is ending
+// (the guest may not see a client leave before the next one types).
+func shellReady(t *testing.T, ctx context.Context, conn net.Conn, r *bufio.Reader) {
+	t.Helper()
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if _, err := r.Peek(1); err != nil {
+		t.Fatalf("console: the shell did not speak: %v", err)
+	}
+}
+
 func shellSays(t *testing.T, ctx context.Context, conn net.Conn, r *bufio.Reader, line, re string) string {
 	t.Helper()
 	if _, err := conn.Write([]byte(line + "\n")); err != nil {
@@ -186,15 +198,14 @@ func TestDebugConsole(t *testing.T) {
 	shellSays(t, ctx, conn, r, "echo pid=$$''", `pid=(\d+)\r\n`)
 	conn.Close()
 
-	// Clients one right after the other, each typing at once: what a
-	// client sends before the guest is done with the last one is not
-	// lost.
+	// Clients one right after the other, each with a shell of its own.
 	for i := range 5 {
 		conn, err = vm.DialConsole(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		r = bufio.NewReader(conn)
+		shellReady(t, ctx, conn, r)
 		want := fmt.Sprintf("n%d", i)
 		if got := shellSays(t, ctx, conn, r, "echo n''"+want[1:], `(n\d+)\r\n`); got != want {
 			t.Errorf("client %d: %q, want %q", i, got, want)
@@ -209,6 +220,7 @@ func TestDebugConsole(t *testing.T) {
 		t.Fatal(err)
 	}
 	r = bufio.NewReader(conn)
+	shellReady(t, ctx, conn, r)
 	if got := shellSays(t, ctx, conn, r, "exit 4", `\[colo-agent: the shell exited with status (\d+)\]`); got != "4" {
 		t.Errorf("exit status %s, want 4", got)
 	}

@@ -39,6 +39,9 @@ var errExited = errors.New("qemu exited")
 
 // VM is one running QEMU process.
 type VM struct {
+	// console is the debug console's one client (console.go).
+	console consoleClient
+
 	id      string
 	dir     string
 	channel hypervisor.AgentChannel
