@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/hashicorp/yamux"
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/internal/splice"
 )
 
 // Port forwarding (CRI PortForward, `kubectl port-forward`): the host's shim
@@ -238,55 +240,12 @@ func forwardStream(ctx context.Context, st *yamux.Stream, dial func(context.Cont
 		return
 	}
 	defer c.Close()
-	hc, ok := c.(halfConn)
+	hc, ok := c.(splice.HalfConn)
 	if !ok {
 		return
 	}
 	if _, err := st.Write([]byte{forwardOK}); err != nil {
 		return
 	}
-	splice(streamHalf{st}, hc)
-}
-
-// halfConn is a connection whose sending side closes alone.
-type halfConn interface {
-	io.ReadWriteCloser
-	CloseWrite() error
-}
-
-// streamHalf: a yamux stream's Close sends FIN and leaves it readable,
-// which is a half-close; yamux frees it once both sides closed (or after
-// its StreamCloseTimeout, with a reset).
-type streamHalf struct{ *yamux.Stream }
-
-func (s streamHalf) CloseWrite() error { return s.Stream.Close() }
-
-// splice copies a to b and b to a until both directions ended: the end of
-// one (EOF) is passed on as a half-close, so a client that shut down its
-// sending side still gets the whole answer; a failed direction closes both
-// connections, which ends the other.
-func splice(a, b halfConn) {
-	var wg sync.WaitGroup
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			a.Close()
-			b.Close()
-		})
-	}
-	one := func(dst, src halfConn) {
-		defer wg.Done()
-		if _, err := io.Copy(dst, src); err != nil {
-			abort()
-			return
-		}
-		if dst.CloseWrite() != nil {
-			abort()
-		}
-	}
-	wg.Add(2)
-	go one(a, b)
-	go one(b, a)
-	wg.Wait()
-	abort()
+	splice.Splice(splice.Stream{Stream: st}, hc)
 }

@@ -86,14 +86,14 @@ func (s *Sandbox) handleConsole(w http.ResponseWriter, r *http.Request) {
 	// What the client sent after its request may sit in the server's
 	// buffer already.
 	from := io.MultiReader(io.LimitReader(buf.Reader, int64(buf.Reader.Buffered())), client)
-	splice(client, from, guest, s.stopping, s.vm.Done())
+	spliceConsole(client, from, guest, s.stopping, s.vm.Done())
 	logger.WithField("took", time.Since(begin).Round(time.Millisecond)).Info("debug console: session closed")
 }
 
-// splice copies client to guest and guest to client until either side
+// spliceConsole copies client to guest and guest to client until either side
 // closes (or fails) or a stop channel is closed; then both are closed and
 // it returns once both copies ended.
-func splice(client net.Conn, from io.Reader, guest net.Conn, stops ...<-chan struct{}) {
+func spliceConsole(client net.Conn, from io.Reader, guest net.Conn, stops ...<-chan struct{}) {
 	ended := make(chan struct{})
 	var once sync.Once
 	end := func() { once.Do(func() { close(ended) }) }

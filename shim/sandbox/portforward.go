@@ -18,6 +18,8 @@ import (
 	"github.com/hashicorp/yamux"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/internal/splice"
 )
 
 // Port forwarding (CRI PortForward, `kubectl port-forward`). containerd
@@ -367,12 +369,12 @@ func (f *portForwarder) forward(c net.Conn) {
 		return
 	}
 	defer st.Close()
-	hc, ok := c.(halfConn)
+	hc, ok := c.(splice.HalfConn)
 	if !ok {
 		reset(c)
 		return
 	}
-	spliceHalf(hc, streamHalf{st})
+	splice.Splice(hc, splice.Stream{Stream: st})
 }
 
 // open opens a stream to port in the guest: it returns once the guest
@@ -473,47 +475,4 @@ func (f *portForwarder) close() {
 			}
 		}
 	})
-}
-
-// halfConn is a connection whose sending side closes alone.
-type halfConn interface {
-	io.ReadWriteCloser
-	CloseWrite() error
-}
-
-// streamHalf: a yamux stream's Close sends FIN and leaves it readable,
-// which is a half-close; yamux frees it once both sides closed (or after
-// StreamCloseTimeout, with a reset).
-type streamHalf struct{ *yamux.Stream }
-
-func (s streamHalf) CloseWrite() error { return s.Stream.Close() }
-
-// spliceHalf copies a to b and b to a until both directions ended: the end of
-// one (EOF) is passed on as a half-close, so a client that shut down its
-// sending side still gets the whole answer; a failed direction closes both
-// connections, which ends the other. The same as the agent's.
-func spliceHalf(a, b halfConn) {
-	var wg sync.WaitGroup
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			a.Close()
-			b.Close()
-		})
-	}
-	one := func(dst, src halfConn) {
-		defer wg.Done()
-		if _, err := io.Copy(dst, src); err != nil {
-			abort()
-			return
-		}
-		if dst.CloseWrite() != nil {
-			abort()
-		}
-	}
-	wg.Add(2)
-	go one(a, b)
-	go one(b, a)
-	wg.Wait()
-	abort()
 }
