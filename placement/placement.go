@@ -20,6 +20,7 @@ import (
 	"path"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
@@ -374,12 +375,27 @@ func removeV2(parent string) error {
 }
 
 // rmdir removes an empty cgroup; one that is gone already is no error.
+//
+// A cgroup whose last task has just been killed is busy until the kernel
+// has released it (an exited task not yet reaped holds it too), so a busy
+// one is tried again for a moment.
 func rmdir(dir string) error {
-	if err := unix.Rmdir(dir); err != nil && !errors.Is(err, unix.ENOENT) {
+	deadline := time.Now().Add(rmdirBusyWait)
+	for {
+		err := unix.Rmdir(dir)
+		switch {
+		case err == nil || errors.Is(err, unix.ENOENT):
+			return nil
+		case errors.Is(err, unix.EBUSY) && time.Now().Before(deadline):
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
 		return fmt.Errorf("remove cgroup %s: %w", dir, err)
 	}
-	return nil
 }
+
+// rmdirBusyWait bounds waiting for a busy cgroup to be released.
+const rmdirBusyWait = 2 * time.Second
 
 // PlaceVCPUs moves vCPU threads into the cgroups of their classes under a
 // tree Apply made: vcpus[i] is the thread of vCPU first+i. It is for
