@@ -47,9 +47,10 @@ import (
 // the cgroup's cpuset, which it widens as CPUs come online. ensureAffinity
 // checks the agent's and repairs it should something have pinned it.
 
-var (
+const (
 	// cpuWaitCap bounds the wait for the CPUs when the host's deadline is
-	// later or missing; under TCG a plugged vCPU takes seconds to appear.
+	// later or missing (Service.cpuWait); under TCG a plugged vCPU takes
+	// seconds to appear.
 	cpuWaitCap = time.Minute
 	// cpuPoll is how often the CPUs are looked at while waiting.
 	cpuPoll = 20 * time.Millisecond
@@ -91,7 +92,7 @@ func (s *Service) OnlineCPUMem(ctx context.Context, req *agentproto.OnlineCPUMem
 			return nil, fmt.Errorf("narrow the classes' cpusets: %w", err)
 		}
 	}
-	online, err := setOnlineCPUs(ctx, cpuDir, int(n))
+	online, err := setOnlineCPUs(ctx, cpuDir, int(n), s.cpuWait)
 	if err != nil {
 		return nil, err
 	}
@@ -146,11 +147,11 @@ func (s *Service) checkClasses(classes []*agentproto.CPUClass, n uint32) error {
 
 // setOnlineCPUs brings CPUs 0..n-1 online and takes the others offline
 // (highest first), then waits until the kernel's online list is exactly
-// 0..n-1, bounded by ctx and cpuWaitCap. A CPU the host has just plugged
+// 0..n-1, bounded by ctx and wait. A CPU the host has just plugged
 // appears (its cpuN directory) only after a while, so the CPUs are looked
 // at again until then. It returns the online CPUs.
-func setOnlineCPUs(ctx context.Context, dir string, n int) ([]int, error) {
-	ctx, cancel := context.WithTimeout(ctx, cpuWaitCap)
+func setOnlineCPUs(ctx context.Context, dir string, n int, wait time.Duration) ([]int, error) {
+	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	start := time.Now()
 	for {

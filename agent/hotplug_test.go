@@ -174,8 +174,6 @@ func code(err error) codes.Code { return status.Code(toStatus(err)) }
 // the call waits), the others offline, within the deadline; bad counts are
 // refused.
 func TestOnlineCPUs(t *testing.T) {
-	defer func(c time.Duration) { cpuWaitCap = c }(cpuWaitCap)
-	cpuWaitCap = 5 * time.Second
 	for _, tc := range []struct {
 		name                      string
 		possible, present, online int
@@ -209,8 +207,7 @@ func TestOnlineCPUs(t *testing.T) {
 				ctx, cancel = context.WithTimeout(ctx, tc.timeout)
 				defer cancel()
 			case tc.timeout < 0:
-				cpuWaitCap = 300 * time.Millisecond
-				defer func() { cpuWaitCap = 5 * time.Second }()
+				svc.cpuWait = 300 * time.Millisecond
 			}
 			start := time.Now()
 			resp, err := svc.OnlineCPUMem(ctx, &agentproto.OnlineCPUMemRequest{NbCpus: tc.n, CpuOnly: true})

@@ -77,6 +77,8 @@ type Service struct {
 
 	// sysRoot is sysfs, meminfo /proc/meminfo (a fake in tests).
 	sysRoot, meminfo string
+	// cpuWait bounds OnlineCPUMem's wait for the CPUs (cpuWaitCap).
+	cpuWait time.Duration
 	// resizeMu serializes OnlineCPUMem calls.
 	resizeMu sync.Mutex
 	// fixAffinity makes sure the agent's threads may run on the online
@@ -114,6 +116,7 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		sysRoot:      cmp.Or(cfg.SysfsRoot, "/sys"),
 		meminfo:      "/proc/meminfo",
 		fixAffinity:  ensureAffinity,
+		cpuWait:      cpuWaitCap,
 	}, nil
 }
 
