@@ -218,27 +218,37 @@ func (s *portSession) Write(p []byte) (int, error) { return s.f.Write(p) }
 func (s *portSession) Close() error                { return s.f.SetDeadline(time.Unix(1, 0)) }
 
 // serveConsole runs one shell session after the other, each on a port
-// connection from open, until ctx ends. A panic ends the console, not the
-// service it runs in.
+// connection from open, until ctx ends.
 func serveConsole(ctx context.Context, open consolePorts, shell []string) {
+	servePort(ctx, "debug console", open, func(ctx context.Context, conn io.ReadWriteCloser) {
+		if err := consoleSession(ctx, conn, shell); err != nil {
+			log.G(ctx).WithError(err).Warn("debug console: session")
+			sleepCtx(ctx, consoleRetry)
+		}
+	})
+}
+
+// servePort serves one session after the other on a virtio-serial port of
+// its own (the debug console's, port-forwarding's), each on a connection
+// from open, until ctx ends; the session closes nothing, servePort closes
+// the connection after it. A panic ends what the port serves, not the
+// agent's service.
+func servePort(ctx context.Context, what string, open consolePorts, session func(context.Context, io.ReadWriteCloser)) {
 	defer func() {
 		if p := recover(); p != nil {
-			log.G(ctx).Errorf("debug console: stopped by a panic: %v", p)
+			log.G(ctx).Errorf("%s: stopped by a panic: %v", what, p)
 		}
 	}()
 	for ctx.Err() == nil {
 		conn, err := open(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
-				log.G(ctx).WithError(err).Warn("debug console: open the port")
+				log.G(ctx).WithError(err).Warnf("%s: open the port", what)
 				sleepCtx(ctx, consoleRetry)
 			}
 			continue
 		}
-		if err := consoleSession(ctx, conn, shell); err != nil {
-			log.G(ctx).WithError(err).Warn("debug console: session")
-			sleepCtx(ctx, consoleRetry)
-		}
+		session(ctx, conn)
 		conn.Close()
 	}
 }

@@ -160,29 +160,13 @@ func dialLoopback(ctx context.Context, port int) (net.Conn, error) {
 }
 
 // serveForward runs one multiplexer session after the other, each on a
-// port connection from open, until ctx ends. A panic ends port-forwarding,
-// not the service.
+// port connection from open, until ctx ends.
 func serveForward(ctx context.Context, open consolePorts, dial func(context.Context, int) (net.Conn, error)) {
-	defer func() {
-		if p := recover(); p != nil {
-			log.G(ctx).Errorf("port-forward: stopped by a panic: %v", p)
-		}
-	}()
-	for ctx.Err() == nil {
-		conn, err := open(ctx)
-		if err != nil {
-			if ctx.Err() == nil {
-				log.G(ctx).WithError(err).Warn("port-forward: open the port")
-				sleepCtx(ctx, consoleRetry)
-			}
-			continue
-		}
-		err = forwardSession(ctx, conn, dial)
-		conn.Close()
-		if err != nil && ctx.Err() == nil {
+	servePort(ctx, "port-forward", open, func(ctx context.Context, conn io.ReadWriteCloser) {
+		if err := forwardSession(ctx, conn, dial); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Info("port-forward: session ended")
 		}
-	}
+	})
 }
 
 // forwardSession serves the streams the host opens on conn until the host

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/colo-runtime/colo/shim/sandbox"
@@ -22,18 +21,9 @@ func dumpCmd(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet("dump", flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
 	dir := fs.String("dir", "", "directory for the vmcore (default: the sandbox's hypervisor.dump_dir)")
-	// The sandbox may come before or after the flags.
-	var ref string
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		ref, args = args[0], args[1:]
-	}
-	if err := fs.Parse(args); err != nil {
-		return usageError("%v", err)
-	}
-	if ref == "" && fs.NArg() > 0 {
-		ref = fs.Arg(0)
-	} else if fs.NArg() > 0 {
-		return usageError("unexpected %s", quoted(strings.Join(fs.Args(), " ")))
+	ref, err := parseWithSandbox(fs, args)
+	if err != nil {
+		return err
 	}
 	var req sandbox.DumpRequest
 	if *dir != "" {

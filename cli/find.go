@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -95,4 +96,23 @@ func manageClient(dir string) (*http.Client, string) {
 			return d.DialContext(ctx, "unix", sock)
 		},
 	}}, sock
+}
+
+// parseWithSandbox parses a command's flags around its one sandbox
+// argument, which may come before or after them, and returns it ("" when
+// not given; findSandbox says so).
+func parseWithSandbox(fs *flag.FlagSet, args []string) (string, error) {
+	var ref string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		ref, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return "", usageError("%v", err)
+	}
+	if ref == "" && fs.NArg() > 0 {
+		ref = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		return "", usageError("unexpected %s", quoted(strings.Join(fs.Args(), " ")))
+	}
+	return ref, nil
 }

@@ -25,18 +25,9 @@ func resize(ctx context.Context, e *env, args []string) error {
 	fs.SetOutput(e.stderr)
 	cpus := fs.Int("cpus", 0, "vCPUs the VM is to have")
 	memory := fs.String("memory", "", "memory the VM is to have: bytes, or with a suffix Ki, Mi, Gi, Ti (or k, M, G, T)")
-	// The sandbox may come before or after the flags.
-	var ref string
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		ref, args = args[0], args[1:]
-	}
-	if err := fs.Parse(args); err != nil {
-		return usageError("%v", err)
-	}
-	if ref == "" && fs.NArg() > 0 {
-		ref = fs.Arg(0)
-	} else if fs.NArg() > 0 {
-		return usageError("unexpected %s", quoted(strings.Join(fs.Args(), " ")))
+	ref, err := parseWithSandbox(fs, args)
+	if err != nil {
+		return err
 	}
 	req := sandbox.Resources{VCPUs: *cpus}
 	if *cpus < 0 {
