@@ -54,6 +54,8 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 		newDriver:  newDriver,
 		shutdown:   sd,
 		events:     make(chan any, 128),
+		stopEvents: make(chan struct{}),
+		flushed:    make(chan struct{}),
 		containers: make(map[string]*entry),
 		sandboxes:  make(map[string]*sandbox.Sandbox),
 		pods:       make(map[string]*podSandbox),
@@ -61,8 +63,22 @@ func NewTaskService(ctx context.Context, publisher shim.Publisher, sd shutdown.S
 	}
 	go s.forward(publisher)
 	// The shim may be told to go (SIGTERM, or Shutdown) with sandboxes
-	// still up: nothing may outlive it.
-	sd.RegisterCallback(s.destroyAll)
+	// still up: nothing may outlive it. The events that teardown and the
+	// last Delete queued go out before the shim exits: pkg/shim exits as
+	// soon as its callbacks return, and a /tasks/delete still in flight
+	// was lost now and then.
+	sd.RegisterCallback(func(ctx context.Context) error {
+		err := s.destroyAll(ctx)
+		close(s.stopEvents)
+		ctx, cancel := context.WithTimeout(ctx, flushTimeout)
+		defer cancel()
+		select {
+		case <-s.flushed:
+		case <-ctx.Done():
+			log.G(ctx).Warn("shim exiting with events not yet published")
+		}
+		return err
+	})
 	return s, nil
 }
 
@@ -72,6 +88,10 @@ type service struct {
 	newDriver sandbox.NewDriver
 	shutdown  shutdown.Service
 	events    chan any
+	// stopEvents tells forward to publish what is queued and return;
+	// flushed closes when it has.
+	stopEvents chan struct{}
+	flushed    chan struct{}
 
 	mu         sync.Mutex
 	containers map[string]*entry
@@ -578,8 +598,8 @@ func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 	return nil, errgrpc.ToGRPC(errdefs.ErrNotImplemented.WithMessage("checkpoint is not supported by colo"))
 }
 
-// destroyTimeout bounds destroyAll: pkg/shim gives the shutdown callbacks
-// 5s in all before it exits regardless.
+// destroyTimeout bounds destroyAll, so a shim told to go is gone within
+// seconds (pkg/shim would wait 30s for its shutdown callbacks).
 const destroyTimeout = 4 * time.Second
 
 // destroyAll shuts down every sandbox still up; it runs as the shim exits.
@@ -630,17 +650,22 @@ func (s *service) destroyAll(ctx context.Context) error {
 	return nil
 }
 
+// flushTimeout bounds the wait for the last events: a containerd that
+// does not take them must not keep the shim.
+const flushTimeout = 3 * time.Second
+
 func (s *service) send(evt any) {
 	select {
 	case s.events <- evt:
-	case <-s.shutdown.Done():
+	case <-s.stopEvents:
 	}
 }
 
-// forward publishes events in order; after shutdown it flushes what is
+// forward publishes events in order; once told to stop it flushes what is
 // queued.
 func (s *service) forward(publisher shim.Publisher) {
 	ctx := namespaces.WithNamespace(context.Background(), s.namespace)
+	defer close(s.flushed)
 	defer publisher.Close()
 	publish := func(e any) {
 		if err := publisher.Publish(ctx, runtime.GetTopic(e), e); err != nil {
@@ -651,7 +676,7 @@ func (s *service) forward(publisher shim.Publisher) {
 		select {
 		case e := <-s.events:
 			publish(e)
-		case <-s.shutdown.Done():
+		case <-s.stopEvents:
 			for {
 				select {
 				case e := <-s.events:
