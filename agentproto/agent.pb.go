@@ -134,16 +134,21 @@ func (x *CheckResponse) GetBootId() string {
 // Storage describes one filesystem the agent mounts in the guest.
 type Storage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Kind of source: "9p", "virtiofs", "blk", "scsi", "tmpfs", "bind".
+	// Kind of source: "9p", "virtiofs", "virtio-blk", "virtio-scsi",
+	// "nvme", "tmpfs", "bind".
 	Driver string `protobuf:"bytes,1,opt,name=driver,proto3" json:"driver,omitempty"`
-	// Driver specific source: the 9p/virtiofs mount tag, a PCI path, a
-	// device path, or a guest path for bind.
+	// Driver specific source: the 9p/virtiofs mount tag, the guest PCI
+	// path of a disk's device ("03.0/00.0": slot.function per bus from
+	// the root; for virtio-scsi, the controller's), or a guest path for
+	// bind.
 	Source string `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
 	// Filesystem type passed to mount(2) ("9p", "virtiofs", "ext4", ...).
 	Fstype  string   `protobuf:"bytes,3,opt,name=fstype,proto3" json:"fstype,omitempty"`
 	Options []string `protobuf:"bytes,4,rep,name=options,proto3" json:"options,omitempty"`
 	// Absolute guest path to mount on; created if missing.
-	MountPoint    string `protobuf:"bytes,5,opt,name=mount_point,json=mountPoint,proto3" json:"mount_point,omitempty"`
+	MountPoint string `protobuf:"bytes,5,opt,name=mount_point,json=mountPoint,proto3" json:"mount_point,omitempty"`
+	// "<target>:<lun>" of a virtio-scsi disk on the controller at source.
+	ScsiAddress   string `protobuf:"bytes,6,opt,name=scsi_address,json=scsiAddress,proto3" json:"scsi_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -209,6 +214,13 @@ func (x *Storage) GetOptions() []string {
 func (x *Storage) GetMountPoint() string {
 	if x != nil {
 		return x.MountPoint
+	}
+	return ""
+}
+
+func (x *Storage) GetScsiAddress() string {
+	if x != nil {
+		return x.ScsiAddress
 	}
 	return ""
 }
@@ -3397,14 +3409,15 @@ const file_agent_proto_rawDesc = "" +
 	"\rCheckResponse\x12#\n" +
 	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12)\n" +
 	"\x10protocol_version\x18\x02 \x01(\rR\x0fprotocolVersion\x12\x17\n" +
-	"\aboot_id\x18\x03 \x01(\tR\x06bootId\"\x8c\x01\n" +
+	"\aboot_id\x18\x03 \x01(\tR\x06bootId\"\xaf\x01\n" +
 	"\aStorage\x12\x16\n" +
 	"\x06driver\x18\x01 \x01(\tR\x06driver\x12\x16\n" +
 	"\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n" +
 	"\x06fstype\x18\x03 \x01(\tR\x06fstype\x12\x18\n" +
 	"\aoptions\x18\x04 \x03(\tR\aoptions\x12\x1f\n" +
 	"\vmount_point\x18\x05 \x01(\tR\n" +
-	"mountPoint\"\xc6\x03\n" +
+	"mountPoint\x12!\n" +
+	"\fscsi_address\x18\x06 \x01(\tR\vscsiAddress\"\xc6\x03\n" +
 	"\x14CreateSandboxRequest\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1a\n" +

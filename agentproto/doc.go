@@ -101,3 +101,12 @@ type SharedVolume struct {
 	// agent must not serve a writable mount of the volume from it.
 	ReadOnly bool `json:"readOnly,omitempty"`
 }
+
+// Storage drivers of disks (Storage.driver): the source is the guest PCI
+// path of the disk's device (for virtio-scsi, of its controller, with
+// Storage.scsi_address naming the disk).
+const (
+	StorageVirtioBlk  = "virtio-blk"
+	StorageVirtioSCSI = "virtio-scsi"
+	StorageNVMe       = "nvme"
+)

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -33,6 +34,22 @@ type Config struct {
 	Storage    Storage    `toml:"storage"`
 	Runtime    Runtime    `toml:"runtime"`
 	Colocation Colocation `toml:"colocation"`
+	Devices    Devices    `toml:"devices"`
+}
+
+// Devices configures what of the host's devices pods may have in their VM
+// (docs/devices.md).
+type Devices struct {
+	// PCI lists the host PCI addresses ("0000:45:00.0") that pods may
+	// have passed through with VFIO (annotation io.colo.disks, where
+	// colocation.annotations allows it); a pod asking for another is
+	// refused (default: none).
+	PCI []string `toml:"pci"`
+	// PassthroughNICs passes a physical NIC (an ENI, an SR-IOV VF) that
+	// the CNI put in the pod's network namespace through to the VM with
+	// VFIO, instead of mirroring it with tc (default true; it needs an
+	// IOMMU, and the NIC's address in PCI).
+	PassthroughNICs bool `toml:"passthrough_nics"`
 }
 
 // Colocation configures CPU priority classes (docs/colocation.md): on the
@@ -72,11 +89,11 @@ type Colocation struct {
 
 // ColocationAnnotations are the io.colo.* annotations colo knows, each of
 // which colocation.annotations may allow: io.colo.class (a container's
-// class), io.colo.vcpus, io.colo.pod-weight, io.colo.overhead-idle and
-// io.colo.host-namespaces (a pod's). Any other io.colo.* annotation is an
+// class), io.colo.vcpus, io.colo.pod-weight, io.colo.overhead-idle,
+// io.colo.host-namespaces and io.colo.disks (a pod's). Any other io.colo.* annotation is an
 // error, so that a typo is not mistaken for a setting that took effect.
 func ColocationAnnotations() []string {
-	return []string{"io.colo.class", "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle", "io.colo.host-namespaces"}
+	return []string{"io.colo.class", "io.colo.vcpus", "io.colo.pod-weight", "io.colo.overhead-idle", "io.colo.host-namespaces", "io.colo.disks"}
 }
 
 // Class is a CPU priority class.
@@ -173,6 +190,10 @@ type Hypervisor struct {
 	// DumpTimeout bounds writing one vmcore (default 5m); a dump cut short
 	// is removed.
 	DumpTimeout Duration `toml:"dump_timeout"`
+	// NICModel is the guest NIC of the pod's mirrored interfaces:
+	// "virtio-net" (default), or an emulated physical NIC, "igb" or
+	// "e1000e", which the guest drives as it would a passed-through one.
+	NICModel string `toml:"nic_model"`
 	// Sandbox runs QEMU under its seccomp filter (-sandbox on with
 	// obsolete, elevateprivileges, spawn and resourcecontrol denied;
 	// default true). Turning it off is unsafe: the guest is untrusted, and
@@ -225,6 +246,16 @@ type Storage struct {
 	// Virtiofsd is the virtio-fs daemon binary (default
 	// /usr/lib/qemu/virtiofsd, shipped by Debian's qemu-system-common).
 	Virtiofsd string `toml:"virtiofsd"`
+	// BlockRootfs attaches a container rootfs that the snapshotter hands
+	// over as a block device or image file (blockfile, devmapper) to the
+	// VM as a disk, which the guest mounts: nothing of it is mounted on
+	// the host or in the share (default true; false mounts it on the
+	// host and shares it like any other). Needs hot-plug: q35.
+	BlockRootfs bool `toml:"block_rootfs"`
+	// BlockDriver is the disk a block rootfs is attached as:
+	// "virtio-blk" (default: a PCI device per disk, on a hot-plug port)
+	// or "virtio-scsi" (a LUN on one controller).
+	BlockDriver string `toml:"block_driver"`
 }
 
 // Runtime configures the shim itself.
@@ -262,6 +293,7 @@ func Default() Config {
 			DumpTimeout:     Duration(5 * time.Minute),
 			HotplugPorts:    6,
 			Template:        true,
+			NICModel:        "virtio-net",
 			Sandbox:         true,
 		},
 		Agent: Agent{
@@ -274,7 +306,12 @@ func Default() Config {
 		},
 		Storage: Storage{
 			SharedFS:  "9p",
-			Virtiofsd: "/usr/lib/qemu/virtiofsd",
+			Virtiofsd:   "/usr/lib/qemu/virtiofsd",
+			BlockRootfs: true,
+			BlockDriver: "virtio-blk",
+		},
+		Devices: Devices{
+			PassthroughNICs: true,
 		},
 		Colocation: Colocation{
 			Classes: []Class{
@@ -340,6 +377,9 @@ func Parse(data []byte) (Config, error) {
 	return c, c.Validate()
 }
 
+// pciAddress is a PCI address as sysfs names devices.
+var pciAddress = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$`)
+
 // Validate checks values that TOML types cannot.
 func (c Config) Validate() error {
 	var errs []error
@@ -355,6 +395,13 @@ func (c Config) Validate() error {
 	oneOf("hypervisor.name", h.Name, "qemu", "clh")
 	oneOf("hypervisor.machine", h.Machine, "q35", "microvm")
 	oneOf("hypervisor.accel", h.Accel, "auto", "kvm", "tcg")
+	oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "igb", "e1000e")
+	oneOf("storage.block_driver", c.Storage.BlockDriver, "virtio-blk", "virtio-scsi")
+	for i, a := range c.Devices.PCI {
+		if !pciAddress.MatchString(a) {
+			errs = append(errs, fmt.Errorf("devices.pci[%d] = %q: want a PCI address, domain:bus:slot.function (0000:45:00.0)", i, a))
+		}
+	}
 	if h.VCPUs < 1 {
 		errs = append(errs, fmt.Errorf("hypervisor.vcpus = %d: want at least 1", h.VCPUs))
 	}

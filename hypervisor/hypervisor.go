@@ -41,6 +41,63 @@ type NIC struct {
 	// and IFF_VNET_HDR. The driver hands a copy to the hypervisor; the
 	// caller keeps and closes its own.
 	TAP *os.File
+	// Model is the guest NIC the driver emulates: "" or NICVirtio for
+	// virtio-net, or an emulated physical NIC the guest drives like a
+	// passed-through one (NICIGB, NICE1000E).
+	Model string
+}
+
+// NIC models.
+const (
+	NICVirtio = "virtio-net"
+	NICIGB    = "igb"
+	NICE1000E = "e1000e"
+)
+
+// DiskBus is how a disk is attached to the guest.
+type DiskBus string
+
+const (
+	// DiskVirtioBlk is a virtio-blk PCI device of its own (default).
+	DiskVirtioBlk DiskBus = "virtio-blk"
+	// DiskVirtioSCSI is a LUN on the VM's one virtio-scsi controller.
+	DiskVirtioSCSI DiskBus = "virtio-scsi"
+	// DiskNVMe is an emulated NVMe controller with the disk as its one
+	// namespace: the guest finds it as it finds a passed-through NVMe.
+	DiskNVMe DiskBus = "nvme"
+)
+
+// Disk is a host block device or image file the guest sees as a disk.
+type Disk struct {
+	// ID names the disk; unique within the VM.
+	ID string
+	// File is the open block device or image file. The driver hands a
+	// copy to the hypervisor (it never opens a host path by name); the
+	// caller keeps and closes its own.
+	File     *os.File
+	Bus      DiskBus
+	ReadOnly bool
+}
+
+// GuestDevice says where the guest finds a device.
+type GuestDevice struct {
+	// PCIPath is the device's path from the guest's root PCI bus: the
+	// slot and function on each bus from the root down, "03.0/00.0" for
+	// device 0 behind the bridge (root port) at slot 3. Bus numbers are
+	// the guest's to choose, so they are not part of it.
+	PCIPath string
+	// SCSIAddress is "<target>:<lun>" of a virtio-scsi disk on the
+	// controller at PCIPath; empty for other devices.
+	SCSIAddress string
+}
+
+// PCIDevice is a host PCI device passed through to the guest with VFIO.
+type PCIDevice struct {
+	// ID names the device; unique within the VM.
+	ID string
+	// Address is the host PCI address ("0000:45:00.0") of a device the
+	// caller has bound to vfio-pci, with its whole IOMMU group.
+	Address string
 }
 
 // AgentChannel is the transport of the agent's ttrpc service.
@@ -84,7 +141,11 @@ type VMConfig struct {
 	KernelParams []string
 	Shares       []Share
 	// NICs are attached at boot; AddNIC attaches more later.
-	NICs    []NIC
+	NICs []NIC
+	// PCIDevices are passed through before Start returns (on root ports
+	// planned for them, beside the hot-plug ports); GuestDevice tells
+	// where the guest finds each.
+	PCIDevices []PCIDevice
 	Channel AgentChannel
 	// DebugConsole gives the guest a debug console (DialConsole): a port
 	// of its own, never the agent's channel.
@@ -108,6 +169,23 @@ type VM interface {
 	DialAgent(ctx context.Context) (net.Conn, error)
 	// AddNIC hot-plugs a network interface into the running VM.
 	AddNIC(ctx context.Context, nic NIC) error
+	// AddDisk hot-plugs a disk into the running VM and says where the
+	// guest finds it. A failure undoes what was done.
+	AddDisk(ctx context.Context, disk Disk) (GuestDevice, error)
+	// RemoveDisk unplugs a disk AddDisk added and returns once the
+	// hypervisor has let go of its file (the guest may have to release
+	// it first: bounded by ctx).
+	RemoveDisk(ctx context.Context, id string) error
+	// AddPCIDevice hot-plugs a host PCI device (VFIO) into the running
+	// VM and says where the guest finds it.
+	AddPCIDevice(ctx context.Context, dev PCIDevice) (GuestDevice, error)
+	// RemovePCIDevice unplugs a device AddPCIDevice or
+	// VMConfig.PCIDevices added, and returns once the hypervisor has let
+	// go of it.
+	RemovePCIDevice(ctx context.Context, id string) error
+	// GuestDevice says where the guest finds a device of the VM, by the
+	// ID it was added with (a disk, PCI device or NIC).
+	GuestDevice(ctx context.Context, id string) (GuestDevice, error)
 	// VCPUThreads are the host thread ids of the vCPUs, by vCPU index.
 	VCPUThreads(ctx context.Context) ([]int, error)
 	// SetVCPUs plugs or unplugs vCPUs until the VM has n, from 1 to

@@ -171,6 +171,24 @@ func (v *fakeVM) DialPortForward(context.Context) (net.Conn, error) {
 	return nil, errors.New("fake VM: no port-forward channel")
 }
 
+func (v *fakeVM) AddDisk(_ context.Context, d hypervisor.Disk) (hypervisor.GuestDevice, error) {
+	return hypervisor.GuestDevice{}, errors.New("fake VM: no disks")
+}
+
+func (v *fakeVM) RemoveDisk(context.Context, string) error { return errors.New("fake VM: no disks") }
+
+func (v *fakeVM) AddPCIDevice(context.Context, hypervisor.PCIDevice) (hypervisor.GuestDevice, error) {
+	return hypervisor.GuestDevice{}, errors.New("fake VM: no PCI devices")
+}
+
+func (v *fakeVM) RemovePCIDevice(context.Context, string) error {
+	return errors.New("fake VM: no PCI devices")
+}
+
+func (v *fakeVM) GuestDevice(context.Context, string) (hypervisor.GuestDevice, error) {
+	return hypervisor.GuestDevice{}, errors.New("fake VM: no devices")
+}
+
 func (v *fakeVM) Panicked() <-chan struct{} { return nil }
 
 func (v *fakeVM) Dump(context.Context, string) error { return errors.New("fake VM: no dump") }
