@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -20,6 +21,10 @@ type Interface struct {
 	MAC   net.HardwareAddr
 	MTU   int
 	Addrs []netip.Prefix
+	// PCIAddress is the host PCI address of the device behind a physical
+	// interface (an ENI, an SR-IOV VF: ethtool's bus info), which can be
+	// passed through to the VM with VFIO; empty for virtual ones (veth).
+	PCIAddress string
 }
 
 // Route is a route of the pod's main routing table through one of its
@@ -88,6 +93,11 @@ func Scan(nsPath string) (Config, error) {
 		}
 		a := l.Attrs()
 		iface := Interface{Name: a.Name, MAC: a.HardwareAddr, MTU: a.MTU}
+		if l.Type() == "device" {
+			if iface.PCIAddress, err = pciAddress(ns, a.Name); err != nil {
+				return cfg, fmt.Errorf("device of %s in %s: %w", a.Name, nsPath, err)
+			}
+		}
 		addrs, err := nl.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return cfg, fmt.Errorf("addresses of %s in %s: %w", a.Name, nsPath, err)
@@ -140,6 +150,36 @@ func Scan(nsPath string) (Config, error) {
 		return boolInt(a.Gateway.IsValid()) - boolInt(b.Gateway.IsValid())
 	})
 	return cfg, nil
+}
+
+// pciBusInfo is ethtool's bus info of a PCI device.
+var pciBusInfo = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$`)
+
+// pciAddress is the PCI address of the device behind the interface name
+// in ns, from ethtool's driver info (sysfs would show the host's view only
+// where it is mounted in ns); "" for a device on another bus.
+func pciAddress(ns netns.NsHandle, name string) (string, error) {
+	var info *unix.EthtoolDrvinfo
+	err := inNamespace(ns, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		info, err = unix.IoctlGetEthtoolDrvinfo(fd, name)
+		return err
+	})
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("ethtool driver info: %w", err)
+	}
+	bus := unix.ByteSliceToString(info.Bus_info[:])
+	if !pciBusInfo.MatchString(bus) {
+		return "", nil
+	}
+	return bus, nil
 }
 
 func boolInt(b bool) int {

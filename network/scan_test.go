@@ -3,6 +3,8 @@ package network
 import (
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -127,4 +129,48 @@ func TestRemoveMirror(t *testing.T) {
 	if err := RemoveMirror("/var/run/netns/colo-nonexistent", "eth0", "tap0"); err != nil {
 		t.Errorf("RemoveMirror in a namespace that is gone: %v", err)
 	}
+}
+
+// TestScanPCIAddress: an interface backed by a PCI function carries its
+// address, as sysfs names the PCI device it hangs from (a virtio NIC's is
+// its virtio-pci function); a virtual one (the pod's veth) carries none. The host's own namespace
+// stands in for a pod's with a physical NIC: its devices are what this
+// machine has.
+func TestScanPCIAddress(t *testing.T) {
+	n := setupNet(t)
+	pod, err := Scan("/run/netns/" + n.pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range pod.Interfaces {
+		if i.PCIAddress != "" {
+			t.Errorf("veth %s: PCI address %q, want none", i.Name, i.PCIAddress)
+		}
+	}
+	host, err := Scan("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range host.Interfaces {
+		want := pciAncestor(filepath.Join("/sys/class/net", i.Name, "device"))
+		if i.PCIAddress != want {
+			t.Errorf("%s: PCI address %q, want %q (from sysfs)", i.Name, i.PCIAddress, want)
+		}
+		t.Logf("%s: PCI address %q", i.Name, i.PCIAddress)
+	}
+}
+
+// pciAncestor is the sysfs name of the PCI device at or above the device
+// link, or "".
+func pciAncestor(link string) string {
+	dev, err := filepath.EvalSymlinks(link)
+	if err != nil {
+		return ""
+	}
+	for ; dev != "/" && dev != "."; dev = filepath.Dir(dev) {
+		if sub, err := os.Readlink(filepath.Join(dev, "subsystem")); err == nil && filepath.Base(sub) == "pci" {
+			return filepath.Base(dev)
+		}
+	}
+	return ""
 }
