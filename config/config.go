@@ -305,7 +305,7 @@ func Default() Config {
 			HealthFailures: 3,
 		},
 		Storage: Storage{
-			SharedFS:  "9p",
+			SharedFS:    "9p",
 			Virtiofsd:   "/usr/lib/qemu/virtiofsd",
 			BlockRootfs: true,
 			BlockDriver: "virtio-blk",

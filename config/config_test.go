@@ -35,7 +35,7 @@ func TestParse(t *testing.T) {
 		{name: "no co-location annotations allowed by default", toml: "", check: func(c Config) bool { return len(c.Colocation.Annotations) == 0 }},
 		{
 			name: "co-location annotations allowed",
-			toml: "[colocation]\nannotations = [\"io.colo.class\", \"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\", \"io.colo.host-namespaces\"]\n",
+			toml: "[colocation]\nannotations = [\"io.colo.class\", \"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\", \"io.colo.host-namespaces\", \"io.colo.disks\"]\n",
 			check: func(c Config) bool {
 				return reflect.DeepEqual(c.Colocation.Annotations, ColocationAnnotations())
 			},

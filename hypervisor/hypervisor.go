@@ -146,7 +146,7 @@ type VMConfig struct {
 	// planned for them, beside the hot-plug ports); GuestDevice tells
 	// where the guest finds each.
 	PCIDevices []PCIDevice
-	Channel AgentChannel
+	Channel    AgentChannel
 	// DebugConsole gives the guest a debug console (DialConsole): a port
 	// of its own, never the agent's channel.
 	DebugConsole bool
