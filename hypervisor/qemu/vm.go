@@ -70,6 +70,10 @@ type VM struct {
 	hotplugMu sync.Mutex
 	ports     []string
 	vhost     bool // NICs use vhost-net
+	// disks are the disks AddDisk added (disk.go), under hotplugMu.
+	disks diskSet
+	// unplugs are the waits for DEVICE_DELETED (unplugLocked).
+	unplugs deviceWaits
 
 	// resizeMu serializes SetVCPUs and SetMemory; resizeEvent wakes
 	// their waits on QMP events.
@@ -263,6 +267,9 @@ func (vm *VM) connect(ctx context.Context, path string) error {
 func (vm *VM) event(e Event) {
 	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
 	vm.notifyResize(e.Name)
+	if e.Name == "DEVICE_DELETED" {
+		vm.unplugs.deleted(e.Data)
+	}
 	if e.Name == "GUEST_PANICKED" {
 		vm.guestPanicked(e.Data)
 	}
