@@ -191,8 +191,9 @@ type Hypervisor struct {
 	// is removed.
 	DumpTimeout Duration `toml:"dump_timeout"`
 	// NICModel is the guest NIC of the pod's mirrored interfaces:
-	// "virtio-net" (default), or an emulated physical NIC, "igb" or
-	// "e1000e", which the guest drives as it would a passed-through one.
+	// "virtio-net" (default), or an emulated physical NIC, "e1000e", which
+	// the guest drives as it would a passed-through one (q35 only). "igb"
+	// is refused: QEMU 7.2 has no such device.
 	NICModel string `toml:"nic_model"`
 	// Sandbox runs QEMU under its seccomp filter (-sandbox on with
 	// obsolete, elevateprivileges, spawn and resourcecontrol denied;
@@ -395,7 +396,12 @@ func (c Config) Validate() error {
 	oneOf("hypervisor.name", h.Name, "qemu", "clh")
 	oneOf("hypervisor.machine", h.Machine, "q35", "microvm")
 	oneOf("hypervisor.accel", h.Accel, "auto", "kvm", "tcg")
-	oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "igb", "e1000e")
+	if h.NICModel == "igb" {
+		// QEMU's igb came with 8.0; Debian 12's QEMU is 7.2.
+		errs = append(errs, errors.New(`hypervisor.nic_model = "igb": QEMU 7.2 (Debian 12) has no igb device, QEMU 8.0 added it: use "e1000e"`))
+	} else {
+		oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "e1000e")
+	}
 	oneOf("storage.block_driver", c.Storage.BlockDriver, "virtio-blk", "virtio-scsi")
 	for i, a := range c.Devices.PCI {
 		if !pciAddress.MatchString(a) {

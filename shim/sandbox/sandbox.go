@@ -536,7 +536,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	vmcfg := s.vmConfig(share)
 	var netcfg network.Config
 	if nsPath := netnsPath(spec); nsPath != "" {
-		s.net = &podNetwork{nsPath: nsPath}
+		s.net = &podNetwork{nsPath: nsPath, model: s.cfg.Hypervisor.NICModel}
 		if err := s.updateState(func(st *State) { st.NetNS = nsPath }); err != nil {
 			return err
 		}
