@@ -68,59 +68,64 @@ func checkNothingOnHost(t *testing.T) {
 var rootfsDevices = []string{"/dev/vd", "/dev/sd"}
 
 // TestBlockRootfs runs a container from containerd's blockfile snapshotter
-// with ctr: its / is the snapshot's ext4 image attached to the VM as a
-// disk (nothing of it is mounted on the host), writes survive from one
-// exec to the next, and its removal leaves nothing: no loop device, mount
-// or disk record.
+// with ctr, with each storage.block_driver: its / is the snapshot's ext4
+// image attached to the VM as a disk of that kind (nothing of it is
+// mounted on the host), writes survive from one exec to the next, and its
+// removal leaves nothing: no loop device, mount or disk record.
 func TestBlockRootfs(t *testing.T) {
-	const id = "block-rootfs"
-	checkNoLeaks(t, id)
-	r := ctr(t, "run", "-d", "--snapshotter", testbed.BlockfileSnapshotter, "--runtime", testbed.Runtime,
-		testbed.BusyboxImage, id, "sleep", "3600")
-	if r.ExitCode != 0 {
-		t.Fatalf("ctr run: %s", r)
-	}
-	inCtr := func(cmdline string) string {
-		t.Helper()
-		r := ctr(t, "task", "exec", "--exec-id", "disk", id, "sh", "-c", cmdline)
-		if r.ExitCode != 0 {
-			t.Fatalf("%s: %s", cmdline, r)
-		}
-		return r.Stdout
-	}
-	checkGuestDisk(t, inCtr("cat /proc/self/mountinfo"), "/", "ext4", rootfsDevices...)
-	if got := inCtr("cat " + testbed.BusyboxMarker); got != "colo busybox test image\n" {
-		t.Errorf("the image's marker reads %q", got)
-	}
-	inCtr("echo written-in-the-guest > /colo-block-test && sync")
-	if got := inCtr("cat /colo-block-test"); got != "written-in-the-guest\n" {
-		t.Errorf("a file written by one exec reads %q in the next", got)
-	}
-	checkNothingOnHost(t)
-	disks := recordedDisks(t, sandboxDir(cd.Namespace, id))
-	if len(disks) != 1 || disks[0].Container != id || !strings.HasPrefix(disks[0].Source, cd.Dir+"/") {
-		t.Errorf("recorded disks %+v, want the container's snapshot", disks)
-	}
+	for _, tc := range []struct{ driver, device string }{
+		{"virtio-blk", "/dev/vd"},
+		{"virtio-scsi", "/dev/sd"},
+	} {
+		t.Run(tc.driver, func(t *testing.T) {
+			id := "block-rootfs-" + tc.driver
+			checkNoLeaks(t, id)
+			cfg := coloConfig(t, "[storage]\nblock_driver = \""+tc.driver+"\"\n")
+			r := ctr(t, "run", "-d", "--snapshotter", testbed.BlockfileSnapshotter, "--runtime", testbed.Runtime,
+				"--runtime-config-path", cfg, testbed.BusyboxImage, id, "sleep", "3600")
+			if r.ExitCode != 0 {
+				t.Fatalf("ctr run: %s", r)
+			}
+			inCtr := func(cmdline string) string {
+				t.Helper()
+				r := ctr(t, "task", "exec", "--exec-id", "disk", id, "sh", "-c", cmdline)
+				if r.ExitCode != 0 {
+					t.Fatalf("%s: %s", cmdline, r)
+				}
+				return r.Stdout
+			}
+			checkGuestDisk(t, inCtr("cat /proc/self/mountinfo"), "/", "ext4", tc.device)
+			if got := inCtr("cat " + testbed.BusyboxMarker); got != "colo busybox test image\n" {
+				t.Errorf("the image's marker reads %q", got)
+			}
+			inCtr("echo written-in-the-guest > /colo-block-test && sync")
+			if got := inCtr("cat /colo-block-test"); got != "written-in-the-guest\n" {
+				t.Errorf("a file written by one exec reads %q in the next", got)
+			}
+			checkNothingOnHost(t)
+			disks := recordedDisks(t, sandboxDir(cd.Namespace, id))
+			if len(disks) != 1 || disks[0].Container != id || !strings.HasPrefix(disks[0].Source, cd.Dir+"/") {
+				t.Errorf("recorded disks %+v, want the container's snapshot", disks)
+			}
 
-	if r := ctr(t, "task", "kill", "-s", "KILL", id); r.ExitCode != 0 {
-		t.Fatalf("kill: %s", r)
+			if r := ctr(t, "task", "kill", "-s", "KILL", id); r.ExitCode != 0 {
+				t.Fatalf("kill: %s", r)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			for ctr(t, "task", "rm", id).ExitCode != 0 {
+				select {
+				case <-ctx.Done():
+					t.Fatal("the task was not removed within a minute of its kill")
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			if r := ctr(t, "container", "rm", id); r.ExitCode != 0 {
+				t.Fatalf("container rm: %s", r)
+			}
+			checkNothingOnHost(t)
+		})
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for {
-		if r := ctr(t, "task", "rm", id); r.ExitCode == 0 {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("the task was not removed within a minute of its kill")
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	if r := ctr(t, "container", "rm", id); r.ExitCode != 0 {
-		t.Fatalf("container rm: %s", r)
-	}
-	checkNothingOnHost(t)
 }
 
 // TestBlockRootfsCRI runs a pod through CRI with the blockfile handler:
