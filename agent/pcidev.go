@@ -200,12 +200,26 @@ func (p *modprober) loadDeviceDriver(ctx context.Context, dev string) error {
 	if _, ok := boundDriver(dev); ok {
 		return nil
 	}
-	b, err := os.ReadFile(filepath.Join(dev, "modalias"))
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("device %s has no driver and no modalias to find one by: %w", dev, errdefs.ErrNotFound)
-	}
+	// A hot-plugged device's directory shows up in sysfs a moment
+	// before its attributes: wait for the modalias, or for a driver that
+	// was built in or loaded already to bind.
+	var b []byte
+	err := waitFor(ctx, "the modalias of device "+dev, func() (bool, string, error) {
+		if _, ok := boundDriver(dev); ok {
+			return true, "", nil
+		}
+		var err error
+		b, err = os.ReadFile(filepath.Join(dev, "modalias"))
+		if errors.Is(err, fs.ErrNotExist) {
+			return false, "no driver and no modalias", nil
+		}
+		return err == nil, "", err
+	})
 	if err != nil {
-		return fmt.Errorf("device %s: %w", dev, err)
+		return fmt.Errorf("device %s has no driver and no modalias to find one by: %w", dev, err)
+	}
+	if b == nil {
+		return nil // a driver bound meanwhile
 	}
 	alias := strings.TrimSpace(string(b))
 	if err := p.modprobe(alias); err != nil {

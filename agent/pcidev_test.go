@@ -223,6 +223,7 @@ func TestLoadDeviceDriver(t *testing.T) {
 		bound   bool              // a driver bound already
 		binds   bool              // loading a module binds the driver
 		want    []string          // modules loaded
+		late    bool              // the files appear a moment after the device
 		wantErr error
 	}{
 		{name: "virtio", files: map[string]string{"modalias": "virtio:d00000002v00001AF4\n"}, binds: true,
@@ -230,7 +231,10 @@ func TestLoadDeviceDriver(t *testing.T) {
 		{name: "pci with dependency", files: map[string]string{"modalias": nvmeAlias}, binds: true,
 			want: []string{"nvme-core.ko", "nvme.ko"}},
 		{name: "bound already", files: map[string]string{"modalias": nvmeAlias}, bound: true},
-		{name: "no modalias", wantErr: errdefs.ErrNotFound},
+		{name: "no modalias", wantErr: context.DeadlineExceeded},
+		// A hot-plugged device's directory comes before its attributes.
+		{name: "modalias late", files: map[string]string{"modalias": nvmeAlias}, late: true, binds: true,
+			want: []string{"nvme-core.ko", "nvme.ko"}},
 		{name: "no module", files: map[string]string{"modalias": "pci:v00008086d00001234sv0sd0bc02sc00i00"}, wantErr: fs.ErrNotExist},
 		{name: "never binds", files: map[string]string{"modalias": "pci:v00001234d00005678sv0sd0bc00sc00i00"},
 			want: []string{"broken.ko"}, wantErr: context.DeadlineExceeded},
@@ -242,10 +246,18 @@ func TestLoadDeviceDriver(t *testing.T) {
 			if err := os.MkdirAll(dev, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			for name, content := range tc.files {
-				if err := os.WriteFile(filepath.Join(dev, name), []byte(content), 0o644); err != nil {
-					t.Fatal(err)
+			write := func() {
+				for name, content := range tc.files {
+					if err := os.WriteFile(filepath.Join(dev, name), []byte(content), 0o644); err != nil {
+						t.Error(err)
+					}
 				}
+			}
+			if tc.late {
+				timer := time.AfterFunc(30*time.Millisecond, write)
+				defer timer.Stop()
+			} else {
+				write()
 			}
 			bind := func() {
 				if err := os.Symlink("../../../../bus/pci/drivers/x", filepath.Join(dev, "driver")); err != nil {
