@@ -45,6 +45,11 @@ type Devices struct {
 	// colocation.annotations allows it); a pod asking for another is
 	// refused (default: none).
 	PCI []string `toml:"pci"`
+	// DiskPaths lists the host block devices and image files, or the
+	// directories holding them, that pods may have as disks (annotation
+	// io.colo.disks); a pod naming any other path is refused (default:
+	// none). Whoever may set the annotation can write to what is listed.
+	DiskPaths []string `toml:"disk_paths"`
 	// PassthroughNICs passes a physical NIC (an ENI, an SR-IOV VF) that
 	// the CNI put in the pod's network namespace through to the VM with
 	// VFIO, instead of mirroring it with tc (default true; it needs an
@@ -403,6 +408,11 @@ func (c Config) Validate() error {
 		oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "e1000e")
 	}
 	oneOf("storage.block_driver", c.Storage.BlockDriver, "virtio-blk", "virtio-scsi")
+	for i, p := range c.Devices.DiskPaths {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
+			errs = append(errs, fmt.Errorf("devices.disk_paths[%d] = %q: want an absolute, clean path other than /", i, p))
+		}
+	}
 	for i, a := range c.Devices.PCI {
 		if !pciAddress.MatchString(a) {
 			errs = append(errs, fmt.Errorf("devices.pci[%d] = %q: want a PCI address, domain:bus:slot.function (0000:45:00.0)", i, a))

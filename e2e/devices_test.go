@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -224,11 +225,14 @@ func debugfsCat(t *testing.T, img, name string) string {
 // Bad annotations fail the create with an error naming what is wrong, and
 // leave nothing.
 func TestPodDisks(t *testing.T) {
-	allowed := "[colocation]\nannotations = [\"io.colo.disks\"]\n\n[devices]\npci = [\"0000:45:00.0\"]\n"
+	allowedFor := func(img string) string {
+		return fmt.Sprintf("[colocation]\nannotations = [\"io.colo.disks\"]\n\n[devices]\npci = [\"0000:45:00.0\"]\ndisk_paths = [%q]\n", filepath.Dir(img))
+	}
 	t.Run("image", func(t *testing.T) {
 		const id = "pod-disk"
 		checkNoLeaks(t, id)
 		img := diskImageWith(t, "hello from the image\n")
+		allowed := allowedFor(img)
 		disks := `[{"source": "` + img + `", "path": "/data", "fstype": "ext4"}]`
 		r := ctr(t, "run", "-d", "--runtime", testbed.Runtime, "--runtime-config-path", coloConfig(t, allowed),
 			"--annotation", sandbox.DisksAnnotation+"="+disks, testbed.BusyboxImage, id, "sleep", "3600")
@@ -269,6 +273,8 @@ func TestPodDisks(t *testing.T) {
 	})
 
 	img := diskImageWith(t, "unused\n")
+	allowed := allowedFor(img)
+	other := diskImageWith(t, "not listed\n")
 	for _, tc := range []struct {
 		name, config, disks string
 		want                []string
@@ -279,6 +285,8 @@ func TestPodDisks(t *testing.T) {
 			[]string{sandbox.DisksAnnotation, `path "data"`, "absolute"}},
 		{"missing source", allowed, `[{"source": "/nonexistent/disk.img", "path": "/data", "fstype": "ext4"}]`,
 			[]string{sandbox.DisksAnnotation, "/nonexistent/disk.img", "no such file"}},
+		{"path not listed", allowed, `[{"source": "` + other + `", "path": "/data", "fstype": "ext4"}]`,
+			[]string{sandbox.DisksAnnotation, other, "devices.disk_paths"}},
 		{"PCI not listed", allowed, `[{"source": "0000:46:00.0", "path": "/data", "fstype": "ext4"}]`,
 			[]string{sandbox.DisksAnnotation, "0000:46:00.0", "devices.pci"}},
 	} {

@@ -267,6 +267,11 @@ func TestParsePodDisks(t *testing.T) {
 	allowed := config.Default()
 	allowed.Colocation.Annotations = []string{DisksAnnotation}
 	allowed.Devices.PCI = []string{"0000:45:00.0"}
+	allowed.Devices.DiskPaths = []string{dir, "/dev/null"}
+	outside := diskImage(t, t.TempDir(), "outside.img")
+	if err := os.Symlink(outside, filepath.Join(dir, "link.img")); err != nil {
+		t.Fatal(err)
+	}
 	microvm := allowed
 	microvm.Hypervisor.Machine = "microvm"
 	disk := func(source, path, fstype string) string {
@@ -297,6 +302,8 @@ func TestParsePodDisks(t *testing.T) {
 		{"missing source", allowed, disk(filepath.Join(dir, "none.img"), "/data", "ext4"), "none.img: no such file or directory"},
 		{"directory source", allowed, disk(dir, "/data", "ext4"), "neither a block device nor a regular file"},
 		{"character device", allowed, disk("/dev/null", "/data", "ext4"), "/dev/null: neither a block device nor a regular file"},
+		{"unlisted file", allowed, disk(outside, "/data", "ext4"), "outside.img: not listed in devices.disk_paths"},
+		{"symlink out of the listed directory", allowed, disk(filepath.Join(dir, "link.img"), "/data", "ext4"), "outside.img: not listed in devices.disk_paths"},
 		{"unlisted PCI", allowed, disk("0000:46:00.0", "/data", "ext4"), "source 0000:46:00.0: PCI device not listed in devices.pci"},
 		{"same path", allowed, `[{"source": "` + img + `", "path": "/data", "fstype": "ext4"}, {"source": "0000:45:00.0", "path": "/data", "fstype": "ext4"}]`, "disk 1: path /data: another disk has it"},
 		{"same source", allowed, `[{"source": "` + img + `", "path": "/a", "fstype": "ext4"}, {"source": "` + img + `", "path": "/b", "fstype": "ext4"}]`, "another disk has it"},
@@ -338,6 +345,7 @@ func TestPodDisks(t *testing.T) {
 	cfg.Colocation.Annotations = []string{DisksAnnotation}
 	cfg.Devices.PCI = []string{"0000:45:00.0"}
 	img := diskImage(t, t.TempDir(), "data.img")
+	cfg.Devices.DiskPaths = []string{filepath.Dir(img)}
 	value := `[{"source": "` + img + `", "path": "/data", "fstype": "ext4", "readonly": true}]`
 	cc := e.container("true")
 	cc.Spec.Annotations = map[string]string{DisksAnnotation: value}

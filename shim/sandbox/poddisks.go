@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -40,6 +41,9 @@ type DiskRequest struct {
 	// FSType is the filesystem on the disk ("ext4").
 	FSType   string `json:"fstype"`
 	ReadOnly bool   `json:"readonly,omitempty"`
+	// resolved is Source with its symlinks resolved, as devices.disk_paths
+	// allowed it: what is opened.
+	resolved string
 }
 
 // podDisks are a sandbox's disks of DisksAnnotation.
@@ -103,33 +107,47 @@ func parsePodDisks(cfg config.Config, annotations map[string]string) (podDisks, 
 			return podDisks{}, invalid("%s: source %s: another disk has it", where, clip(d.Source))
 		}
 		seenPath[d.Path], seenSource[d.Source] = true, true
-		if err := checkDiskSource(cfg, d.Source); err != nil {
+		resolved, err := checkDiskSource(cfg, d.Source)
+		if err != nil {
 			return podDisks{}, invalid("%s: %v", where, err)
 		}
+		disks[i].resolved = resolved
 	}
 	return podDisks{value: value, disks: disks}, nil
 }
 
-// checkDiskSource checks a disk's source: an existing block device or
-// regular file by absolute path, or a PCI address devices.pci allows.
-func checkDiskSource(cfg config.Config, source string) error {
+// checkDiskSource checks a disk's source: a PCI address devices.pci
+// allows, or an existing block device or regular file by absolute path at
+// or below an entry of devices.disk_paths once its symlinks are resolved
+// (a pod's author must not reach the node's own disks); it returns the
+// resolved path.
+func checkDiskSource(cfg config.Config, source string) (string, error) {
 	if isPCIAddress(source) {
 		if !slices.Contains(cfg.Devices.PCI, source) {
-			return fmt.Errorf("source %s: PCI device not listed in devices.pci", source)
+			return "", fmt.Errorf("source %s: PCI device not listed in devices.pci", source)
 		}
-		return nil
+		return source, nil
 	}
 	if !filepath.IsAbs(source) || filepath.Clean(source) != source {
-		return fmt.Errorf("source %q: want an absolute, clean host path or a PCI address (0000:45:00.0)", clip(source))
+		return "", fmt.Errorf("source %q: want an absolute, clean host path or a PCI address (0000:45:00.0)", clip(source))
 	}
-	fi, err := os.Stat(source)
+	resolved, err := filepath.EvalSymlinks(source)
 	if err != nil {
-		return fmt.Errorf("source %s: %w", clip(source), err)
+		return "", fmt.Errorf("source %s: %w", clip(source), err)
+	}
+	if !slices.ContainsFunc(cfg.Devices.DiskPaths, func(allowed string) bool {
+		return resolved == allowed || strings.HasPrefix(resolved, allowed+"/")
+	}) {
+		return "", fmt.Errorf("source %s: not listed in devices.disk_paths (nor below an entry of it)", clip(resolved))
+	}
+	fi, err := os.Stat(resolved)
+	if err != nil {
+		return "", fmt.Errorf("source %s: %w", clip(source), err)
 	}
 	if !isDiskFile(fi.Mode()) {
-		return fmt.Errorf("source %s: neither a block device nor a regular file", clip(source))
+		return "", fmt.Errorf("source %s: neither a block device nor a regular file", clip(source))
 	}
-	return nil
+	return resolved, nil
 }
 
 // isPCIAddress tells whether a disk's source is a PCI address rather
@@ -152,7 +170,7 @@ func (s *Sandbox) attachPodDisks(ctx context.Context) ([]*agentproto.Storage, er
 			dev, err = s.passthroughDisk(ctx, d.Source)
 		} else {
 			id := podDiskID(i)
-			if err = s.openDisk(id, "", d.Source, d.ReadOnly); err == nil {
+			if err = s.openDisk(id, "", d.resolved, d.ReadOnly); err == nil {
 				dev, err = s.attachDisk(ctx, id, hypervisor.DiskNVMe, d.ReadOnly)
 			}
 		}
