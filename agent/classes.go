@@ -199,10 +199,10 @@ func removeCgroup(ctx context.Context, dir string) {
 	}
 }
 
-// pinIRQs points the interrupts of a network interface's virtio device at
-// the highest class's vCPUs, so that the network of latency-sensitive
-// work is not served by busy low-priority vCPUs. Interfaces without a
-// virtio device, or sandboxes without classes, are left alone.
+// pinIRQs points the interrupts of a network interface's device at the
+// highest class's vCPUs, so that the network of latency-sensitive work is
+// not served by busy low-priority vCPUs. Interfaces without a device (a
+// veth in tests), or sandboxes without classes, are left alone.
 func (s *Service) pinIRQs(ctx context.Context, ifname string) error {
 	s.mu.Lock()
 	classes := s.classes
@@ -210,37 +210,87 @@ func (s *Service) pinIRQs(ctx context.Context, ifname string) error {
 	if len(classes) == 0 {
 		return nil
 	}
-	dev, err := os.Readlink(filepath.Join(s.sysRoot, "class/net", ifname, "device"))
-	if err != nil {
-		return nil // not a device (a veth in tests)
-	}
-	virtio := filepath.Base(dev) // "virtio2"
-	if !strings.HasPrefix(virtio, "virtio") {
-		return nil
-	}
-	irqs, err := deviceIRQs(virtio + "-")
-	if err != nil {
-		return err
-	}
 	var cpus []string
 	for _, c := range classes[0].GetCpus() {
 		cpus = append(cpus, strconv.Itoa(int(c)))
 	}
 	list := strings.Join(cpus, ",")
+	irqs, err := pinNICIRQs(s.sysRoot, "/proc", ifname, list)
+	if len(irqs) > 0 {
+		log.G(ctx).WithFields(log.Fields{"interface": ifname, "irqs": irqs, "cpus": list}).Debug("interrupts pinned")
+	}
+	return err
+}
+
+// pinNICIRQs writes cpus as the affinity (procRoot/irq/N/smp_affinity_list)
+// of every interrupt of the interface's device (nicIRQs), and returns them.
+func pinNICIRQs(sysRoot, procRoot, ifname, cpus string) ([]int, error) {
+	irqs, err := nicIRQs(sysRoot, procRoot, ifname)
+	if err != nil {
+		return nil, fmt.Errorf("interrupts of %s: %w", ifname, err)
+	}
 	var errs []error
 	for _, irq := range irqs {
-		if err := os.WriteFile(fmt.Sprintf("/proc/irq/%d/smp_affinity_list", irq), []byte(list), 0); err != nil {
+		f := filepath.Join(procRoot, "irq", strconv.Itoa(irq), "smp_affinity_list")
+		if err := os.WriteFile(f, []byte(cpus), 0); err != nil {
 			errs = append(errs, fmt.Errorf("IRQ %d of %s: %w", irq, ifname, err))
 		}
 	}
-	log.G(ctx).WithFields(log.Fields{"interface": ifname, "irqs": irqs, "cpus": list}).Debug("interrupts pinned")
-	return errors.Join(errs...)
+	return irqs, errors.Join(errs...)
 }
 
-// deviceIRQs lists the interrupts in /proc/interrupts whose name starts
+// nicIRQs lists the interrupts of a network interface's device. A virtio
+// NIC's are found by the virtio device's name in procRoot/interrupts
+// ("virtio2-config", "virtio2-input.0", ...: its PCI function's vectors on
+// q35, its own line on virtio-mmio). A NIC that is a PCI function of its
+// own (an emulated e1000e, a passed-through VF or ENI) has its MSI and
+// MSI-X vectors in the device's msi_irqs directory, and otherwise its
+// legacy INTx line in irq (0: none). An interface without a device has
+// none.
+func nicIRQs(sysRoot, procRoot, ifname string) ([]int, error) {
+	dev := filepath.Join(sysRoot, "class/net", ifname, "device")
+	target, err := os.Readlink(dev)
+	if err != nil {
+		return nil, nil // not a device
+	}
+	if name := filepath.Base(target); strings.HasPrefix(name, "virtio") {
+		return deviceIRQs(filepath.Join(procRoot, "interrupts"), name+"-")
+	}
+	entries, err := os.ReadDir(filepath.Join(dev, "msi_irqs"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	var irqs []int
+	for _, e := range entries {
+		if irq, err := strconv.Atoi(e.Name()); err == nil {
+			irqs = append(irqs, irq)
+		}
+	}
+	if len(irqs) > 0 {
+		slices.Sort(irqs)
+		return irqs, nil
+	}
+	b, err := os.ReadFile(filepath.Join(dev, "irq"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil // not a PCI device
+	}
+	if err != nil {
+		return nil, err
+	}
+	irq, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %q: %w", filepath.Join(dev, "irq"), b, err)
+	}
+	if irq <= 0 {
+		return nil, nil
+	}
+	return []int{irq}, nil
+}
+
+// deviceIRQs lists the interrupts in the interrupts file whose name starts
 // with prefix ("virtio2-": its config, input and output vectors).
-func deviceIRQs(prefix string) ([]int, error) {
-	f, err := os.Open("/proc/interrupts")
+func deviceIRQs(interrupts, prefix string) ([]int, error) {
+	f, err := os.Open(interrupts)
 	if err != nil {
 		return nil, err
 	}

@@ -59,6 +59,7 @@ type process struct {
 type containerOptions struct {
 	stateDir    string // libcontainer's state root
 	noPivotRoot bool
+	sysRoot     string // sysfs, where the disks of storages are found
 }
 
 // createContainer mounts the container's storages, creates the container
@@ -70,7 +71,7 @@ func createContainer(ctx context.Context, opts containerOptions, id string, spec
 	if spec.Root == nil || !filepath.IsAbs(spec.Root.Path) {
 		return nil, fmt.Errorf("spec root.path must be an absolute guest path: %w", errdefs.ErrInvalidArgument)
 	}
-	mounts, err := mountStorages(ctx, storages)
+	mounts, err := mountStorages(ctx, opts.sysRoot, storages)
 	if err != nil {
 		return nil, err
 	}

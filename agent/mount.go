@@ -72,11 +72,13 @@ func parseMountOptions(options []string) (uintptr, string) {
 }
 
 // mountStorages mounts each storage in order and returns the mount points
-// for unmountAll. On error nothing stays mounted.
-func mountStorages(ctx context.Context, storages []*agentproto.Storage) ([]string, error) {
+// for unmountAll. On error nothing stays mounted. Disks are found in sysfs
+// below sysRoot.
+func mountStorages(ctx context.Context, sysRoot string, storages []*agentproto.Storage) ([]string, error) {
+	disks := diskFinder{sysRoot: sysRoot, devRoot: "/dev", loadDriver: loadDeviceDriver}
 	var mounted []string
 	for _, st := range storages {
-		if err := mountStorage(st); err != nil {
+		if err := mountStorage(ctx, disks, st); err != nil {
 			if uerr := unmountAll(ctx, mounted); uerr != nil {
 				log.G(ctx).WithError(uerr).Warn("cleaning up storages after a failed mount")
 			}
@@ -89,7 +91,7 @@ func mountStorages(ctx context.Context, storages []*agentproto.Storage) ([]strin
 	return mounted, nil
 }
 
-func mountStorage(st *agentproto.Storage) error {
+func mountStorage(ctx context.Context, disks diskFinder, st *agentproto.Storage) error {
 	mp := st.GetMountPoint()
 	if !filepath.IsAbs(mp) {
 		return fmt.Errorf("storage %q: mount point %q is not an absolute path: %w", st.GetSource(), mp, errdefs.ErrInvalidArgument)
@@ -97,6 +99,17 @@ func mountStorage(st *agentproto.Storage) error {
 	flags, data := parseMountOptions(st.GetOptions())
 	source, fstype, isDir := st.GetSource(), "", true
 	switch st.GetDriver() {
+	case agentproto.StorageVirtioBlk, agentproto.StorageNVMe, agentproto.StorageVirtioSCSI:
+		d, err := checkDiskStorage(st, flags)
+		if err != nil {
+			return err
+		}
+		// The filesystem's module, if one, is loaded by mount(2)'s
+		// request_module("fs-<type>") (the agent is /sbin/modprobe).
+		fstype = st.GetFstype()
+		if source, err = disks.find(ctx, d); err != nil {
+			return err
+		}
 	case "9p":
 		fstype = "9p"
 		data = joinOptions(ninePOptions, data)
@@ -137,6 +150,21 @@ func mountStorage(st *agentproto.Storage) error {
 		}
 	}
 	return nil
+}
+
+// checkDiskStorage checks a disk storage before anything is waited for.
+func checkDiskStorage(st *agentproto.Storage, flags uintptr) (disk, error) {
+	d, err := parseDisk(st)
+	if err != nil {
+		return disk{}, err
+	}
+	if st.GetFstype() == "" {
+		return disk{}, fmt.Errorf("%s: no filesystem type to mount it as: %w", d, errdefs.ErrInvalidArgument)
+	}
+	if flags&unix.MS_BIND != 0 {
+		return disk{}, fmt.Errorf("%s: options %v: a disk is mounted, not bound: %w", d, st.GetOptions(), errdefs.ErrInvalidArgument)
+	}
+	return d, nil
 }
 
 // shareTimeout bounds the wait for a 9p or virtio-fs device to show up: a

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -92,7 +95,7 @@ func (s *Service) UpdateInterface(ctx context.Context, req *agentproto.UpdateInt
 // configureLink gives the NIC with the MAC the name, MTU and addresses
 // wanted, brings it up and pins its interrupts.
 func (s *Service) configureLink(ctx context.Context, nl *netlink.Handle, want *agentproto.Interface, mac net.HardwareAddr, addrs []*netlink.Addr) (*agentproto.Interface, error) {
-	link, err := waitLinkByMAC(ctx, nl, mac)
+	link, err := s.waitLinkByMAC(ctx, nl, mac)
 	if err != nil {
 		return nil, fmt.Errorf("interface %s: %w", want.GetName(), err)
 	}
@@ -139,10 +142,15 @@ func linkList(nl *netlink.Handle) ([]netlink.Link, error) {
 }
 
 // waitLinkByMAC finds the link with the MAC, waiting a while for a device
-// that is still being probed.
-func waitLinkByMAC(ctx context.Context, nl *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
+// that is still being probed. A NIC that is a PCI function of its own (an
+// emulated e1000e, a passed-through VF or ENI) has no link until its
+// driver is loaded, which the guest, without udev, leaves to the agent:
+// meanwhile the drivers of network devices without one are loaded
+// (loadNICDrivers), in the guest's own network only.
+func (s *Service) waitLinkByMAC(ctx context.Context, nl *netlink.Handle, mac net.HardwareAddr) (netlink.Link, error) {
 	ctx, cancel := context.WithTimeout(ctx, nicTimeout)
 	defer cancel()
+	tried := make(map[string]error)
 	for {
 		links, err := linkList(nl)
 		if err != nil {
@@ -153,10 +161,54 @@ func waitLinkByMAC(ctx context.Context, nl *netlink.Handle, mac net.HardwareAddr
 				return l, nil
 			}
 		}
+		if s.netns == "" {
+			loadNICDrivers(ctx, s.sysRoot, tried, loadDeviceDriver)
+		}
 		select {
 		case <-ctx.Done():
+			var failed []error
+			for dev, err := range tried {
+				if err != nil {
+					failed = append(failed, fmt.Errorf("%s: %w", filepath.Base(dev), err))
+				}
+			}
+			if len(failed) > 0 {
+				return nil, fmt.Errorf("no NIC with MAC %s in the guest, and network devices without a driver: %w: %w", mac, errors.Join(failed...), errdefs.ErrNotFound)
+			}
 			return nil, fmt.Errorf("no NIC with MAC %s in the guest: %w", mac, errdefs.ErrNotFound)
 		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// pciClassNetwork is the PCI base class of network controllers, as the
+// class attribute begins.
+const pciClassNetwork = "0x02"
+
+// loadNICDrivers loads, with load, the driver of every PCI network
+// controller below sysRoot that has none bound and is not in tried yet,
+// and records each in tried with load's error.
+func loadNICDrivers(ctx context.Context, sysRoot string, tried map[string]error, load func(ctx context.Context, dev string) error) {
+	devs, err := filepath.Glob(filepath.Join(sysRoot, "bus/pci/devices/*"))
+	if err != nil {
+		return
+	}
+	for _, dev := range devs {
+		if _, ok := tried[dev]; ok {
+			continue
+		}
+		if _, ok := boundDriver(dev); ok {
+			continue
+		}
+		class, err := os.ReadFile(filepath.Join(dev, "class"))
+		if err != nil || !strings.HasPrefix(string(class), pciClassNetwork) {
+			continue
+		}
+		tried[dev] = load(ctx, dev)
+		if err := tried[dev]; err != nil {
+			log.G(ctx).WithError(err).WithField("device", filepath.Base(dev)).Warn("load the driver of a network device")
+		} else {
+			log.G(ctx).WithField("device", filepath.Base(dev)).Debug("network device driver loaded")
 		}
 	}
 }

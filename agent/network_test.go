@@ -3,10 +3,13 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -198,5 +201,168 @@ func TestClasses(t *testing.T) {
 		if err := svc.setupClasses(context.Background(), bad); !errdefs.IsInvalidArgument(err) {
 			t.Errorf("classes %v: %v, want invalid argument", bad, err)
 		}
+	}
+}
+
+// nicFixture is a sysfs and procfs standing in for a guest's: eth0 a
+// virtio NIC (its vectors named in interrupts), eth1 an emulated or
+// passed-through PCI NIC with MSI-X vectors, eth2 one on a legacy INTx
+// line, eth3 one with no interrupt at all, lo no device.
+func nicFixture(t *testing.T) (sysRoot, procRoot string) {
+	t.Helper()
+	sysRoot, procRoot = t.TempDir(), t.TempDir()
+	pci := filepath.Join(sysRoot, "devices/pci0000:00")
+	devs := map[string]string{ // interface -> device directory below pci
+		"eth0": "0000:00:02.0/virtio1",
+		"eth1": "0000:00:03.0/0000:01:00.0",
+		"eth2": "0000:00:04.0",
+		"eth3": "0000:00:05.0",
+	}
+	files := map[string]string{
+		"0000:00:03.0/0000:01:00.0/irq":         "0\n", // MSI-X in use
+		"0000:00:03.0/0000:01:00.0/msi_irqs/40": "msix\n",
+		"0000:00:03.0/0000:01:00.0/msi_irqs/41": "msix\n",
+		"0000:00:03.0/0000:01:00.0/msi_irqs/39": "msix\n",
+		"0000:00:04.0/irq":                      "11\n",
+		"0000:00:05.0/irq":                      "0\n",
+	}
+	for name, body := range files {
+		p := filepath.Join(pci, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for ifname, dev := range devs {
+		if err := os.MkdirAll(filepath.Join(pci, dev), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		dir := filepath.Join(sysRoot, "class/net", ifname)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(filepath.Join(pci, dev), filepath.Join(dir, "device")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(sysRoot, "class/net/lo"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	interrupts := `           CPU0       CPU1
+ 11:          0          0   IO-APIC  11-fasteoi   uhci_hcd
+ 24:          0          0  PCI-MSI 16384-edge      virtio1-config
+ 25:         10          0  PCI-MSI 16385-edge      virtio1-input.0
+ 26:          3          0  PCI-MSI 16386-edge      virtio1-output.0
+ 27:          0          0  PCI-MSI 16387-edge      virtio10-input.0
+ 39:          1          0  PCI-MSI 524288-edge      eth1-rx-0
+`
+	if err := os.WriteFile(filepath.Join(procRoot, "interrupts"), []byte(interrupts), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, irq := range []string{"11", "24", "25", "26", "27", "39", "40", "41"} {
+		dir := filepath.Join(procRoot, "irq", irq)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "smp_affinity_list"), []byte("0-3\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return sysRoot, procRoot
+}
+
+// TestPinNICIRQs: every interrupt of a NIC's device, virtio or a PCI
+// function of its own (MSI-X or INTx), and no other, gets the CPUs.
+func TestPinNICIRQs(t *testing.T) {
+	for _, tc := range []struct {
+		ifname string
+		want   []int
+	}{
+		{ifname: "eth0", want: []int{24, 25, 26}}, // not virtio10's
+		{ifname: "eth1", want: []int{39, 40, 41}}, // msi_irqs, not irq's 0
+		{ifname: "eth2", want: []int{11}},
+		{ifname: "eth3"},
+		{ifname: "lo"},
+	} {
+		t.Run(tc.ifname, func(t *testing.T) {
+			sysRoot, procRoot := nicFixture(t)
+			got, err := pinNICIRQs(sysRoot, procRoot, tc.ifname, "2,3")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("pinned IRQs %v, want %v", got, tc.want)
+			}
+			entries, err := os.ReadDir(filepath.Join(procRoot, "irq"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range entries {
+				b, err := os.ReadFile(filepath.Join(procRoot, "irq", e.Name(), "smp_affinity_list"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := "0-3\n"
+				if irq, _ := strconv.Atoi(e.Name()); slices.Contains(tc.want, irq) {
+					want = "2,3"
+				}
+				if string(b) != want {
+					t.Errorf("IRQ %s affinity %q, want %q", e.Name(), b, want)
+				}
+			}
+		})
+	}
+	// A bad irq file is an error naming it, not a guess.
+	sysRoot, procRoot := nicFixture(t)
+	if err := os.WriteFile(filepath.Join(sysRoot, "devices/pci0000:00/0000:00:05.0/irq"), []byte("x\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pinNICIRQs(sysRoot, procRoot, "eth3", "0"); err == nil || !strings.Contains(err.Error(), "eth3/device/irq") {
+		t.Errorf("bad irq file: %v", err)
+	}
+}
+
+// TestLoadNICDrivers: the drivers of PCI network controllers without one
+// are loaded, each once; other devices and bound ones are left alone.
+func TestLoadNICDrivers(t *testing.T) {
+	sysRoot := t.TempDir()
+	devices := filepath.Join(sysRoot, "bus/pci/devices")
+	for name, class := range map[string]string{
+		"0000:00:02.0": "0x020000", // virtio-net, bound
+		"0000:01:00.0": "0x020000", // e1000e, no driver
+		"0000:02:00.0": "0x028000", // another network controller, no driver
+		"0000:03:00.0": "0x010802", // NVMe, no driver: not ours
+	} {
+		dir := filepath.Join(devices, name)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "class"), []byte(class+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("../../bus/pci/drivers/virtio-pci", filepath.Join(devices, "0000:00:02.0/driver")); err != nil {
+		t.Fatal(err)
+	}
+	var loaded []string
+	failure := errors.New("module not found")
+	load := func(ctx context.Context, dev string) error {
+		loaded = append(loaded, filepath.Base(dev))
+		if filepath.Base(dev) == "0000:02:00.0" {
+			return failure
+		}
+		return nil
+	}
+	tried := make(map[string]error)
+	for range 2 { // the second pass loads nothing again
+		loadNICDrivers(context.Background(), sysRoot, tried, load)
+	}
+	if want := []string{"0000:01:00.0", "0000:02:00.0"}; fmt.Sprint(loaded) != fmt.Sprint(want) {
+		t.Errorf("drivers loaded for %v, want %v", loaded, want)
+	}
+	if err := tried[filepath.Join(devices, "0000:02:00.0")]; !errors.Is(err, failure) {
+		t.Errorf("failure recorded: %v", err)
 	}
 }

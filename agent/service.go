@@ -45,7 +45,7 @@ type ServiceConfig struct {
 	TopologyFile string
 	// SysfsRoot is where sysfs is mounted (default /sys): the CPUs and
 	// memory blocks OnlineCPUMem brings online, the network devices whose
-	// interrupts follow the first CPU class.
+	// interrupts follow the first CPU class, the disks of storages.
 	SysfsRoot string
 }
 
@@ -105,15 +105,16 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		}
 		noPivot = initramfs
 	}
+	sysRoot := cmp.Or(cfg.SysfsRoot, "/sys")
 	return &Service{
 		version:      cfg.Version,
-		opts:         containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot},
+		opts:         containerOptions{stateDir: cfg.StateDir, noPivotRoot: noPivot, sysRoot: sysRoot},
 		containers:   make(map[string]*container),
 		ooms:         make(chan string, oomQueue),
 		netns:        cfg.NetNS,
 		cgroupRoot:   cmp.Or(cfg.CgroupRoot, "/sys/fs/cgroup"),
 		topologyFile: cmp.Or(cfg.TopologyFile, agentproto.TopologyFile),
-		sysRoot:      cmp.Or(cfg.SysfsRoot, "/sys"),
+		sysRoot:      sysRoot,
 		meminfo:      "/proc/meminfo",
 		fixAffinity:  ensureAffinity,
 		cpuWait:      cpuWaitCap,
@@ -324,7 +325,7 @@ func (s *Service) CreateSandbox(ctx context.Context, req *agentproto.CreateSandb
 	if err := s.setupClasses(ctx, req.GetCpuClasses()); err != nil {
 		return nil, err
 	}
-	mounts, err := mountStorages(ctx, req.GetStorages())
+	mounts, err := mountStorages(ctx, s.sysRoot, req.GetStorages())
 	if err != nil {
 		return nil, err
 	}

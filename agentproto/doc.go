@@ -3,7 +3,10 @@
 // constants both ends must agree on.
 package agentproto
 
-import "strings"
+import (
+	"strconv"
+	"strings"
+)
 
 //go:generate protoc -I . -I /usr/include --go_out=paths=source_relative:. --go-ttrpc_out=paths=source_relative:. agent.proto
 
@@ -110,3 +113,22 @@ const (
 	StorageVirtioSCSI = "virtio-scsi"
 	StorageNVMe       = "nvme"
 )
+
+// Guest mount points of disks the shim attaches.
+const (
+	// BlockRootfsDir holds the mount points of containers' rootfs that
+	// are disks of their own (a block rootfs): BlockRootfsPath.
+	BlockRootfsDir = "/run/colo/block"
+	// PodDisksDir holds the mount points of a pod's disks (annotation
+	// io.colo.disks), which its containers bind where they asked:
+	// PodDiskPath.
+	PodDisksDir = "/run/colo/disks"
+)
+
+// BlockRootfsPath is where the guest mounts a container's block rootfs.
+func BlockRootfsPath(containerID string) string {
+	return BlockRootfsDir + "/" + containerID + "/rootfs"
+}
+
+// PodDiskPath is where the guest mounts the pod's n-th disk (from 0).
+func PodDiskPath(n int) string { return PodDisksDir + "/" + strconv.Itoa(n) }

@@ -45,6 +45,11 @@ type Devices struct {
 	// colocation.annotations allows it); a pod asking for another is
 	// refused (default: none).
 	PCI []string `toml:"pci"`
+	// DiskPaths lists the host block devices and image files, or the
+	// directories holding them, that pods may have as disks (annotation
+	// io.colo.disks); a pod naming any other path is refused (default:
+	// none). Whoever may set the annotation can write to what is listed.
+	DiskPaths []string `toml:"disk_paths"`
 	// PassthroughNICs passes a physical NIC (an ENI, an SR-IOV VF) that
 	// the CNI put in the pod's network namespace through to the VM with
 	// VFIO, instead of mirroring it with tc (default true; it needs an
@@ -191,8 +196,9 @@ type Hypervisor struct {
 	// is removed.
 	DumpTimeout Duration `toml:"dump_timeout"`
 	// NICModel is the guest NIC of the pod's mirrored interfaces:
-	// "virtio-net" (default), or an emulated physical NIC, "igb" or
-	// "e1000e", which the guest drives as it would a passed-through one.
+	// "virtio-net" (default), or an emulated physical NIC, "e1000e", which
+	// the guest drives as it would a passed-through one (q35 only). "igb"
+	// is refused: QEMU 7.2 has no such device.
 	NICModel string `toml:"nic_model"`
 	// Sandbox runs QEMU under its seccomp filter (-sandbox on with
 	// obsolete, elevateprivileges, spawn and resourcecontrol denied;
@@ -395,8 +401,18 @@ func (c Config) Validate() error {
 	oneOf("hypervisor.name", h.Name, "qemu", "clh")
 	oneOf("hypervisor.machine", h.Machine, "q35", "microvm")
 	oneOf("hypervisor.accel", h.Accel, "auto", "kvm", "tcg")
-	oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "igb", "e1000e")
+	if h.NICModel == "igb" {
+		// QEMU's igb came with 8.0; Debian 12's QEMU is 7.2.
+		errs = append(errs, errors.New(`hypervisor.nic_model = "igb": QEMU 7.2 (Debian 12) has no igb device, QEMU 8.0 added it: use "e1000e"`))
+	} else {
+		oneOf("hypervisor.nic_model", h.NICModel, "virtio-net", "e1000e")
+	}
 	oneOf("storage.block_driver", c.Storage.BlockDriver, "virtio-blk", "virtio-scsi")
+	for i, p := range c.Devices.DiskPaths {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
+			errs = append(errs, fmt.Errorf("devices.disk_paths[%d] = %q: want an absolute, clean path other than /", i, p))
+		}
+	}
 	for i, a := range c.Devices.PCI {
 		if !pciAddress.MatchString(a) {
 			errs = append(errs, fmt.Errorf("devices.pci[%d] = %q: want a PCI address, domain:bus:slot.function (0000:45:00.0)", i, a))

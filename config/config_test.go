@@ -41,6 +41,12 @@ func TestParse(t *testing.T) {
 			},
 		},
 		{
+			name:    "igb is not in QEMU 7.2",
+			toml:    "[hypervisor]\nnic_model = \"igb\"\n",
+			wantErr: []string{`hypervisor.nic_model = "igb"`, "QEMU 8.0", "e1000e"},
+		},
+		{name: "e1000e", toml: "[hypervisor]\nnic_model = \"e1000e\"\n", check: func(c Config) bool { return c.Hypervisor.NICModel == "e1000e" }},
+		{
 			name:    "unknown co-location annotation",
 			toml:    "[colocation]\nannotations = [\"io.colo.class\", \"io.colo.vcpu\"]\n",
 			wantErr: []string{`colocation.annotations = "io.colo.vcpu"`, "io.colo.class"},

@@ -20,6 +20,16 @@ import (
 // Runtime is colo's containerd runtime type.
 const Runtime = "io.containerd.colo.v2"
 
+// BlockfileSnapshotter is containerd's snapshotter whose snapshots are ext4
+// image files, mounted with "loop": colo attaches such a rootfs to the VM
+// as a disk (storage.block_rootfs). The images are unpacked for it too.
+const BlockfileSnapshotter = "blockfile"
+
+// blockfileScratchMB is the size of the blockfile snapshotter's scratch
+// image, and so of every snapshot: room for the test images and what
+// tests write.
+const blockfileScratchMB = 64
+
 // Containerd is a private containerd daemon.
 type Containerd struct {
 	// Dir holds everything: containerd's root and state, its sockets, the
@@ -88,7 +98,11 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 	if c.ColoConfig, err = c.WriteColoConfig("colo", opts.ColoConfig); err != nil {
 		return nil, err
 	}
-	config := containerdConfig(dir, c.Address, opts.CRI)
+	scratch := filepath.Join(dir, "blockfile-scratch.ext4")
+	if err := MakeExt4Image(ctx, scratch, blockfileScratchMB, ""); err != nil {
+		return nil, err
+	}
+	config := containerdConfig(dir, c.Address, scratch, opts.CRI)
 	if opts.CRI {
 		if c.CRI, err = newCRI(dir, c.Address); err != nil {
 			return nil, err
@@ -153,7 +167,7 @@ const criPlugins = `
   "io.containerd.podsandbox.controller.v1.podsandbox",
   "io.containerd.sandbox.controller.v1.shim",`
 
-func containerdConfig(dir, address string, cri bool) string {
+func containerdConfig(dir, address, blockfileScratch string, cri bool) string {
 	disabledCRI := criPlugins
 	if cri {
 		disabledCRI = ""
@@ -167,7 +181,6 @@ disabled_plugins = [
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.blockfile",
   "io.containerd.snapshotter.v1.erofs",
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
@@ -185,8 +198,39 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %[6]q
+
+[plugins."io.containerd.snapshotter.v1.blockfile"]
+  scratch_file = %[8]q
+  fs_type = "ext4"
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), address, address+".ttrpc",
-		filepath.Join(dir, "debug.sock"), filepath.Join(dir, "opt"), disabledCRI)
+		filepath.Join(dir, "debug.sock"), filepath.Join(dir, "opt"), disabledCRI, blockfileScratch)
+}
+
+// MakeExt4Image makes a sparse image file of sizeMB MiB at path holding an
+// empty ext4 filesystem, or with the files of dir if it is not "".
+func MakeExt4Image(ctx context.Context, path string, sizeMB int, dir string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(int64(sizeMB) << 20)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
+	// Lazy init keeps the image sparse; -F: it is a file, not a device.
+	args := []string{"-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"}
+	if dir != "" {
+		args = append(args, "-d", dir)
+	}
+	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(args, path)...).CombinedOutput(); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("mkfs.ext4 %s (e2fsprogs): %w: %s", path, err, out)
+	}
+	return nil
 }
 
 // Stop stops containerd and removes Dir. Shims it started are not its

@@ -40,6 +40,11 @@ const ColoHandler = "colo"
 // keeps CRI's default sandboxer, "podsandbox" (a pause container).
 const ColoShimHandler = "colo-shim"
 
+// ColoBlockfileHandler is ColoHandler with containerd's blockfile
+// snapshotter (BlockfileSnapshotter): every container's rootfs, the pause
+// container's too, is an ext4 image that colo attaches as a disk.
+const ColoBlockfileHandler = "colo-blockfile"
+
 // PauseImage is the sandbox image, built locally from pause/pause.c. It is
 // containerd v2.3.7's default (pinned_images.sandbox), and the config sets
 // it too so that a containerd upgrade cannot ask for another one.
@@ -176,7 +181,8 @@ func (r *CRI) writeCNIConfig() error {
 // says: privileged_without_host_devices, since CRI would otherwise give a
 // privileged container all the host's devices, which colo refuses as no
 // VM can have them. ColoShimHandler is the same runtime with containerd's
-// sandbox API.
+// sandbox API, and ColoBlockfileHandler the same runtime with the blockfile
+// snapshotter.
 func (r *CRI) containerdConfig(coloConfig string) string {
 	return fmt.Sprintf(`
 [plugins."io.containerd.cri.v1.images"]
@@ -209,11 +215,20 @@ func (r *CRI) containerdConfig(coloConfig string) string {
       container_annotations = ["io.colo.*"]
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[8]s.options]
         ConfigPath = %[4]q
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[9]s]
+      runtime_type = %[3]q
+      snapshotter = %[10]q
+      privileged_without_host_devices = true
+      pod_annotations = ["io.colo.*"]
+      container_annotations = ["io.colo.*"]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[9]s.options]
+        ConfigPath = %[4]q
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = [%[5]q]
     conf_dir = %[6]q
     max_conf_num = 1
-`, PauseImage, ColoHandler, Runtime, coloConfig, cniBinDir, r.cniConfDir, filepath.Join(r.dir, "cdi"), ColoShimHandler)
+`, PauseImage, ColoHandler, Runtime, coloConfig, cniBinDir, r.cniConfDir, filepath.Join(r.dir, "cdi"), ColoShimHandler,
+		ColoBlockfileHandler, BlockfileSnapshotter)
 }
 
 // startCRI builds and imports the images CRI tests need, then waits until

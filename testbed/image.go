@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -41,19 +42,24 @@ func (c *Containerd) ImportBusybox(ctx context.Context) error {
 }
 
 // importImage writes an image archive with write and imports it into the
-// containerd namespace ns.
+// containerd namespace ns, unpacked for the default snapshotter and for
+// BlockfileSnapshotter: the latter through the client (--local), since the
+// transfer service unpacks only for the snapshotters its unpack_config
+// names.
 func (c *Containerd) importImage(ctx context.Context, ns, name string, write func(archive string) error) error {
 	archive := filepath.Join(c.Dir, name+".oci.tar")
 	if err := write(archive); err != nil {
 		return err
 	}
 	defer os.Remove(archive)
-	r, err := c.ctrIn(ctx, ns, "image", "import", archive)
-	if err != nil {
-		return err
-	}
-	if r.ExitCode != 0 {
-		return fmt.Errorf("ctr -n %s image import %s: %s", ns, name, r)
+	for _, flags := range [][]string{nil, {"--local", "--snapshotter", BlockfileSnapshotter}} {
+		r, err := c.ctrIn(ctx, ns, append(append([]string{"image", "import"}, flags...), archive)...)
+		if err != nil {
+			return err
+		}
+		if r.ExitCode != 0 {
+			return fmt.Errorf("ctr -n %s image import %s %s: %s", ns, strings.Join(flags, " "), name, r)
+		}
 	}
 	return nil
 }

@@ -16,7 +16,8 @@ import (
 
 // Leaks lists what colo left behind for this containerd: processes whose
 // command line names its directory (shims, QEMU, virtiofsd), mounts
-// below it, files in the colo state dir, and host cgroups named after any
+// below it, loop devices of its files (a blockfile snapshot mounted on
+// the host), files in the colo state dir, and host cgroups named after any
 // of the given container ids; with CRI, also what pods left (see
 // CRI.leaks). Empty means clean.
 func (c *Containerd) Leaks(ids ...string) []string {
@@ -33,6 +34,9 @@ func (c *Containerd) Leaks(ids ...string) []string {
 	}
 	for _, m := range mountsUnder(c.StateDir) {
 		leaks = append(leaks, "mount "+m)
+	}
+	for _, l := range LoopDevicesOf(c.Dir) {
+		leaks = append(leaks, "loop device "+l)
 	}
 	_ = filepath.WalkDir(c.StateDir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || path == c.StateDir {
@@ -70,6 +74,25 @@ func (c *Containerd) WaitNoLeaks(ctx context.Context, ids ...string) []string {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// LoopDevicesOf lists the loop devices ("/dev/loop3 of <file>") whose
+// backing file is at or below dir.
+func LoopDevicesOf(dir string) []string {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		backing := strings.TrimSpace(string(b))
+		if backing == dir || strings.HasPrefix(backing, dir+"/") {
+			dev := filepath.Base(filepath.Dir(filepath.Dir(f)))
+			out = append(out, "/dev/"+dev+" of "+backing)
+		}
+	}
+	return out
 }
 
 // Process is a process found by its command line.

@@ -191,8 +191,8 @@ func (l launch) args() []string {
 			break // hot-plugged into a clone
 		}
 		a = append(a,
-			"-netdev", netdevArg(n.ID, strconv.Itoa(l.nicFDs[i]), l.vhostNet),
-			"-device", nicDeviceArg(dev("virtio-net"), n, ""),
+			"-netdev", netdevArg(n.ID, strconv.Itoa(l.nicFDs[i]), l.vhostNet && isVirtioNIC(n)),
+			"-device", nicDeviceArg(nicDriver(n, transport), n, ""),
 		)
 	}
 	if l.machine == "q35" {
@@ -262,10 +262,28 @@ func netdevArg(id, fd string, vhost bool) string {
 	return fmt.Sprintf("tap,id=%s,fd=%s,vhost=%s", escape(id), escape(fd), v)
 }
 
-// nicDeviceArg is the guest NIC on netdev n.ID; bus may be empty.
+// isVirtioNIC tells whether n is a virtio-net device rather than an
+// emulated physical NIC.
+func isVirtioNIC(n hypervisor.NIC) bool {
+	return n.Model == "" || n.Model == hypervisor.NICVirtio
+}
+
+// nicDriver is QEMU's device for n's model; transport is "pci" or
+// "device" (virtio-mmio), for virtio-net. The emulated NICs are PCI
+// devices only: checkNIC keeps them off microvm.
+func nicDriver(n hypervisor.NIC, transport string) string {
+	if isVirtioNIC(n) {
+		return "virtio-net-" + transport
+	}
+	return n.Model // NICE1000E and NICIGB are QEMU's own names
+}
+
+// nicDeviceArg is the guest NIC on netdev n.ID; bus may be empty. Only
+// virtio-net has host_mtu: the emulated NICs get their MTU from the
+// agent alone.
 func nicDeviceArg(driver string, n hypervisor.NIC, bus string) string {
 	d := fmt.Sprintf("%s,netdev=%s,id=%s,mac=%s", driver, escape(n.ID), escape(nicDeviceID(n.ID)), n.MAC)
-	if n.MTU > 0 {
+	if n.MTU > 0 && isVirtioNIC(n) {
 		d += ",host_mtu=" + strconv.Itoa(n.MTU)
 	}
 	if bus != "" {

@@ -3,11 +3,13 @@ package qemu
 import (
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
 )
 
@@ -109,6 +111,36 @@ func TestArgs(t *testing.T) {
 				"-device", "virtio-net-pci,netdev=eth1,id=eth1-dev,mac=02:00:00:00:00:02",
 				"-device", "pcie-root-port,id=hp0,bus=pcie.0,chassis=1",
 				"-device", "pcie-root-port,id=hp1,bus=pcie.0,chassis=2",
+				"-device", "vmgenid,guid=auto",
+				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
+		},
+	}, {
+		name: "q35 emulated NICs: no vhost, no host_mtu",
+		l: launch{
+			machine: "q35", accel: accelTCG,
+			vm: with(vm, func(c *hypervisor.VMConfig) {
+				c.Channel = hypervisor.ChannelSerial
+				c.NICs = []hypervisor.NIC{
+					{ID: "eth0", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, MTU: 1450, Model: hypervisor.NICE1000E},
+					{ID: "eth1", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, MTU: 1450, Model: hypervisor.NICIGB},
+					{ID: "eth2", MAC: net.HardwareAddr{2, 0, 0, 0, 0, 3}, MTU: 1450, Model: hypervisor.NICVirtio},
+				}
+			}),
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4, nicFDs: []int{5, 6, 7}, vhostNet: true,
+		},
+		want: [][]string{
+			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
+				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
+			common(base + " colo.channel=serial colo.log=debug"),
+			{"-device", "virtio-serial-pci,id=vser0",
+				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
+				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
+				"-netdev", "tap,id=eth0,fd=5,vhost=off",
+				"-device", "e1000e,netdev=eth0,id=eth0-dev,mac=02:00:00:00:00:01",
+				"-netdev", "tap,id=eth1,fd=6,vhost=off",
+				"-device", "igb,netdev=eth1,id=eth1-dev,mac=02:00:00:00:00:02",
+				"-netdev", "tap,id=eth2,fd=7,vhost=on",
+				"-device", "virtio-net-pci,netdev=eth2,id=eth2-dev,mac=02:00:00:00:00:03,host_mtu=1450",
 				"-device", "vmgenid,guid=auto",
 				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"},
 		},
@@ -458,6 +490,101 @@ func TestIsQEMU(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := isQEMU(tc.cmdline, "/run/vm/qemu.pid"); got != tc.want {
 				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestCheckNIC(t *testing.T) {
+	tap, err := os.Open(os.DevNull) // checkNIC only looks for one
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tap.Close()
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	for _, tc := range []struct {
+		name    string
+		nic     hypervisor.NIC
+		machine string
+		want    string // "" for no error
+	}{
+		{name: "virtio by default", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap}, machine: "microvm"},
+		{name: "virtio on microvm", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap, Model: hypervisor.NICVirtio}, machine: "microvm"},
+		{name: "e1000e on q35", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap, Model: hypervisor.NICE1000E, MTU: 9000}, machine: "q35"},
+		{name: "igb on q35", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap, Model: hypervisor.NICIGB}, machine: "q35"},
+		{name: "e1000e on microvm", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap, Model: hypervisor.NICE1000E}, machine: "microvm", want: "microvm has only virtio-net"},
+		{name: "unknown model", nic: hypervisor.NIC{ID: "n", MAC: mac, TAP: tap, Model: "rtl8139"}, machine: "q35", want: `model "rtl8139"`},
+		{name: "bad id", nic: hypervisor.NIC{ID: "a,b", MAC: mac, TAP: tap}, machine: "q35", want: "want an id"},
+		{name: "no TAP", nic: hypervisor.NIC{ID: "n", MAC: mac}, machine: "q35", want: "no TAP"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkNIC(tc.nic, tc.machine)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Errorf("checkNIC: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Errorf("checkNIC: %v; want an error with %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestNICDeviceProperties checks the properties the NIC arguments set
+// against the QEMU installed: each model's own (-device MODEL,help) and
+// the ones every device has (id, bus). A model QEMU lacks must be one
+// hasDevice reports.
+func TestNICDeviceProperties(t *testing.T) {
+	path, err := exec.LookPath(DefaultBinary)
+	if err != nil {
+		t.Skipf("no QEMU: %v", err)
+	}
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	for _, model := range []string{hypervisor.NICVirtio, hypervisor.NICE1000E, hypervisor.NICIGB} {
+		t.Run(model, func(t *testing.T) {
+			n := hypervisor.NIC{ID: "eth0", MAC: mac, MTU: 1400, Model: model}
+			driver := nicDriver(n, "pci")
+			// The driver refuses a configured model QEMU lacks, and only
+			// such a one.
+			cfg := config.Default().Hypervisor
+			cfg.NICModel = model
+			_, newErr := New(cfg)
+			if probeErr := hasDevice(path, driver); (newErr == nil) != (probeErr == nil) {
+				t.Errorf("New with nic_model %s: %v; QEMU has the device: %v", model, newErr, probeErr)
+			} else if newErr != nil && !strings.Contains(newErr.Error(), "hypervisor.nic_model "+model) {
+				t.Errorf("New with nic_model %s: %v; want it to name the setting", model, newErr)
+			}
+			out, err := exec.Command(path, "-device", driver+",help").Output()
+			if err != nil {
+				t.Fatalf("%s,help: %v", driver, err)
+			}
+			if !strings.HasPrefix(string(out), driver+" options:") {
+				// Only igb may be missing (QEMU before 8.0), and then
+				// hasDevice must say so.
+				perr := hasDevice(path, driver)
+				if model != hypervisor.NICIGB || perr == nil || !strings.Contains(perr.Error(), "not found") || !strings.Contains(perr.Error(), "8.0") {
+					t.Fatalf("%s,help: %q; hasDevice: %v", driver, out, perr)
+				}
+				t.Logf("QEMU has no %s: %v", driver, perr)
+				return
+			}
+			if err := hasDevice(path, driver); err != nil {
+				t.Errorf("hasDevice(%s): %v", driver, err)
+			}
+			var props []string
+			for _, line := range strings.Split(string(out), "\n") {
+				if name, _, ok := strings.Cut(strings.TrimSpace(line), "="); ok {
+					props = append(props, name)
+				}
+			}
+			arg := nicDeviceArg(driver, n, "hp0")
+			for _, kv := range strings.Split(arg, ",")[1:] {
+				name, _, _ := strings.Cut(kv, "=")
+				if name == "id" || name == "bus" {
+					continue // properties of every device
+				}
+				if !slices.Contains(props, name) {
+					t.Errorf("%s: %s has no property %s (it has %q)", arg, driver, name, props)
+				}
 			}
 		})
 	}

@@ -176,6 +176,14 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
+	if model := cfg.NICModel; model != "" && model != hypervisor.NICVirtio {
+		if d.machine == "microvm" {
+			return nil, fmt.Errorf("qemu: hypervisor.nic_model %s is a PCI device: machine microvm has only virtio-net (use q35)", model)
+		}
+		if err := hasDevice(path, model); err != nil {
+			return nil, fmt.Errorf("qemu: hypervisor.nic_model %s: %w", model, err)
+		}
+	}
 	if d.machine == "microvm" {
 		if d.tscKHz, err = hostKHz(cpuinfo); err != nil {
 			return nil, fmt.Errorf("qemu: microvm needs the host TSC frequency: %w", err)
@@ -401,7 +409,7 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 	}
 	ids := make(map[string]bool)
 	for _, n := range cfg.NICs {
-		if err := checkNIC(n); err != nil {
+		if err := checkNIC(n, d.machine); err != nil {
 			return cfg, err
 		}
 		if ids[n.ID] {
@@ -431,9 +439,14 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 }
 
 // checkNIC checks what QEMU would reject later, or misread: ids become
-// option values and QOM names.
-func checkNIC(n hypervisor.NIC) error {
+// option values and QOM names. The emulated NICs are PCI devices, which
+// microvm has no bus for.
+func checkNIC(n hypervisor.NIC, machine string) error {
 	switch {
+	case !slices.Contains([]string{"", hypervisor.NICVirtio, hypervisor.NICE1000E, hypervisor.NICIGB}, n.Model):
+		return fmt.Errorf("nic %s: model %q: want %q, %q or %q", n.ID, n.Model, hypervisor.NICVirtio, hypervisor.NICE1000E, hypervisor.NICIGB)
+	case machine == "microvm" && !isVirtioNIC(n):
+		return fmt.Errorf("nic %s: model %s is a PCI device: machine microvm has only virtio-net (use q35)", n.ID, n.Model)
 	case n.ID == "" || strings.ContainsAny(n.ID, ",= /"):
 		return fmt.Errorf("nic %q: want an id without commas, spaces, slashes or '='", n.ID)
 	case len(n.MAC) != 6:
@@ -444,6 +457,33 @@ func checkNIC(n hypervisor.NIC) error {
 		return fmt.Errorf("nic %s: MTU %d: want 0 to 65535", n.ID, n.MTU)
 	}
 	return nil
+}
+
+// probeTimeout bounds asking the QEMU binary about itself.
+const probeTimeout = 10 * time.Second
+
+// hasDevice tells whether the QEMU binary at path has the device model
+// name: QEMU 7.2 (Debian 12) has e1000e but not igb, which came with 8.0.
+func hasDevice(path, name string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+	defer cancel()
+	var stdout, stderr strings.Builder
+	cmd := exec.CommandContext(ctx, path, "-device", name+",help")
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	// QEMU 7.2 exits 0 for a device it does not know, saying so on
+	// stderr; a known one's help starts with "<name> options:".
+	if err == nil && strings.HasPrefix(stdout.String(), name+" options:") {
+		return nil
+	}
+	msg := strings.TrimSpace(stderr.String())
+	if err != nil {
+		msg = fmt.Sprintf("%v: %s", err, msg)
+	}
+	if name == hypervisor.NICIGB {
+		msg += " (QEMU has igb from 8.0 on; e1000e is in every version)"
+	}
+	return fmt.Errorf("%s has no %s device: %s", path, name, msg)
 }
 
 func canOpen(path string) bool {

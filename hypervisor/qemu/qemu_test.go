@@ -694,7 +694,8 @@ func TestNICs(t *testing.T) {
 	dir := vmDir(t)
 	prefix := fmt.Sprintf("ct%d", os.Getpid()%100000)
 	boot := hypervisor.NIC{ID: "eth0", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 1}, MTU: 1400, TAP: newTAP(t, prefix+"a")}
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "nics", Dir: dir, Channel: hypervisor.ChannelSerial, NICs: []hypervisor.NIC{boot}})
+	bootE := hypervisor.NIC{ID: "eth3", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 4}, MTU: 1400, TAP: newTAP(t, prefix+"d"), Model: hypervisor.NICE1000E}
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "nics", Dir: dir, Channel: hypervisor.ChannelSerial, NICs: []hypervisor.NIC{boot, bootE}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -710,16 +711,23 @@ func TestNICs(t *testing.T) {
 			t.Errorf("vCPU %d thread %d is %q", i, tid, comm)
 		}
 	}
-	late := hypervisor.NIC{ID: "eth1", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 2}, TAP: newTAP(t, prefix+"b")}
+	late := hypervisor.NIC{ID: "eth1", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 2}, MTU: 1400, TAP: newTAP(t, prefix+"b"), Model: hypervisor.NICE1000E}
 	if err := vm.AddNIC(ctx, late); err != nil {
 		t.Fatal(err)
 	}
 	confined(t, vm, dir, true)
 	q := vm.(*VM).qmp
-	for _, n := range []hypervisor.NIC{boot, late} {
+	for _, n := range []hypervisor.NIC{boot, bootE, late} {
 		raw, err := q.Execute(ctx, "qom-get", map[string]any{"path": nicDeviceID(n.ID), "property": "mac"})
 		if err != nil || string(raw) != `"`+n.MAC.String()+`"` {
 			t.Errorf("nic %s: mac %s, %v; want %s", n.ID, raw, err, n.MAC)
+		}
+		want := "virtio-net-pci"
+		if n.Model != "" {
+			want = n.Model
+		}
+		if raw, err := q.Execute(ctx, "qom-get", map[string]any{"path": nicDeviceID(n.ID), "property": "type"}); err != nil || string(raw) != `"`+want+`"` {
+			t.Errorf("nic %s: type %s, %v; want %s", n.ID, raw, err, want)
 		}
 	}
 	extra := hypervisor.NIC{ID: "eth2", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 3}, TAP: newTAP(t, prefix+"c")}

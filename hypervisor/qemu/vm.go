@@ -70,6 +70,10 @@ type VM struct {
 	hotplugMu sync.Mutex
 	ports     []string
 	vhost     bool // NICs use vhost-net
+	// disks are the disks AddDisk added (disk.go), under hotplugMu.
+	disks diskSet
+	// unplugs are the waits for DEVICE_DELETED (unplugLocked).
+	unplugs deviceWaits
 
 	// resizeMu serializes SetVCPUs and SetMemory; resizeEvent wakes
 	// their waits on QMP events.
@@ -263,6 +267,9 @@ func (vm *VM) connect(ctx context.Context, path string) error {
 func (vm *VM) event(e Event) {
 	vm.logger.WithField("data", string(e.Data)).Debugf("qemu: event %s", e.Name)
 	vm.notifyResize(e.Name)
+	if e.Name == "DEVICE_DELETED" {
+		vm.unplugs.deleted(e.Data)
+	}
 	if e.Name == "GUEST_PANICKED" {
 		vm.guestPanicked(e.Data)
 	}
@@ -314,11 +321,12 @@ func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	return conn, nil
 }
 
-// AddNIC hot-plugs a virtio-net device on the TAP nic.TAP into a free
-// PCIe root port: QMP getfd hands QEMU the TAP, netdev_add and device_add
-// make the backend and the device. A failure undoes what was done.
+// AddNIC hot-plugs a NIC of nic.Model (virtio-net or an emulated
+// physical NIC) on the TAP nic.TAP into a free PCIe root port: QMP getfd
+// hands QEMU the TAP, netdev_add and device_add make the backend and the
+// device. A failure undoes what was done.
 func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
-	if err := checkNIC(nic); err != nil {
+	if err := checkNIC(nic, vm.machine); err != nil {
 		return fmt.Errorf("qemu: vm %s: %w", vm.id, err)
 	}
 	vm.hotplugMu.Lock()
@@ -349,18 +357,18 @@ func (vm *VM) AddNIC(ctx context.Context, nic hypervisor.NIC) (retErr error) {
 		}
 	}()
 	if _, err := vm.qmp.Execute(ctx, "netdev_add", map[string]any{
-		"type": "tap", "id": nic.ID, "fd": fdName, "vhost": vm.vhost,
+		"type": "tap", "id": nic.ID, "fd": fdName, "vhost": vm.vhost && isVirtioNIC(nic),
 	}); err != nil {
 		return fmt.Errorf("qemu: vm %s: nic %s: %w", vm.id, nic.ID, err)
 	}
 	netdev = true
 	dev := map[string]any{
-		"driver": "virtio-net-pci",
+		"driver": nicDriver(nic, "pci"),
 		"id":     nicDeviceID(nic.ID),
 		"netdev": nic.ID,
 		"mac":    nic.MAC.String(),
 	}
-	if nic.MTU > 0 {
+	if nic.MTU > 0 && isVirtioNIC(nic) {
 		dev["host_mtu"] = nic.MTU
 	}
 	return vm.plugLocked(ctx, dev)

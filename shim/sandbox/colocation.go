@@ -104,8 +104,8 @@ func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec, vcp
 	for _, key := range slices.Sorted(maps.Keys(spec.Annotations)) {
 		value := spec.Annotations[key]
 		// The class is a container's, checked at each container's
-		// create (class).
-		if !strings.HasPrefix(key, coloAnnotationPrefix) || key == ClassAnnotation {
+		// create (class); the disks are the sandbox's (parsePodDisks).
+		if !strings.HasPrefix(key, coloAnnotationPrefix) || key == ClassAnnotation || key == DisksAnnotation {
 			continue
 		}
 		if !slices.Contains(cc.Annotations, key) {

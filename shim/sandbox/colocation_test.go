@@ -37,7 +37,7 @@ func warnings(hook *logtest.Hook) []string {
 }
 
 func TestColocationAnnotationsKnown(t *testing.T) {
-	ours := []string{ClassAnnotation, VCPUsAnnotation, PodWeightAnnotation, OverheadIdleAnnotation, HostNamespacesAnnotation}
+	ours := []string{ClassAnnotation, VCPUsAnnotation, PodWeightAnnotation, OverheadIdleAnnotation, HostNamespacesAnnotation, DisksAnnotation}
 	if !reflect.DeepEqual(ours, config.ColocationAnnotations()) {
 		t.Errorf("the sandbox reads %q, config.ColocationAnnotations are %q", ours, config.ColocationAnnotations())
 	}

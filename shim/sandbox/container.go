@@ -50,6 +50,9 @@ type Container struct {
 	spec   *specs.Spec
 	// binds are the guest sources of the spec's bind mounts (shareBinds).
 	binds map[int]string
+	// block is the rootfs as a disk of its own (disks.go); nil for a
+	// rootfs in the share.
+	block *blockRootfs
 	init  *process
 
 	execMu sync.Mutex
@@ -80,7 +83,8 @@ type process struct {
 }
 
 // prepareContainer does the host side of a new container: open its stdio
-// and mount its rootfs in the shared directory.
+// and mount its rootfs in the shared directory, or open it as a disk for
+// createInGuest to attach (a block rootfs, disks.go).
 func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ *Container, retErr error) {
 	if err := checkName("container id", cfg.ID); err != nil {
 		return nil, err
@@ -112,12 +116,20 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 		}
 		mounts = []mount.Mount{{Type: "bind", Source: root, Options: []string{"rbind", "rw"}}}
 	}
-	rootfs := path.Join(containerMounts(cfg.ID), "rootfs")
-	if err := s.recordMount(rootfs); err != nil {
-		return nil, err
-	}
-	if err := storage.MountRootfs(ctx, mounts, s.dir, rootfs); err != nil {
-		return nil, err
+	var block *blockRootfs
+	blockMount, why := s.blockRootfsOf(mounts)
+	if blockMount != nil {
+		b, err := s.openBlockRootfs(cfg.ID, *blockMount)
+		if err != nil {
+			return nil, err
+		}
+		block = b
+	} else {
+		log.G(ctx).WithField("container", cfg.ID).Debugf("rootfs mounted on the host and shared: %s", why)
+		rootfs := path.Join(containerMounts(cfg.ID), "rootfs")
+		if err := s.recordMount(rootfs); err != nil {
+			return nil, err
+		}
 	}
 	defer func() {
 		if retErr != nil {
@@ -126,6 +138,11 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 			}
 		}
 	}()
+	if block == nil {
+		if err := storage.MountRootfs(ctx, mounts, s.dir, path.Join(containerMounts(cfg.ID), "rootfs")); err != nil {
+			return nil, err
+		}
+	}
 	binds, err := s.shareBinds(cfg.Spec, cfg.ID)
 	if err != nil {
 		return nil, err
@@ -137,6 +154,7 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 		stdio:  cfg.Stdio,
 		spec:   cfg.Spec,
 		binds:  binds,
+		block:  block,
 		execs:  make(map[string]*process),
 	}
 	c.init = &process{
@@ -151,16 +169,30 @@ func (s *Sandbox) prepareContainer(ctx context.Context, cfg ContainerConfig) (_ 
 }
 
 // createInGuest creates the container in the guest and adds it to the
-// sandbox.
+// sandbox: a block rootfs is attached first (its caller's cleanup,
+// unmountRootfs or teardown, detaches it on error).
 func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	colo := s.colocation()
 	class, err := colo.class(c.spec)
 	if err != nil {
 		return err
 	}
-	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(colo.classes) > 0}
+	disks, err := s.podDiskMounts(c.spec)
+	if err != nil {
+		return err
+	}
+	view := guestView{binds: c.binds, podPid: s.podPid(c), class: class, topology: len(colo.classes) > 0, disks: disks}
 	if s.pod != nil {
 		view.podNamespaces, view.podFiles, view.guestNamespaces = true, s.pod.files, s.pod.guestNamespaces
+	}
+	var storages []*agentproto.Storage
+	if c.block != nil {
+		st, err := s.attachRootfs(ctx, c)
+		if err != nil {
+			return err
+		}
+		storages = append(storages, st)
+		view.rootfs = st.GetMountPoint()
 	}
 	g, err := GuestSpec(ctx, c.spec, c.id, view)
 	if err != nil {
@@ -176,6 +208,7 @@ func (s *Sandbox) createInGuest(ctx context.Context, c *Container) error {
 	_, err = s.agent.CreateContainer(callCtx, &agentproto.CreateContainerRequest{
 		ContainerId: c.id,
 		OciSpec:     b,
+		Storages:    storages,
 		Stdin:       st.Stdin != "",
 		Stdout:      st.Stdout != "",
 		Stderr:      st.Stderr != "",

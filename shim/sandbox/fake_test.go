@@ -43,6 +43,8 @@ type fakeDriver struct {
 	dialFailures int
 	// launch, if set, starts the hypervisor process instead of sleep.
 	launch func(hypervisor.VMConfig) (*exec.Cmd, error)
+	// addDiskErr fails the VMs' AddDisk.
+	addDiskErr error
 
 	mu       sync.Mutex
 	vms      []*fakeVM
@@ -72,7 +74,7 @@ func (d *fakeDriver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hyperv
 	if err != nil {
 		return nil, err
 	}
-	vm := &fakeVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{}), dialFailures: d.dialFailures, size: hypervisor.Size{VCPUs: cfg.VCPUs, MemoryMB: cfg.MemoryMB}}
+	vm := &fakeVM{cmd: cmd, dir: cfg.Dir, done: make(chan struct{}), dialFailures: d.dialFailures, size: hypervisor.Size{VCPUs: cfg.VCPUs, MemoryMB: cfg.MemoryMB}, addDiskErr: d.addDiskErr}
 	if err := os.WriteFile(filepath.Join(cfg.Dir, "pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o600); err != nil {
 		return nil, err
 	}
@@ -139,6 +141,11 @@ type fakeVM struct {
 	// ("vcpus 4", "memory 1024").
 	size    hypervisor.Size
 	resizes []string
+	// disks are those attached; diskCalls lists AddDisk's and
+	// RemoveDisk's work; addDiskErr fails AddDisk.
+	disks      map[string]hypervisor.Disk
+	diskCalls  []string
+	addDiskErr error
 }
 
 func (v *fakeVM) Pid() int { return v.cmd.Process.Pid }
@@ -171,11 +178,49 @@ func (v *fakeVM) DialPortForward(context.Context) (net.Conn, error) {
 	return nil, errors.New("fake VM: no port-forward channel")
 }
 
+// AddDisk plugs a disk at a PCI path of its own ("0N.0/00.0"), or fails
+// with addDiskErr; the disk's file must be open.
 func (v *fakeVM) AddDisk(_ context.Context, d hypervisor.Disk) (hypervisor.GuestDevice, error) {
-	return hypervisor.GuestDevice{}, errors.New("fake VM: no disks")
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.addDiskErr != nil {
+		return hypervisor.GuestDevice{}, v.addDiskErr
+	}
+	if _, err := d.File.Stat(); err != nil {
+		return hypervisor.GuestDevice{}, fmt.Errorf("fake VM: disk %s: %w", d.ID, err)
+	}
+	if v.disks == nil {
+		v.disks = make(map[string]hypervisor.Disk)
+	}
+	if _, ok := v.disks[d.ID]; ok {
+		return hypervisor.GuestDevice{}, fmt.Errorf("fake VM: disk %s exists", d.ID)
+	}
+	v.disks[d.ID] = d
+	v.diskCalls = append(v.diskCalls, fmt.Sprintf("add %s %s ro=%v", d.ID, d.Bus, d.ReadOnly))
+	dev := hypervisor.GuestDevice{PCIPath: fmt.Sprintf("%02x.0/00.0", len(v.diskCalls))}
+	if d.Bus == hypervisor.DiskVirtioSCSI {
+		dev.SCSIAddress = "0:1"
+	}
+	return dev, nil
 }
 
-func (v *fakeVM) RemoveDisk(context.Context, string) error { return errors.New("fake VM: no disks") }
+func (v *fakeVM) RemoveDisk(_ context.Context, id string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if _, ok := v.disks[id]; !ok {
+		return fmt.Errorf("fake VM: no disk %s", id)
+	}
+	delete(v.disks, id)
+	v.diskCalls = append(v.diskCalls, "remove "+id)
+	return nil
+}
+
+// diskLog is what AddDisk and RemoveDisk did, in order.
+func (v *fakeVM) diskLog() []string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return slices.Clone(v.diskCalls)
+}
 
 func (v *fakeVM) AddPCIDevice(context.Context, hypervisor.PCIDevice) (hypervisor.GuestDevice, error) {
 	return hypervisor.GuestDevice{}, errors.New("fake VM: no PCI devices")
@@ -261,6 +306,8 @@ type fakeAgent struct {
 	times      []time.Time // SetGuestTime
 	winSizes   map[procKey][2]uint32
 	streams    map[procKey]string // the stdio a process was asked for
+	// containerStorages are each CreateContainer's storages.
+	containerStorages map[string][]*agentproto.Storage
 }
 
 type procKey struct{ container, exec string }
@@ -332,6 +379,8 @@ func newFakeAgent() *fakeAgent {
 		winSizes:        make(map[procKey][2]uint32),
 		streams:         make(map[procKey]string),
 		oomEvents:       make(chan string, 1),
+
+		containerStorages: make(map[string][]*agentproto.Storage),
 	}
 }
 
@@ -439,6 +488,7 @@ func (a *fakeAgent) CreateContainer(ctx context.Context, r *agentproto.CreateCon
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.specs[r.GetContainerId()] = &s
+	a.containerStorages[r.GetContainerId()] = r.GetStorages()
 	k := procKey{r.GetContainerId(), ""}
 	a.procs[k] = newFakeProc(s.Process.Args, uint32(code))
 	a.streams[k] = streams(r.GetStdin(), r.GetStdout(), r.GetStderr(), r.GetTerminal())

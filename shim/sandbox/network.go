@@ -28,6 +28,8 @@ type MirrorState struct {
 // VM with the interface's MAC, configured by the agent like the interface.
 type podNetwork struct {
 	nsPath string
+	// model is the guest NIC of each (hypervisor.nic_model).
+	model string
 
 	mu      sync.Mutex
 	mirrors []*network.Mirror
@@ -78,7 +80,7 @@ func (n *podNetwork) attach(record func(MirrorState) error) ([]hypervisor.NIC, n
 		n.mirrors = append(n.mirrors, m)
 		n.cfg.Interfaces = append(n.cfg.Interfaces, iface)
 		added.Interfaces = append(added.Interfaces, iface)
-		nics = append(nics, hypervisor.NIC{ID: "net" + strconv.Itoa(i), MAC: iface.MAC, MTU: iface.MTU, TAP: m.File})
+		nics = append(nics, hypervisor.NIC{ID: "net" + strconv.Itoa(i), MAC: iface.MAC, MTU: iface.MTU, TAP: m.File, Model: n.model})
 	}
 	for _, r := range cur.Routes {
 		if _, ok := added.Interface(r.Device); ok {

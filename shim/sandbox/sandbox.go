@@ -136,6 +136,11 @@ type Sandbox struct {
 
 	stateMu sync.Mutex
 	state   State
+	// podDisks are the pod's disks (DisksAnnotation), attached at boot.
+	podDisks podDisks
+	// disksMu guards disks: the disks of the VM, by ID (disks.go).
+	disksMu sync.Mutex
+	disks   map[string]*disk
 	// pod is set for a sandbox of containerd's sandbox API (CreatePod).
 	pod *pod
 
@@ -243,6 +248,10 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 	if err != nil {
 		return nil, err
 	}
+	disks, err := parsePodDisks(opts.Config, spec.Annotations)
+	if err != nil {
+		return nil, err
+	}
 	dir := filepath.Join(opts.Config.Runtime.StateDir, opts.Namespace, DirName(opts.ID))
 	if err := checkSocketPaths(dir); err != nil {
 		return nil, err
@@ -277,6 +286,7 @@ func newSandbox(ctx context.Context, opts Options, spec *specs.Spec) (*Sandbox, 
 		shimMetrics: opts.ShimMetrics,
 		agentRPC:    newAgentRPCMetric(),
 		state:       st,
+		podDisks:    disks,
 	}, nil
 }
 
@@ -536,7 +546,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	vmcfg := s.vmConfig(share)
 	var netcfg network.Config
 	if nsPath := netnsPath(spec); nsPath != "" {
-		s.net = &podNetwork{nsPath: nsPath}
+		s.net = &podNetwork{nsPath: nsPath, model: s.cfg.Hypervisor.NICModel}
 		if err := s.updateState(func(st *State) { st.NetNS = nsPath }); err != nil {
 			return err
 		}
@@ -579,6 +589,13 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		"agent_version": check.GetAgentVersion(),
 		"boot_id":       check.GetBootId(),
 	})
+	// The pod's disks, hot-plugged into the running guest: the agent
+	// mounts them with the sandbox.
+	disks, err := s.attachPodDisks(ctx)
+	if err != nil {
+		return err
+	}
+	storages = append(storages, disks...)
 
 	_, err = s.agent.CreateSandbox(ctx, &agentproto.CreateSandboxRequest{
 		SandboxId:  s.id,
@@ -828,6 +845,11 @@ func (s *Sandbox) handOverBundleFile(leaving *Container) error {
 // the guest's 9p or virtio-fs client keeps files of a removed container
 // open for a while, and waiting for them would be in vain.
 func (s *Sandbox) unmountRootfs(ctx context.Context, id string) error {
+	// A block rootfs is a disk: the agent unmounted it with the
+	// container.
+	if err := s.releaseDisk(ctx, diskID(id)); err != nil {
+		return err
+	}
 	rel := containerMounts(id)
 	if err := s.unmountRecorded(ctx, rel, true); err != nil {
 		return err
@@ -920,6 +942,12 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		c.init.io.close()
 	}
 	s.mu.Unlock()
+	// The VM's copies of the disks' files went with it.
+	if s.vm == nil || s.vmStopped {
+		if err := s.closeDisks(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if len(errs) == 0 {
 		if err := s.unmountRecorded(ctx, "", false); err != nil {
 			errs = append(errs, err)

@@ -228,6 +228,12 @@ type guestView struct {
 	class *agentproto.CPUClass
 	// topology mounts the guest's topology file into the container.
 	topology bool
+	// rootfs is the guest path of a rootfs that is not in the share (a
+	// block rootfs, mounted by the agent); "" for RootfsPath.
+	rootfs string
+	// disks are binds of the pod's disks (DisksAnnotation) into the
+	// container, from their guest mount points.
+	disks []specs.Mount
 }
 
 // nsProcName is a namespace's name under /proc/PID/ns.
@@ -240,11 +246,12 @@ var nsProcName = map[specs.LinuxNamespaceType]string{
 }
 
 // GuestSpec returns a copy of s for the guest: root.path points into the
-// shared directory (root.readonly is kept), bind mounts take their sources
-// from there too, and host namespace paths are rewritten. A spec with
-// hooks is refused (checkHooks), as ValidateSpec does earlier. A network
-// namespace to join (the pod's, on the host) becomes the VM's own network
-// namespace, where the pod's interfaces are. A pod's other namespaces to
+// shared directory, or to where the agent mounts a block rootfs
+// (root.readonly is kept), bind mounts take their sources from there too,
+// the pod's disks are bound in, and host namespace paths are rewritten. A
+// spec with hooks is refused (checkHooks), as ValidateSpec does earlier. A
+// network namespace to join (the pod's, on the host) becomes the VM's own
+// network namespace, where the pod's interfaces are. A pod's other namespaces to
 // join (the sandbox's, by the pid containerd was told for it) become, in a
 // pod without a pause container, those the agent holds for the pod (IPC,
 // UTS, PID), and otherwise those of the pod's first container in the
@@ -265,9 +272,13 @@ func GuestSpec(ctx context.Context, s *specs.Spec, containerID string, v guestVi
 		g.Root = &specs.Root{}
 	}
 	g.Root.Path = RootfsPath(containerID)
+	if v.rootfs != "" {
+		g.Root.Path = v.rootfs
+	}
 	for i, src := range v.binds {
 		g.Mounts[i].Source = src
 	}
+	g.Mounts = append(g.Mounts, v.disks...)
 	if err := setSharedVolumes(&g, s, v.binds); err != nil {
 		return nil, err
 	}

@@ -70,6 +70,23 @@ type State struct {
 	// Containers are the sandbox's containers, from before their rootfs
 	// is mounted until it is unmounted.
 	Containers []ContainerState `json:"containers,omitempty"`
+	// Disks are the disks attached to the VM (a container's block
+	// rootfs, a pod's io.colo.disks), from before they are attached until
+	// they are detached. The VM holds each by a copy of an open file, not
+	// by name: nothing of a disk outlives the VM, so a record naming them
+	// needs no newer StateVersion and Cleanup has only the VM to stop.
+	Disks []DiskState `json:"disks,omitempty"`
+}
+
+// DiskState records a disk attached to the VM.
+type DiskState struct {
+	// ID is the disk's in the VM (hypervisor.Disk.ID).
+	ID string `json:"id"`
+	// Container is the container whose rootfs the disk is; "" for a
+	// pod's disk.
+	Container string `json:"container,omitempty"`
+	// Source is the host block device or image file.
+	Source string `json:"source"`
 }
 
 // PodName is a Kubernetes pod's identity, from CRI's sandbox annotations.
@@ -139,6 +156,21 @@ func (s *Sandbox) recordContainer(id, bundle string) error {
 func (s *Sandbox) forgetContainer(id string) error {
 	return s.updateState(func(st *State) {
 		st.Containers = slices.DeleteFunc(st.Containers, func(c ContainerState) bool { return c.ID == id })
+	})
+}
+
+// recordDisk adds a disk to the record before it is attached.
+func (s *Sandbox) recordDisk(d DiskState) error {
+	return s.updateState(func(st *State) {
+		st.Disks = slices.DeleteFunc(st.Disks, func(o DiskState) bool { return o.ID == d.ID })
+		st.Disks = append(st.Disks, d)
+	})
+}
+
+// forgetDisk drops a disk from the record once the VM has let go of it.
+func (s *Sandbox) forgetDisk(id string) error {
+	return s.updateState(func(st *State) {
+		st.Disks = slices.DeleteFunc(st.Disks, func(d DiskState) bool { return d.ID == id })
 	})
 }
 

@@ -3,7 +3,8 @@
 // the shares named on the kernel command line (testinit.9p=TAG,
 // testinit.virtiofs=TAG) and reads their file "hello", then writes a
 // report to the virtio-serial port agent.0, ending with "ready", and
-// echoes whatever the host sends.
+// echoes whatever the host sends, but for "pci PATH", which it answers
+// with what is at that PCI path (pci.go).
 package main
 
 import (
@@ -123,7 +124,11 @@ func serve(port string, report []string) {
 		if err != nil {
 			return
 		}
-		if _, err := f.WriteString("echo " + line); err != nil {
+		reply := "echo " + line
+		if p, ok := strings.CutPrefix(line, "pci "); ok {
+			reply = "pci " + strings.TrimSpace(p) + " " + pciAt(strings.TrimSpace(p)) + "\n"
+		}
+		if _, err := f.WriteString(reply); err != nil {
 			return
 		}
 	}
