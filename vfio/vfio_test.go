@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/colo-runtime/colo/vfio/vfiotest"
 )
 
 const (
@@ -18,16 +20,15 @@ const (
 	nic     = "0000:46:00.0"
 )
 
-func groupExists(k *fakeKernel, g string) bool {
-	_, err := os.Stat(k.path("dev/vfio/" + g))
-	return err == nil
+func binderOf(k *vfiotest.Kernel) *Binder {
+	return &Binder{SysRoot: k.Sys(), DevRoot: k.Dev(), Mountinfo: k.Mountinfo(), Attr: k}
 }
 
 func TestBind(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
-		devs    []fakeDevice
-		setup   func(k *fakeKernel)
+		devs    []vfiotest.Device
+		setup   func(k *vfiotest.Kernel)
 		addr    string
 		wantErr string
 		// want is the Binding's devices; bound the drivers after Bind.
@@ -36,17 +37,17 @@ func TestBind(t *testing.T) {
 	}{
 		{
 			name:  "alone in its group",
-			devs:  []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
+			devs:  []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
 			addr:  nvme,
 			want:  []Device{{nvme, "nvme"}},
 			bound: map[string]string{nvme: Driver},
 		},
 		{
 			name: "bridge left alone, sibling endpoint bound too",
-			devs: []fakeDevice{
-				{port, "0x060400", "pcieport", "7"},
-				{nvme, "0x010802", "nvme", "7"},
-				{sibling, "0x010802", "", "7"},
+			devs: []vfiotest.Device{
+				{Addr: port, Class: "0x060400", Driver: "pcieport", Group: "7"},
+				{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"},
+				{Addr: sibling, Class: "0x010802", Driver: "", Group: "7"},
 			},
 			addr:  nvme,
 			want:  []Device{{nvme, "nvme"}, {sibling, ""}},
@@ -54,23 +55,23 @@ func TestBind(t *testing.T) {
 		},
 		{
 			name:  "group already on vfio-pci and free",
-			devs:  []fakeDevice{{nvme, "0x010802", Driver, "7"}},
+			devs:  []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: Driver, Group: "7"}},
 			addr:  nvme,
 			want:  nil,
 			bound: map[string]string{nvme: Driver},
 		},
 		{
 			name:  "NIC that is down",
-			devs:  []fakeDevice{{nic, "0x020000", "ixgbe", "9"}},
-			setup: func(k *fakeKernel) { k.addNetdev(nic, "eth1", "0x1002") },
+			devs:  []vfiotest.Device{{Addr: nic, Class: "0x020000", Driver: "ixgbe", Group: "9"}},
+			setup: func(k *vfiotest.Kernel) { k.AddNetdev(nic, "eth1", "0x1002") },
 			addr:  nic,
 			want:  []Device{{nic, "ixgbe"}},
 			bound: map[string]string{nic: Driver},
 		},
 		{
 			name:  "unmounted block device",
-			devs:  []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
-			setup: func(k *fakeKernel) { k.addBlock(nvme, "nvme0n1", "259:0") },
+			devs:  []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
+			setup: func(k *vfiotest.Kernel) { k.AddBlock(nvme, "nvme0n1", "259:0") },
 			addr:  nvme,
 			want:  []Device{{nvme, "nvme"}},
 			bound: map[string]string{nvme: Driver},
@@ -87,32 +88,32 @@ func TestBind(t *testing.T) {
 		},
 		{
 			name:    "device absent",
-			devs:    []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
+			devs:    []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
 			addr:    "0000:99:00.0",
 			wantErr: "no PCI device 0000:99:00.0 on this host",
 		},
 		{
 			name:    "no IOMMU",
-			devs:    []fakeDevice{{nvme, "0x010802", "nvme", ""}},
+			devs:    []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: ""}},
 			addr:    nvme,
 			wantErr: "no IOMMU group: the host has no IOMMU enabled (boot it with intel_iommu=on or amd_iommu=on",
 			bound:   map[string]string{nvme: "nvme"},
 		},
 		{
 			name:    "vfio-pci not loaded",
-			devs:    []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
-			setup:   func(k *fakeKernel) { os.RemoveAll(k.path("sys/bus/pci/drivers/" + Driver)) },
+			devs:    []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
+			setup:   func(k *vfiotest.Kernel) { os.RemoveAll(k.Path("sys/bus/pci/drivers/" + Driver)) },
 			addr:    nvme,
 			wantErr: "the vfio-pci driver is not loaded (modprobe vfio-pci)",
 			bound:   map[string]string{nvme: "nvme"},
 		},
 		{
 			name: "mounted partition",
-			devs: []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
-			setup: func(k *fakeKernel) {
-				k.addBlock(nvme, "nvme0n1", "259:0")
-				k.addBlock(nvme, "nvme0n1/nvme0n1p1", "259:1")
-				k.mount("259:1", "/var/lib/data")
+			devs: []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
+			setup: func(k *vfiotest.Kernel) {
+				k.AddBlock(nvme, "nvme0n1", "259:0")
+				k.AddBlock(nvme, "nvme0n1/nvme0n1p1", "259:1")
+				k.Mount("259:1", "/var/lib/data")
 			},
 			addr:    nvme,
 			wantErr: "device 0000:45:00.0 (nvme) is in use by the host: its block device nvme0n1p1 is mounted on /var/lib/data",
@@ -120,28 +121,28 @@ func TestBind(t *testing.T) {
 		},
 		{
 			name:    "held block device",
-			devs:    []fakeDevice{{nvme, "0x010802", "nvme", "7"}},
-			setup:   func(k *fakeKernel) { k.addBlock(nvme, "nvme0n1", "259:0", "dm-0") },
+			devs:    []vfiotest.Device{{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}},
+			setup:   func(k *vfiotest.Kernel) { k.AddBlock(nvme, "nvme0n1", "259:0", "dm-0") },
 			addr:    nvme,
 			wantErr: "its block device nvme0n1 is held by dm-0",
 			bound:   map[string]string{nvme: "nvme"},
 		},
 		{
 			name: "sibling in use",
-			devs: []fakeDevice{
-				{nvme, "0x010802", "nvme", "7"},
-				{nic, "0x020000", "ixgbe", "7"},
+			devs: []vfiotest.Device{
+				{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"},
+				{Addr: nic, Class: "0x020000", Driver: "ixgbe", Group: "7"},
 			},
-			setup:   func(k *fakeKernel) { k.addNetdev(nic, "eth0", "0x1003") },
+			setup:   func(k *vfiotest.Kernel) { k.AddNetdev(nic, "eth0", "0x1003") },
 			addr:    nvme,
 			wantErr: "device 0000:46:00.0 (ixgbe) is in use by the host: its network interface eth0 is up",
 			bound:   map[string]string{nvme: "nvme", nic: "ixgbe"},
 		},
 		{
 			name: "partly bound group",
-			devs: []fakeDevice{
-				{nvme, "0x010802", "nvme", "7"},
-				{sibling, "0x010802", Driver, "7"},
+			devs: []vfiotest.Device{
+				{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"},
+				{Addr: sibling, Class: "0x010802", Driver: Driver, Group: "7"},
 			},
 			addr:    nvme,
 			wantErr: "IOMMU group 7 is partly bound to vfio-pci (0000:45:00.1) and partly to host drivers (0000:45:00.0 (nvme))",
@@ -149,12 +150,12 @@ func TestBind(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := newFakeKernel(t, tc.devs...)
+			k := vfiotest.New(t, tc.devs...)
 			if tc.setup != nil {
 				tc.setup(k)
 			}
 			var recorded *Binding
-			got, err := k.binder().Bind(context.Background(), tc.addr, func(b Binding) error {
+			got, err := binderOf(k).Bind(context.Background(), tc.addr, func(b Binding) error {
 				recorded = &b
 				return nil
 			})
@@ -162,30 +163,30 @@ func TestBind(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("Bind: got error %v, want one containing %q", err, tc.wantErr)
 				}
-				if recorded != nil || len(k.writes) > 0 {
-					t.Errorf("a refused Bind recorded %v and wrote %v", recorded, k.writes)
+				if recorded != nil || len(k.Writes()) > 0 {
+					t.Errorf("a refused Bind recorded %v and wrote %v", recorded, k.Writes())
 				}
 			} else {
 				if err != nil {
 					t.Fatalf("Bind: %v", err)
 				}
-				if !reflect.DeepEqual(got.Devices, tc.want) || got.Address != tc.addr || got.Group != k.group[tc.addr] {
-					t.Errorf("Bind = %+v, want devices %+v in group %s", got, tc.want, k.group[tc.addr])
+				if !reflect.DeepEqual(got.Devices, tc.want) || got.Address != tc.addr || got.Group != k.Group(tc.addr) {
+					t.Errorf("Bind = %+v, want devices %+v in group %s", got, tc.want, k.Group(tc.addr))
 				}
 				if recorded == nil || !reflect.DeepEqual(*recorded, got) {
 					t.Errorf("recorded %+v, want %+v", recorded, got)
 				}
-				if !groupExists(k, got.Group) {
+				if !k.GroupExists(got.Group) {
 					t.Errorf("no /dev/vfio/%s after Bind", got.Group)
 				}
 				for _, d := range tc.want {
-					if o := k.override(d.Address); o != Driver {
+					if o := k.Override(d.Address); o != Driver {
 						t.Errorf("%s: driver_override %q, want %q", d.Address, o, Driver)
 					}
 				}
 			}
 			for addr, drv := range tc.bound {
-				if got := k.driverOf(addr); got != drv {
+				if got := k.DriverOf(addr); got != drv {
 					t.Errorf("%s: driver %q, want %q", addr, got, drv)
 				}
 			}
@@ -196,10 +197,10 @@ func TestBind(t *testing.T) {
 // TestBindRollback fails each step of a two-device bind in turn and checks
 // that every device is back on its driver with no override.
 func TestBindRollback(t *testing.T) {
-	devs := []fakeDevice{
-		{port, "0x060400", "pcieport", "7"},
-		{nvme, "0x010802", "nvme", "7"},
-		{nic, "0x020000", "ixgbe", "7"},
+	devs := []vfiotest.Device{
+		{Addr: port, Class: "0x060400", Driver: "pcieport", Group: "7"},
+		{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"},
+		{Addr: nic, Class: "0x020000", Driver: "ixgbe", Group: "7"},
 	}
 	injected := errors.New("injected")
 	failed := false // the one probe that fails
@@ -254,14 +255,14 @@ func TestBindRollback(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := newFakeKernel(t, devs...)
-			k.fail = tc.fail
-			k.refuse[Driver] = tc.refuse
+			k := vfiotest.New(t, devs...)
+			k.Fail = tc.fail
+			k.Refuse[Driver] = tc.refuse
 			// The kernel binds in the write; the wait for the driver link
 			// is only bounded.
 			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 			defer cancel()
-			_, err := k.binder().Bind(ctx, nvme, func(Binding) error { return tc.record })
+			_, err := binderOf(k).Bind(ctx, nvme, func(Binding) error { return tc.record })
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("Bind: got error %v, want one containing %q", err, tc.wantErr)
 			}
@@ -269,14 +270,14 @@ func TestBindRollback(t *testing.T) {
 				t.Errorf("the undo failed: %v", err)
 			}
 			for _, d := range devs {
-				if got := k.driverOf(d.addr); got != d.driver {
-					t.Errorf("%s: driver %q after the rollback, want %q", d.addr, got, d.driver)
+				if got := k.DriverOf(d.Addr); got != d.Driver {
+					t.Errorf("%s: driver %q after the rollback, want %q", d.Addr, got, d.Driver)
 				}
-				if o := k.override(d.addr); o != "(null)" {
-					t.Errorf("%s: driver_override %q after the rollback", d.addr, o)
+				if o := k.Override(d.Addr); o != "(null)" {
+					t.Errorf("%s: driver_override %q after the rollback", d.Addr, o)
 				}
 			}
-			if groupExists(k, "7") {
+			if k.GroupExists("7") {
 				t.Error("/dev/vfio/7 left after the rollback")
 			}
 		})
@@ -284,10 +285,10 @@ func TestBindRollback(t *testing.T) {
 }
 
 func TestRestore(t *testing.T) {
-	devs := []fakeDevice{
-		{port, "0x060400", "pcieport", "7"},
-		{nvme, "0x010802", "nvme", "7"},
-		{sibling, "0x010802", "", "7"},
+	devs := []vfiotest.Device{
+		{Addr: port, Class: "0x060400", Driver: "pcieport", Group: "7"},
+		{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"},
+		{Addr: sibling, Class: "0x010802", Driver: "", Group: "7"},
 	}
 	for _, tc := range []struct {
 		name string
@@ -305,18 +306,20 @@ func TestRestore(t *testing.T) {
 		{name: "twice", twice: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := newFakeKernel(t, devs...)
+			k := vfiotest.New(t, devs...)
 			var record []byte
 			crash := errors.New("crash")
 			if tc.crashAfter != 0 {
-				k.fail = func(string, string) error {
-					if tc.crashAfter < 0 || len(k.writes) > tc.crashAfter {
+				writes := 0
+				k.Fail = func(string, string) error {
+					writes++
+					if tc.crashAfter < 0 || writes > tc.crashAfter {
 						return crash
 					}
 					return nil
 				}
 			}
-			bnd, err := k.binder().Bind(context.Background(), nvme, func(b Binding) error {
+			bnd, err := binderOf(k).Bind(context.Background(), nvme, func(b Binding) error {
 				var err error
 				record, err = json.Marshal(b)
 				return err
@@ -327,7 +330,7 @@ func TestRestore(t *testing.T) {
 				if !errors.Is(err, crash) {
 					t.Fatalf("Bind: %v, want the crash", err)
 				}
-				k.fail = nil
+				k.Fail = nil
 			} else if err != nil {
 				t.Fatalf("Bind: %v", err)
 			}
@@ -338,19 +341,19 @@ func TestRestore(t *testing.T) {
 				}
 			}
 			for range 1 + btoi(tc.twice) {
-				if err := k.binder().Restore(context.Background(), bnd); err != nil {
+				if err := binderOf(k).Restore(context.Background(), bnd); err != nil {
 					t.Fatalf("Restore: %v", err)
 				}
 			}
 			for _, d := range devs {
-				if got := k.driverOf(d.addr); got != d.driver {
-					t.Errorf("%s: driver %q after Restore, want %q", d.addr, got, d.driver)
+				if got := k.DriverOf(d.Addr); got != d.Driver {
+					t.Errorf("%s: driver %q after Restore, want %q", d.Addr, got, d.Driver)
 				}
-				if o := k.override(d.addr); o != "(null)" {
-					t.Errorf("%s: driver_override %q after Restore", d.addr, o)
+				if o := k.Override(d.Addr); o != "(null)" {
+					t.Errorf("%s: driver_override %q after Restore", d.Addr, o)
 				}
 			}
-			if groupExists(k, "7") {
+			if k.GroupExists("7") {
 				t.Error("/dev/vfio/7 left after Restore")
 			}
 		})
@@ -367,33 +370,33 @@ func btoi(b bool) int {
 // TestRestoreGoneDevice: a device removed from the host since is skipped,
 // the others given back.
 func TestRestoreGoneDevice(t *testing.T) {
-	k := newFakeKernel(t, fakeDevice{nvme, "0x010802", "nvme", "7"}, fakeDevice{nic, "0x020000", "ixgbe", "7"})
-	bnd, err := k.binder().Bind(context.Background(), nvme, nil)
+	k := vfiotest.New(t, vfiotest.Device{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"}, vfiotest.Device{Addr: nic, Class: "0x020000", Driver: "ixgbe", Group: "7"})
+	bnd, err := binderOf(k).Bind(context.Background(), nvme, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Remove(k.path("sys/bus/pci/devices/" + nic)); err != nil {
+	if err := os.Remove(k.Path("sys/bus/pci/devices/" + nic)); err != nil {
 		t.Fatal(err)
 	}
-	if err := k.binder().Restore(context.Background(), bnd); err != nil {
+	if err := binderOf(k).Restore(context.Background(), bnd); err != nil {
 		t.Fatalf("Restore: %v", err)
 	}
-	if got := k.driverOf(nvme); got != "nvme" {
+	if got := k.DriverOf(nvme); got != "nvme" {
 		t.Errorf("driver %q after Restore, want nvme", got)
 	}
 }
 
 // TestRestoreFailure: a device that does not go back is an error naming it.
 func TestRestoreFailure(t *testing.T) {
-	k := newFakeKernel(t, fakeDevice{nvme, "0x010802", "nvme", "7"})
-	bnd, err := k.binder().Bind(context.Background(), nvme, nil)
+	k := vfiotest.New(t, vfiotest.Device{Addr: nvme, Class: "0x010802", Driver: "nvme", Group: "7"})
+	bnd, err := binderOf(k).Bind(context.Background(), nvme, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k.refuse["nvme"] = true
+	k.Refuse["nvme"] = true
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	err = k.binder().Restore(ctx, bnd)
+	err = binderOf(k).Restore(ctx, bnd)
 	if want := "give 0000:45:00.0 back to nvme: device 0000:45:00.0: driver is none, not nvme"; err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("Restore: got %v, want an error containing %q", err, want)
 	}
