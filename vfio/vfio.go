@@ -465,6 +465,13 @@ func (b *Binder) waitDriver(ctx context.Context, addr, want string) error {
 // is skipped. Errors name each device that could not be given back; the
 // others are given back all the same.
 func (b *Binder) Restore(ctx context.Context, bnd Binding) error {
+	if _, err := strconv.Atoi(bnd.Group); err != nil && len(bnd.Devices) > 0 {
+		return fmt.Errorf("vfio: give %s back: IOMMU group %q is not a number", bnd.Address, bnd.Group)
+	}
+	// Fail fast, rather than have the kernel's unbind wait for the VM.
+	if err := b.checkGroupFree(bnd.Group); err != nil && len(bnd.Devices) > 0 {
+		return fmt.Errorf("vfio: give %s back: %w: stop the VM first", bnd.Address, err)
+	}
 	ctx, cancel := withSettleTimeout(ctx)
 	defer cancel()
 	var errs []error
