@@ -199,6 +199,7 @@ func (l launch) args() []string {
 		for i := range l.hotplugPorts {
 			a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=%s,bus=pcie.0,chassis=%d", hotplugPort(i), i+1))
 		}
+		a = append(a, l.pciDeviceArgs()...) // vfio.go
 		// A new generation id for every VM: the guest kernel reseeds its
 		// RNG when it changes, so clones of one template do not share
 		// random state (or boot ids).

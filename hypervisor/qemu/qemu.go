@@ -95,12 +95,12 @@ var qemuCapabilities = []string{"chown", "dac_override", "fowner", "fsetid"}
 // effective sets, with nothing inheritable or ambient to add back; and
 // no_new_privs, so that no exec (of a setuid binary, say, were the sandbox
 // off) gains privileges. No exec nor setuid call can undo either.
-func confinement() []string {
+func confinement(extra ...string) []string {
 	return []string{
 		"--no-new-privs",
 		"--inh-caps=-all",
 		"--ambient-caps=-all",
-		"--bounding-set=-all,+" + strings.Join(qemuCapabilities, ",+"),
+		"--bounding-set=-all,+" + strings.Join(slices.Concat(qemuCapabilities, extra), ",+"),
 	}
 }
 
@@ -304,7 +304,7 @@ func (d *Driver) start(ctx context.Context, l launch) (_ *VM, retErr error) {
 	}).Infof("qemu: starting %s", d.machine)
 	logger.Debugf("qemu: %s %q", d.path, args)
 
-	cmd := exec.Command(d.setpriv, slices.Concat(confinement(), []string{"--", d.path}, args)...)
+	cmd := exec.Command(d.setpriv, slices.Concat(confinement(l.capabilities()...), []string{"--", d.path}, args)...)
 	cmd.Dir = cfg.Dir
 	cmd.ExtraFiles = files
 	// Its own process group, so signals meant for the shim's group do not
@@ -405,6 +405,9 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 	}
 	cfg, err := checkSize(cfg, d.machine)
 	if err != nil {
+		return cfg, err
+	}
+	if err := checkPCIDevices(cfg, d.machine, d.launch(cfg).hotplugPorts); err != nil {
 		return cfg, err
 	}
 	ids := make(map[string]bool)

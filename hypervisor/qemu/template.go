@@ -83,9 +83,10 @@ func (m snapshotMode) String() string {
 
 // clonable tells whether cfg can be restored from a template: it names a
 // template directory, the machine is q35 (vmgenid needs its ACPI) and the agent talks
-// over the serial port (a vsock device's guest CID is fixed in its state).
+// over the serial port (a vsock device's guest CID is fixed in its state),
+// and it has no host PCI device (VFIO devices cannot be migrated).
 func (d *Driver) clonable(cfg hypervisor.VMConfig) bool {
-	return cfg.TemplateDir != "" && d.machine == "q35" && cfg.Channel == hypervisor.ChannelSerial
+	return cfg.TemplateDir != "" && d.machine == "q35" && cfg.Channel == hypervisor.ChannelSerial && len(cfg.PCIDevices) == 0
 }
 
 // sharesMemory tells whether clones of the launch can map the template's

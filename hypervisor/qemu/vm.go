@@ -126,7 +126,7 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 		cmd:       cmd,
 		logger:    log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
 		done:      make(chan struct{}),
-		ports:     make([]string, l.hotplugPorts),
+		ports:     l.ports(), // vfio.go
 		agentOpen: make(chan struct{}),
 		vhost:     l.vhostNet,
 

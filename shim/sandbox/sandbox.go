@@ -36,6 +36,7 @@ import (
 	"github.com/colo-runtime/colo/network"
 	"github.com/colo-runtime/colo/placement"
 	"github.com/colo-runtime/colo/storage"
+	"github.com/colo-runtime/colo/vfio"
 )
 
 // unixPathMax is the longest unix socket path the kernel accepts.
@@ -110,6 +111,9 @@ type Sandbox struct {
 	virtiofsd *storage.Virtiofsd
 	agent     *agentConn
 	net       *podNetwork // nil without a pod network namespace
+	// vfio binds the host's PCI devices for passthrough (nil: the host's
+	// sysfs; vfio.go).
+	vfio *vfio.Binder
 	// maxSize bounds the VM (sizeBounds); podLimits are the pod's own
 	// (podLimitsOf its first spec).
 	maxSize   vmSize
@@ -919,6 +923,12 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 	if s.agent != nil {
 		s.agent.Close()
 	}
+	// Only once QEMU let go: an unbind from vfio-pci waits for it.
+	if s.vm == nil || s.vmStopped {
+		if err := s.restorePassthrough(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if s.virtiofsd != nil {
 		stopCtx, cancel := context.WithTimeout(ctx, virtiofsdStopTimeout)
 		if err := s.virtiofsd.Stop(stopCtx); err != nil {
@@ -983,6 +993,11 @@ type CleanupVM func(ctx context.Context, name, dir string, vm procfs.Proc) error
 // gone, and refuses one that has no matching state file beyond removing it
 // if empty. What it could not undo stays recorded, for the next try.
 func Cleanup(ctx context.Context, dir string, cleanupVM CleanupVM) (State, error) {
+	return cleanup(ctx, dir, cleanupVM, vfio.NewBinder())
+}
+
+// cleanup is Cleanup with the host's devices behind binder.
+func cleanup(ctx context.Context, dir string, cleanupVM CleanupVM, binder *vfio.Binder) (State, error) {
 	st, err := ReadState(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		// Created the directory, crashed before the state file: nothing
@@ -1003,6 +1018,14 @@ func Cleanup(ctx context.Context, dir string, cleanupVM CleanupVM) (State, error
 		errs = append(errs, errors.New("clean up VM: no hypervisor cleanup given"))
 	} else if err := cleanupVM(ctx, st.Config.Hypervisor.Name, filepath.Join(dir, vmDir), vm); err != nil {
 		errs = append(errs, fmt.Errorf("clean up VM: %w", err))
+	}
+	// Only once the VM is gone: an unbind from vfio-pci waits for it.
+	if len(errs) == 0 && len(st.VFIO) > 0 {
+		left, err := restoreRecorded(ctx, binder, st.VFIO)
+		if err != nil {
+			st.VFIO = left
+			errs = append(errs, err, writeState(dir, st))
+		}
 	}
 	if err := storage.CleanupVirtiofsd(ctx, st.VirtiofsdPid, filepath.Join(dir, virtiofsdSocket)); err != nil {
 		errs = append(errs, err)

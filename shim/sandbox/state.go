@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/vfio"
 )
 
 // Names inside the sandbox directory (docs/architecture.md).
@@ -29,7 +30,10 @@ const (
 // leak them for good. Version 0 is the unversioned record of earlier
 // shims: the same meaning, fewer fields, the hypervisor's configuration
 // under "hypervisor".
-const StateVersion = 1
+//
+// Version 2 records VFIO: a shim of version 1 would not give those devices
+// back.
+const StateVersion = 2
 
 // State is the sandbox record: what a sandbox is, on disk, so that a later
 // process can clean up after a crashed shim (`shim delete`, Cleanup)
@@ -76,6 +80,10 @@ type State struct {
 	// by name: nothing of a disk outlives the VM, so a record naming them
 	// needs no newer StateVersion and Cleanup has only the VM to stop.
 	Disks []DiskState `json:"disks,omitempty"`
+	// VFIO are the host PCI devices bound to vfio-pci for the VM, each
+	// with the drivers its IOMMU group had (vfio.go), from before the
+	// first is rebound until all are given back.
+	VFIO []vfio.Binding `json:"vfio,omitempty"`
 }
 
 // DiskState records a disk attached to the VM.
