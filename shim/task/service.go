@@ -33,6 +33,8 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/colo-runtime/colo/shim/sandbox"
@@ -149,11 +151,22 @@ func notImplemented(what string) error {
 	return errgrpc.ToGRPC(errdefs.ErrNotImplemented.WithMessage(what + " is not supported by colo yet"))
 }
 
+// notUnimplemented turns a create's "not implemented" into "failed
+// precondition", message kept: containerd takes Unimplemented from Create
+// for a shim of an older task API, retries with that API, and then cannot
+// delete the task, so the shim was left running.
+func notUnimplemented(err error) error {
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Unimplemented {
+		return status.Error(codes.FailedPrecondition, st.Message())
+	}
+	return err
+}
+
 // Create makes a sandbox for the task and creates the container in it.
 func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("id", r.ID))
 	if r.Checkpoint != "" || r.ParentCheckpoint != "" {
-		return nil, notImplemented("restoring from a checkpoint")
+		return nil, notUnimplemented(notImplemented("restoring from a checkpoint"))
 	}
 	s.mu.Lock()
 	if _, ok := s.containers[r.ID]; ok {
@@ -168,6 +181,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			delete(s.containers, r.ID)
 			s.mu.Unlock()
 			log.G(ctx).WithError(retErr).Error("create task")
+			retErr = notUnimplemented(retErr)
 		}
 	}()
 
