@@ -273,3 +273,27 @@ func delIngress(nl *netlink.Handle, l netlink.Link) error {
 func gone(err error) bool {
 	return errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINVAL)
 }
+
+// SetDown takes the interface name in the namespace at nsPath down. A
+// physical NIC passed through to a VM must be: the host lets go of a
+// device only while nothing uses it.
+func SetDown(nsPath, name string) error {
+	ns, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return fmt.Errorf("network namespace %s: %w", nsPath, err)
+	}
+	defer ns.Close()
+	nl, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return fmt.Errorf("netlink in %s: %w", nsPath, err)
+	}
+	defer nl.Close()
+	l, err := nl.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("interface %s in %s: %w", name, nsPath, err)
+	}
+	if err := nl.LinkSetDown(l); err != nil {
+		return fmt.Errorf("set %s in %s down: %w", name, nsPath, err)
+	}
+	return nil
+}

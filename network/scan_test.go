@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -173,4 +174,34 @@ func pciAncestor(link string) string {
 		}
 	}
 	return ""
+}
+
+// TestSetDown: the pod's interface goes down (a NIC to pass through);
+// one that is not there is an error naming it.
+func TestSetDown(t *testing.T) {
+	n := setupNet(t)
+	ns := "/run/netns/" + n.pod
+	if err := SetDown(ns, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	h, err := netns.GetFromName(n.pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	nl, err := netlink.NewHandleAt(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	l, err := nl.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Attrs().Flags&net.FlagUp != 0 {
+		t.Errorf("eth0 is still up: %v", l.Attrs().Flags)
+	}
+	if err := SetDown(ns, "eth9"); err == nil || !strings.Contains(err.Error(), "eth9") {
+		t.Errorf("SetDown of a missing interface: %v, want an error naming it", err)
+	}
 }

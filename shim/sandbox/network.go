@@ -25,11 +25,16 @@ type MirrorState struct {
 
 // podNetwork brings the interfaces CNI made in the pod's network namespace
 // into the VM: a TAP beside each, mirrored to it with tc, as a NIC of the
-// VM with the interface's MAC, configured by the agent like the interface.
+// VM with the interface's MAC, configured by the agent like the interface;
+// or, for a physical NIC (an ENI, an SR-IOV VF) with devices.passthrough_nics,
+// the NIC itself, passed through with VFIO (vfio.go) and configured by the
+// agent the same way, by its MAC.
 type podNetwork struct {
 	nsPath string
 	// model is the guest NIC of each (hypervisor.nic_model).
 	model string
+	// passthrough passes physical NICs through (devices.passthrough_nics).
+	passthrough bool
 
 	mu      sync.Mutex
 	mirrors []*network.Mirror
@@ -49,33 +54,46 @@ func netnsPath(s *specs.Spec) string {
 	return ""
 }
 
-// attach mirrors every interface of the namespace that has no TAP yet and
-// returns them as NICs, with what the guest must be told of them. record
-// is called with each TAP before it is made, so that a crash never leaves
-// one that the state file does not name.
-func (n *podNetwork) attach(record func(MirrorState) error) ([]hypervisor.NIC, network.Config, error) {
+// attach mirrors every interface of the namespace that is not in the VM
+// yet and returns them as NICs, and the physical ones to pass through
+// (taken down: the caller binds them), with what the guest must be told of
+// all of them. record is called with each TAP before it is made, so that a
+// crash never leaves one that the state file does not name.
+func (n *podNetwork) attach(record func(MirrorState) error) ([]hypervisor.NIC, []network.Interface, network.Config, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	cur, err := network.Scan(n.nsPath)
 	if err != nil {
-		return nil, network.Config{}, errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("pod network: %v", err))
+		return nil, nil, network.Config{}, errdefs.ErrInvalidArgument.WithMessage(fmt.Sprintf("pod network: %v", err))
 	}
 	var (
-		nics  []hypervisor.NIC
-		added network.Config
+		nics     []hypervisor.NIC
+		physical []network.Interface
+		added    network.Config
 	)
 	for _, iface := range cur.Interfaces {
 		if _, ok := n.cfg.Interface(iface.Name); ok {
 			continue
 		}
+		if iface.PCIAddress != "" && n.passthrough {
+			// Its configuration is read: the guest gets it by MAC once
+			// the NIC is the VM's.
+			if err := network.SetDown(n.nsPath, iface.Name); err != nil {
+				return nil, nil, network.Config{}, fmt.Errorf("pod network: pass %s (PCI %s) through: %w", iface.Name, iface.PCIAddress, err)
+			}
+			n.cfg.Interfaces = append(n.cfg.Interfaces, iface)
+			added.Interfaces = append(added.Interfaces, iface)
+			physical = append(physical, iface)
+			continue
+		}
 		i := len(n.mirrors)
 		tap := "tap" + strconv.Itoa(i) + "_colo"
 		if err := record(MirrorState{Interface: iface.Name, Tap: tap}); err != nil {
-			return nil, network.Config{}, err
+			return nil, nil, network.Config{}, err
 		}
 		m, err := network.NewMirror(n.nsPath, iface.Name, tap)
 		if err != nil {
-			return nil, network.Config{}, fmt.Errorf("pod network: %w", err)
+			return nil, nil, network.Config{}, fmt.Errorf("pod network: %w", err)
 		}
 		n.mirrors = append(n.mirrors, m)
 		n.cfg.Interfaces = append(n.cfg.Interfaces, iface)
@@ -92,7 +110,7 @@ func (n *podNetwork) attach(record func(MirrorState) error) ([]hypervisor.NIC, n
 			added.Neighbors = append(added.Neighbors, nb)
 		}
 	}
-	return nics, added, nil
+	return nics, physical, added, nil
 }
 
 // close removes the TAPs and tc set-up; the VM must be gone.
@@ -164,7 +182,7 @@ func (s *Sandbox) hotplugNetwork(ctx context.Context) error {
 	if s.net == nil {
 		return nil
 	}
-	nics, added, err := s.net.attach(s.recordMirror)
+	nics, physical, added, err := s.net.attach(s.recordMirror)
 	if err != nil {
 		return err
 	}
@@ -177,8 +195,13 @@ func (s *Sandbox) hotplugNetwork(ctx context.Context) error {
 			return fmt.Errorf("hot-plug NIC for %s: %w", nic.MAC, err)
 		}
 	}
-	if len(nics) > 0 {
-		log.G(ctx).WithField("interfaces", len(nics)).Info("pod interfaces hot-plugged")
+	for _, iface := range physical {
+		if _, err := s.passthrough(ctx, iface.PCIAddress); err != nil {
+			return fmt.Errorf("pod network: pass %s through: %w", iface.Name, err)
+		}
+	}
+	if n := len(nics) + len(physical); n > 0 {
+		log.G(ctx).WithFields(log.Fields{"interfaces": n, "passed_through": len(physical)}).Info("pod interfaces hot-plugged")
 	}
 	return configureGuest(ctx, s.agent, added)
 }

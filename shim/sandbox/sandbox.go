@@ -550,15 +550,23 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	vmcfg := s.vmConfig(share)
 	var netcfg network.Config
 	if nsPath := netnsPath(spec); nsPath != "" {
-		s.net = &podNetwork{nsPath: nsPath, model: s.cfg.Hypervisor.NICModel}
+		s.net = &podNetwork{nsPath: nsPath, model: s.cfg.Hypervisor.NICModel, passthrough: s.cfg.Devices.PassthroughNICs}
 		if err := s.updateState(func(st *State) { st.NetNS = nsPath }); err != nil {
 			return err
 		}
-		nics, cfg, err := s.net.attach(s.recordMirror)
+		nics, physical, cfg, err := s.net.attach(s.recordMirror)
 		if err != nil {
 			return err
 		}
 		vmcfg.NICs, netcfg = nics, cfg
+		// Physical NICs are the VM's from its start (teardown gives them
+		// back).
+		for _, iface := range physical {
+			if _, err := s.bindPCI(ctx, iface.PCIAddress); err != nil {
+				return fmt.Errorf("pod network: pass %s through: %w", iface.Name, err)
+			}
+			vmcfg.PCIDevices = append(vmcfg.PCIDevices, hypervisor.PCIDevice{ID: pciDeviceID(iface.PCIAddress), Address: iface.PCIAddress})
+		}
 		vmcfg.PortForward = true // portforward.go
 	}
 	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {

@@ -38,13 +38,35 @@ func pciDeviceID(addr string) string {
 // through to the running VM and says where the guest finds it. Only
 // devices.pci's devices may be. A failure undoes all of it: the device is
 // back on its host driver and the record without it.
-func (s *Sandbox) passthroughDisk(ctx context.Context, addr string) (_ hypervisor.GuestDevice, retErr error) {
+func (s *Sandbox) passthroughDisk(ctx context.Context, addr string) (hypervisor.GuestDevice, error) {
 	if !slices.Contains(s.cfg.Devices.PCI, addr) {
 		return hypervisor.GuestDevice{}, errdefs.ErrPermissionDenied.WithMessage(fmt.Sprintf("PCI device %s: not in devices.pci, the host devices pods may have", addr))
 	}
+	return s.passthrough(ctx, addr)
+}
+
+// passthrough binds the device at addr to vfio-pci and hot-plugs it into
+// the running VM; a failure gives it back.
+func (s *Sandbox) passthrough(ctx context.Context, addr string) (hypervisor.GuestDevice, error) {
 	if s.vm == nil {
 		return hypervisor.GuestDevice{}, errdefs.ErrFailedPrecondition.WithMessage(fmt.Sprintf("PCI device %s: the sandbox has no VM", addr))
 	}
+	b, err := s.bindPCI(ctx, addr)
+	if err != nil {
+		return hypervisor.GuestDevice{}, err
+	}
+	gd, err := s.vm.AddPCIDevice(ctx, hypervisor.PCIDevice{ID: pciDeviceID(addr), Address: addr})
+	if err != nil {
+		s.giveBack(context.WithoutCancel(ctx), b)
+		return hypervisor.GuestDevice{}, fmt.Errorf("PCI device %s: %w", addr, err)
+	}
+	return gd, nil
+}
+
+// bindPCI binds the device at addr, with its IOMMU group, to vfio-pci,
+// recorded in the sandbox state before the first change; on error nothing
+// of it stays bound or recorded.
+func (s *Sandbox) bindPCI(ctx context.Context, addr string) (_ vfio.Binding, retErr error) {
 	var (
 		taken    bool
 		recorded *vfio.Binding
@@ -68,14 +90,11 @@ func (s *Sandbox) passthroughDisk(ctx context.Context, addr string) (_ hyperviso
 			s.giveBack(context.WithoutCancel(ctx), *recorded)
 		}
 	}()
-	if _, err := s.binder().Bind(ctx, addr, record); err != nil {
-		return hypervisor.GuestDevice{}, fmt.Errorf("PCI device %s: %w", addr, err)
-	}
-	gd, err := s.vm.AddPCIDevice(ctx, hypervisor.PCIDevice{ID: pciDeviceID(addr), Address: addr})
+	b, err := s.binder().Bind(ctx, addr, record)
 	if err != nil {
-		return hypervisor.GuestDevice{}, fmt.Errorf("PCI device %s: %w", addr, err)
+		return vfio.Binding{}, fmt.Errorf("PCI device %s: %w", addr, err)
 	}
-	return gd, nil
+	return b, nil
 }
 
 // giveBack gives a device the VM does not have back to its host driver
