@@ -39,6 +39,7 @@ func main() {
 	flag.StringVar(&o.out, "out", "docs", "directory for benchmarks.{md,json,png}")
 	flag.StringVar(&o.coloConfig, "colo-config", "", "extra colo config (TOML) for the runs, e.g. '[hypervisor]\nmachine = \"microvm\"'")
 	colo := flag.Bool("colocation", false, "run the co-location benchmark instead (make bench-colo): docs/colocation.{md,json,png}")
+	ioOnly := flag.Bool("io", false, "measure only file I/O in a container's rootfs and print its table (docs are not written)")
 	coloRun := flag.Duration("colocation-run", 45*time.Second, "how long the probe runs in each co-location run")
 	flag.Parse()
 	var err error
@@ -47,6 +48,8 @@ func main() {
 		err = probe(*probeFlag)
 	case *colo:
 		err = colocation(o.out, *coloRun)
+	case *ioOnly:
+		err = runIO(o)
 	default:
 		err = run(o)
 	}
@@ -140,6 +143,9 @@ type Report struct {
 	Variants []VariantResult `json:"variants,omitempty"`
 	// Resize is the cost of sizing VMs to their pods and resizing them.
 	Resize *Resize `json:"resize,omitempty"`
+	// IO is file I/O in a container's rootfs, by how the rootfs is
+	// stored.
+	IO []IORow `json:"io,omitempty"`
 	// NotMeasured says which measurements failed, and why.
 	NotMeasured []string `json:"not_measured,omitempty"`
 }
@@ -166,7 +172,7 @@ type Memory struct {
 func run(o options) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: "bench", ColoConfig: o.coloConfig})
+	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: "bench", ColoConfig: o.coloConfig, BlockfileMB: ioBlockfileMB})
 	if err != nil {
 		return err
 	}
@@ -238,6 +244,11 @@ func run(o options) (err error) {
 		rep.NotMeasured = append(rep.NotMeasured, fmt.Sprintf("resize: %v", err))
 	} else {
 		rep.Resize = &rz
+	}
+
+	fmt.Println("file I/O ...")
+	if rep.IO, err = measureIO(ctx, cd); err != nil {
+		rep.NotMeasured = append(rep.NotMeasured, fmt.Sprintf("file I/O: %v", err))
 	}
 
 	fmt.Println("parallel start ...")
@@ -674,6 +685,9 @@ func markdown(r Report) string {
 	}
 	if z := r.Resize; z != nil {
 		resizeSection(&b, z)
+	}
+	if len(r.IO) > 0 {
+		ioSection(&b, r.IO)
 	}
 	for _, n := range r.NotMeasured {
 		fmt.Fprintf(&b, "\nNot measured: %s\n", n)

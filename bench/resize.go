@@ -118,19 +118,26 @@ func measureResize(ctx context.Context, cd *testbed.Containerd, runs int) (Resiz
 
 // buildHog builds e2e's oomhog into a new directory.
 func buildHog(ctx context.Context) (string, error) {
+	return buildTool(ctx, "oomhog", filepath.Join("e2e", "testdata", "oomhog"))
+}
+
+// buildTool builds the static program in the repository's directory dir
+// as name into a new directory, which the caller removes.
+func buildTool(ctx context.Context, name, dir string) (string, error) {
 	root, err := testbed.RepoRoot()
 	if err != nil {
 		return "", err
 	}
-	tools, err := os.MkdirTemp("", "colo-bench-hog")
+	tools, err := os.MkdirTemp("", "colo-bench-"+name)
 	if err != nil {
 		return "", err
 	}
-	build := exec.CommandContext(ctx, "go", "build", "-o", filepath.Join(tools, "oomhog"), filepath.Join(root, "e2e", "testdata", "oomhog"))
+	build := exec.CommandContext(ctx, "go", "build", "-o", filepath.Join(tools, name), "./"+dir)
+	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
 		os.RemoveAll(tools)
-		return "", fmt.Errorf("build oomhog: %v: %s", err, out)
+		return "", fmt.Errorf("build %s: %v: %s", name, err, out)
 	}
 	return tools, nil
 }

@@ -25,9 +25,9 @@ const Runtime = "io.containerd.colo.v2"
 // as a disk (storage.block_rootfs). The images are unpacked for it too.
 const BlockfileSnapshotter = "blockfile"
 
-// blockfileScratchMB is the size of the blockfile snapshotter's scratch
-// image, and so of every snapshot: room for the test images and what
-// tests write.
+// blockfileScratchMB is the default size of the blockfile snapshotter's
+// scratch image, and so of every snapshot (each a full copy): room for
+// the test images and what tests write.
 const blockfileScratchMB = 64
 
 // Containerd is a private containerd daemon.
@@ -65,6 +65,9 @@ type Options struct {
 	// CNI bridge network, and the pause and busybox images in
 	// CRINamespace (see CRI).
 	CRI bool
+	// BlockfileMB is the size of every blockfile snapshot, in MiB
+	// (default blockfileScratchMB); each costs that much disk.
+	BlockfileMB int
 }
 
 // Start starts a private containerd. The binaries come from the repo's
@@ -99,7 +102,11 @@ func Start(ctx context.Context, opts Options) (*Containerd, error) {
 		return nil, err
 	}
 	scratch := filepath.Join(dir, "blockfile-scratch.ext4")
-	if err := MakeExt4Image(ctx, scratch, blockfileScratchMB, ""); err != nil {
+	scratchMB := opts.BlockfileMB
+	if scratchMB == 0 {
+		scratchMB = blockfileScratchMB
+	}
+	if err := MakeExt4Image(ctx, scratch, scratchMB, ""); err != nil {
 		return nil, err
 	}
 	config := containerdConfig(dir, c.Address, scratch, opts.CRI)
