@@ -337,7 +337,7 @@ func TestParsePodDisks(t *testing.T) {
 // sandbox is made, mounted by the agent with the sandbox, and bound where
 // asked into each container that carries the annotation; a container
 // with another value is refused; the file is closed when the sandbox
-// goes. A PCI address fails for now (no VFIO yet) and leaves nothing.
+// goes. A PCI address this host lacks fails and leaves nothing.
 func TestPodDisks(t *testing.T) {
 	e := newEnv(t, false)
 	ctx := context.Background()

@@ -169,7 +169,10 @@ var guestDevices = map[guestDevice]bool{
 }
 
 // checkDevices refuses the devices of linux.devices the guest cannot
-// provide: host devices cannot be passed into the VM (no VFIO yet).
+// provide: a host's device node means nothing in the guest. Host PCI
+// devices reach the VM another way (docs/devices.md): a pod's disk by
+// annotation, a physical NIC from its network namespace; the
+// /dev/vfio/<group> entries device plugins hand out are not taken yet.
 func checkDevices(devices []specs.LinuxDevice) error {
 	var named []string
 	for i, d := range devices {
@@ -191,7 +194,8 @@ func checkDevices(devices []specs.LinuxDevice) error {
 		return nil
 	}
 	return errdefs.ErrNotImplemented.WithMessage(fmt.Sprintf(
-		"host devices cannot be passed into colo's VM (no VFIO yet): %s (a privileged container gets all the "+
+		"host device nodes cannot be passed into colo's VM: %s (host PCI devices can, as a pod's disk or NIC: "+
+			"docs/devices.md; /dev/vfio/<group> from device plugins is not supported yet. A privileged container gets all the "+
 			"host's devices unless CRI's runtime handler sets privileged_without_host_devices = true, or with "+
 			"ctr run --privileged-without-host-devices)", namedList(named)))
 }

@@ -155,7 +155,7 @@ func TestValidateSpecDevices(t *testing.T) {
 			name:    "a block device",
 			devices: []specs.LinuxDevice{dev("/dev/null", "c", 1, 3), dev("/dev/sda", "b", 8, 0)},
 			is:      errdefs.IsNotImplemented,
-			want:    []string{"linux.devices[1] /dev/sda (b 8:0)", "no VFIO", "privileged_without_host_devices = true"},
+			want:    []string{"linux.devices[1] /dev/sda (b 8:0)", "docs/devices.md", "privileged_without_host_devices = true"},
 		},
 		{
 			name:    "a GPU and a tun",
