@@ -13,11 +13,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/colo-runtime/colo/vfio"
 )
 
 // DefaultPath is where colo looks for its configuration when neither the
@@ -383,9 +384,6 @@ func Parse(data []byte) (Config, error) {
 	return c, c.Validate()
 }
 
-// pciAddress is a PCI address as sysfs names devices.
-var pciAddress = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$`)
-
 // Validate checks values that TOML types cannot.
 func (c Config) Validate() error {
 	var errs []error
@@ -414,7 +412,7 @@ func (c Config) Validate() error {
 		}
 	}
 	for i, a := range c.Devices.PCI {
-		if !pciAddress.MatchString(a) {
+		if vfio.CheckAddress(a) != nil {
 			errs = append(errs, fmt.Errorf("devices.pci[%d] = %q: want a PCI address, domain:bus:slot.function (0000:45:00.0)", i, a))
 		}
 	}

@@ -6,12 +6,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"regexp"
 	"slices"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/vfio"
 )
 
 // Interface is one interface of a pod's network namespace, as the guest NIC
@@ -152,9 +153,6 @@ func Scan(nsPath string) (Config, error) {
 	return cfg, nil
 }
 
-// pciBusInfo is ethtool's bus info of a PCI device.
-var pciBusInfo = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$`)
-
 // pciAddress is the PCI address of the device behind the interface name
 // in ns, from ethtool's driver info (sysfs would show the host's view only
 // where it is mounted in ns); "" for a device on another bus.
@@ -176,7 +174,7 @@ func pciAddress(ns netns.NsHandle, name string) (string, error) {
 		return "", fmt.Errorf("ethtool driver info: %w", err)
 	}
 	bus := unix.ByteSliceToString(info.Bus_info[:])
-	if !pciBusInfo.MatchString(bus) {
+	if vfio.CheckAddress(bus) != nil {
 		return "", nil
 	}
 	return bus, nil

@@ -19,6 +19,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/vfio"
 )
 
 // DisksAnnotation lists the disks a pod has in its VM, as JSON: a list of
@@ -53,10 +54,6 @@ type podDisks struct {
 	value string
 	disks []DiskRequest
 }
-
-// pciAddressPattern is a PCI address as sysfs names devices (and
-// devices.pci lists them).
-var pciAddressPattern = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$`)
 
 // fstypePattern is a filesystem type the guest's mount(2) may know.
 var fstypePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
@@ -153,7 +150,7 @@ func checkDiskSource(cfg config.Config, source string) (string, error) {
 // isPCIAddress tells whether a disk's source is a PCI address rather
 // than a path.
 func isPCIAddress(source string) bool {
-	return pciAddressPattern.MatchString(source)
+	return vfio.CheckAddress(source) == nil
 }
 
 // podDiskID names a pod's disk in the VM.
