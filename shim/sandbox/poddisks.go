@@ -128,6 +128,10 @@ func checkDiskSource(cfg config.Config, source string) (string, error) {
 	if !filepath.IsAbs(source) || filepath.Clean(source) != source {
 		return "", fmt.Errorf("source %q: want an absolute, clean host path or a PCI address (0000:45:00.0)", clip(source))
 	}
+	// Resolved so that the allow-list judges the file itself. The path
+	// is the pod author's and the directories the node administrator's:
+	// no guest writes anywhere along it (a guest reaches the host only
+	// through the share, below the sandbox directory).
 	resolved, err := filepath.EvalSymlinks(source)
 	if err != nil {
 		return "", fmt.Errorf("source %s: %w", clip(source), err)
