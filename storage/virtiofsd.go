@@ -223,6 +223,13 @@ func (v *Virtiofsd) Stop(ctx context.Context) error {
 	_ = v.errR.SetReadDeadline(time.Now().Add(drainGrace))
 	<-v.drained
 	v.errR.Close()
+	// The process is gone: Done closes once wait has reaped it, which
+	// Stop's callers count on.
+	select {
+	case <-v.done:
+	case <-time.After(virtiofsdStopGrace):
+		err = errors.Join(err, fmt.Errorf("virtiofsd %d: gone, but not reaped within %s", v.Pid(), virtiofsdStopGrace))
+	}
 	return errors.Join(err, removeVirtiofsdFiles(v.socket))
 }
 
