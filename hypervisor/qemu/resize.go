@@ -50,8 +50,10 @@ const (
 	unplugTimeout = time.Minute
 	// plugTimeout bounds waiting for the guest to plug memory.
 	plugTimeout = time.Minute
-	// unplugMemoryWait is how long SetMemory lets the guest unplug memory
-	// before the balloon takes the rest.
+	// unplugMemoryWait is how long SetMemory lets the guest go without
+	// unplugging any memory before the balloon takes the rest: a guest
+	// that keeps unplugging (slowly, on a busy host) is waited for, up to
+	// plugTimeout in all.
 	unplugMemoryWait = 5 * time.Second
 	// balloonTimeout bounds waiting for the balloon to reach its target.
 	balloonTimeout = 30 * time.Second
@@ -535,15 +537,26 @@ func (vm *VM) setMemory(ctx context.Context, mb int) error {
 		return err
 	}
 	var plugged int64
-	wait, limit := plug != cur.PluggedMB, plugTimeout
-	if plug < cur.PluggedMB {
-		limit = unplugMemoryWait
-	}
-	if wait {
-		err := vm.waitUntil(ctx, limit, func(ctx context.Context) (bool, error) {
+	if plug != cur.PluggedMB {
+		// Unplugging stalls where the guest cannot move what is in a
+		// block; progress resets the stall clock.
+		last, progress := int64(cur.PluggedMB)*mib, time.Now()
+		err := vm.waitUntil(ctx, plugTimeout, func(ctx context.Context) (bool, error) {
 			var err error
-			plugged, err = vm.pluggedBytes(ctx)
-			return plugged == int64(plug)*mib, err
+			if plugged, err = vm.pluggedBytes(ctx); err != nil {
+				return false, err
+			}
+			if plugged == int64(plug)*mib {
+				return true, nil
+			}
+			if plug < cur.PluggedMB {
+				if plugged < last {
+					last, progress = plugged, time.Now()
+				} else if time.Since(progress) > unplugMemoryWait {
+					return false, fmt.Errorf("%w: no memory unplugged for %s", errWaitTimeout, unplugMemoryWait)
+				}
+			}
+			return false, nil
 		})
 		switch {
 		case err == nil:
