@@ -17,6 +17,8 @@ import (
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/colo-runtime/colo/agentproto"
 )
 
 // The debug console (the host's agent.debug_console): a virtio-serial port
@@ -35,15 +37,10 @@ import (
 // dies.
 const (
 	// consolePortName is the port's name under /sys/class/virtio-ports.
-	// The QEMU driver has the same constant (ConsolePortName in
-	// hypervisor/qemu/console.go): keep them equal.
-	consolePortName = "console.0"
+	consolePortName = agentproto.ConsolePortName
 	// consoleKernelParam is on the kernel command line when the host gave
-	// the VM a console (ConsoleKernelParam in hypervisor/qemu/console.go):
-	// the agent then waits for the port, which may show up a little after
-	// the agent's own. Without it the agent looks once, and a guest
-	// without a console pays nothing.
-	consoleKernelParam = "colo.debug_console=on"
+	// the VM a console.
+	consoleKernelParam = agentproto.ConsoleKernelParam
 	// consoleShell is the console's shell: busybox, which guest/build.sh
 	// puts in the initrd for the console alone.
 	consoleShell = "/bin/sh"

@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/yamux"
 	"golang.org/x/sys/unix"
 
+	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/internal/splice"
 )
 
@@ -34,9 +35,7 @@ import (
 // streams the host opened: a yamux server never opens any.
 const (
 	// forwardPortName is the port's name under /sys/class/virtio-ports.
-	// The QEMU driver has the same constant (PortForwardPortName in
-	// hypervisor/qemu/portforward.go): keep them equal.
-	forwardPortName = "portforward.0"
+	forwardPortName = agentproto.PortForwardPortName
 	// forwardPoll is how often the agent looks whether the host
 	// connected (a virtio-serial port cannot be waited on for that, see
 	// consolePort.next). Only VMs with the port pay these wake-ups, and

@@ -28,6 +28,22 @@ const (
 	// the port by this name under /sys/class/virtio-ports.
 	SerialPortName = "agent.0"
 
+	// ConsolePortName is the name of the virtio-serial port of the debug
+	// console (agent.debug_console), a port of its own: the agent serves
+	// a shell on it.
+	ConsolePortName = "console.0"
+
+	// ConsoleKernelParam is on the guest's kernel command line when the
+	// host gave the VM a debug console: the agent then waits for the
+	// port, which may show up a little after its own. Without it the
+	// agent looks once, and a guest without a console pays nothing.
+	ConsoleKernelParam = "colo.debug_console=on"
+
+	// PortForwardPortName is the name of the virtio-serial port of the
+	// port-forward channel (pods on the pod network), a port of its own
+	// that carries CRI PortForward connections to the guest's loopback.
+	PortForwardPortName = "portforward.0"
+
 	// SharedMountPoint is where the agent mounts the sandbox's shared
 	// directory (the rootfs share) in the guest; a container's rootfs is
 	// SharedMountPoint/<container-id>/rootfs.

@@ -17,6 +17,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/hypervisor/clh"
 	"github.com/colo-runtime/colo/hypervisor/driver"
 	"github.com/colo-runtime/colo/hypervisor/qemu"
 )
@@ -130,21 +132,50 @@ func checkCmd(ctx context.Context, e *env, args []string) error {
 }
 
 // checks runs every check, in the order an operator fixes things: the
-// accelerator and devices, QEMU, the guest image, the host kernel, then
-// colo's own files and helpers.
+// accelerator and devices, the hypervisors, the guest image, the host
+// kernel, then colo's own files and helpers. Both hypervisors are checked,
+// so that the operator learns whether the other would work here; only the
+// one hypervisor.type names can fail the check (required).
 func (h checkHost) checks(ctx context.Context, cfg config.Config) []result {
+	hv := cfg.Hypervisor
 	var rs []result
-	rs = append(rs, h.accel(cfg.Hypervisor.Accel)...)
+	rs = append(rs, required(hv, "qemu", h.accel(hv.Accel))...)
 	rs = append(rs, h.devices(cfg.Agent.Channel)...)
-	rs = append(rs, h.qemu(ctx, cfg.Hypervisor)...)
-	rs = append(rs, h.driver(cfg.Hypervisor))
-	rs = append(rs, checkReadable("guest kernel", cfg.Hypervisor.Kernel), checkReadable("guest initrd", cfg.Hypervisor.Initrd))
+	rs = append(rs, required(hv, "qemu", h.qemu(ctx, hv))...)
+	rs = append(rs, required(hv, "clh", h.cloudHypervisor(ctx, hv))...)
+	rs = append(rs, h.driver(hv))
+	rs = append(rs, checkReadable("guest kernel", hv.Kernel), checkReadable("guest initrd", hv.Initrd))
 	rs = append(rs, h.cgroups()...)
 	rs = append(rs, h.modules()...)
-	rs = append(rs, h.filesystemTypes()...)
+	rs = append(rs, h.filesystemTypes(hv)...)
 	rs = append(rs, h.virtiofsd(ctx, cfg.Storage))
 	rs = append(rs, checkWritable("state directory", cfg.Runtime.StateDir))
-	rs = append(rs, checkLookPath("setpriv", "setpriv", "QEMU is started through it to drop its capabilities"))
+	rs = append(rs, required(hv, "qemu", []result{checkLookPath("setpriv", "setpriv", "QEMU is started through it to drop its capabilities")})...)
+	return rs
+}
+
+// hypervisorType is the driver hv selects, as driver.New reads it.
+func hypervisorType(hv config.Hypervisor) string {
+	if hv.Type == "" {
+		return "qemu"
+	}
+	return hv.Type
+}
+
+// required keeps the results of checks only hypervisor typ needs as they
+// are when hv selects it, and turns their failures into warnings
+// otherwise: the operator sees what the other hypervisor lacks here, and
+// the exit status is about the configured one.
+func required(hv config.Hypervisor, typ string, rs []result) []result {
+	if hypervisorType(hv) == typ {
+		return rs
+	}
+	for i := range rs {
+		if rs[i].status == statusFail {
+			rs[i].status = statusWarn
+			rs[i].detail += fmt.Sprintf(" (needed only with hypervisor.type = %q)", typ)
+		}
+	}
 	return rs
 }
 
@@ -153,7 +184,7 @@ func (h checkHost) checks(ctx context.Context, cfg config.Config) []result {
 // never a failure unless KVM was asked for.
 func (h checkHost) accel(configured string) []result {
 	var rs []result
-	if err := openRW(h.kvm); err != nil {
+	if err := hypervisor.OpenKVM(h.kvm); err != nil {
 		rs = append(rs, checkWarn(h.kvm, "%v", err))
 	} else {
 		rs = append(rs, checkOK(h.kvm, "opens read-write"))
@@ -241,6 +272,34 @@ func (h checkHost) qemu(ctx context.Context, hv config.Hypervisor) []result {
 	return rs
 }
 
+// cloudHypervisor checks what Cloud Hypervisor needs here: its binary
+// (hypervisor.path when hypervisor.type is clh, else in PATH), its version,
+// and a KVM it can run on (clh.Check's test: CH has no emulation to fall
+// back on).
+func (h checkHost) cloudHypervisor(ctx context.Context, hv config.Hypervisor) []result {
+	name, key := clh.DefaultBinary, "in PATH"
+	if hypervisorType(hv) == "clh" && hv.Path != "" {
+		name, key = hv.Path, fmt.Sprintf("hypervisor.path = %q", hv.Path)
+	}
+	var rs []result
+	if path, err := exec.LookPath(name); err != nil {
+		rs = append(rs, checkFail("Cloud Hypervisor binary", "%s (%s): %v", name, key, err))
+	} else {
+		rs = append(rs, checkOK("Cloud Hypervisor binary", "%s", path))
+		if out, err := h.run(ctx, path, "--version"); err != nil {
+			rs = append(rs, checkFail("Cloud Hypervisor version", "%v", err))
+		} else {
+			rs = append(rs, checkOK("Cloud Hypervisor version", "%s", firstLine(strings.TrimSpace(out))))
+		}
+	}
+	if err := hypervisor.CheckKVM(h.kvm, h.cpuinfo); err != nil {
+		rs = append(rs, checkFail("KVM for Cloud Hypervisor", "%v: Cloud Hypervisor runs only on KVM", err))
+	} else {
+		rs = append(rs, checkOK("KVM for Cloud Hypervisor", "%s opens and the CPU has hardware virtualization", h.kvm))
+	}
+	return rs
+}
+
 // machines are the machine types in `qemu -machine help`: the first
 // word of each line after the heading.
 func qemuMachines(help string) []string {
@@ -291,7 +350,7 @@ func (h checkHost) driver(hv config.Hypervisor) result {
 	if _, err := driver.New(hv); err != nil {
 		return checkFail("hypervisor driver", "%v", err)
 	}
-	return checkOK("hypervisor driver", "%s accepts the configuration", hv.Name)
+	return checkOK("hypervisor driver", "%s accepts the configuration", hv.Type)
 }
 
 // readable checks that a file of the guest image is a non-empty regular
@@ -447,9 +506,9 @@ func pathExists(path string) bool {
 	return err == nil
 }
 
-// filesystemTypes checks /proc/filesystems for ramfs (templates keep
-// their memory on one) and tmpfs.
-func (h checkHost) filesystemTypes() []result {
+// filesystemTypes checks /proc/filesystems for ramfs (QEMU's templates
+// keep their memory on one) and tmpfs.
+func (h checkHost) filesystemTypes(hv config.Hypervisor) []result {
 	b, err := os.ReadFile(h.filesystems)
 	if err != nil {
 		return []result{checkFail("filesystems", "%v", err)}
@@ -462,15 +521,18 @@ func (h checkHost) filesystemTypes() []result {
 		}
 	}
 	var rs []result
-	for _, fs := range []struct{ name, why string }{
-		{"ramfs", "VM templates keep their memory on it"},
-		{"tmpfs", "runtime.state_dir and template_dir are meant to be on one (/run), emptied at boot"},
+	for _, fs := range []struct{ name, why, driver string }{
+		{"ramfs", "QEMU's VM templates keep their memory on it", "qemu"},
+		{"tmpfs", "runtime.state_dir and template_dir are meant to be on one (/run), emptied at boot", ""},
 	} {
-		if have[fs.name] {
-			rs = append(rs, checkOK("filesystem "+fs.name, "in %s", h.filesystems))
-		} else {
-			rs = append(rs, checkFail("filesystem "+fs.name, "not in %s: %s", h.filesystems, fs.why))
+		r := checkOK("filesystem "+fs.name, "in %s", h.filesystems)
+		if !have[fs.name] {
+			r = checkFail("filesystem "+fs.name, "not in %s: %s", h.filesystems, fs.why)
 		}
+		if fs.driver != "" {
+			r = required(hv, fs.driver, []result{r})[0]
+		}
+		rs = append(rs, r)
 	}
 	return rs
 }

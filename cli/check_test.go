@@ -194,6 +194,91 @@ esac
 	}
 }
 
+// TestCloudHypervisor: the binary (hypervisor.path only when
+// hypervisor.type is clh), its version, and KVM with hardware
+// virtualization, each named when missing.
+func TestCloudHypervisor(t *testing.T) {
+	h, dir := fakeCheckHost(t)
+	bin := filepath.Join(dir, "bin")
+	ch := filepath.Join(bin, "cloud-hypervisor")
+	writeTestFile(t, ch, "#!/bin/sh\n[ \"$1\" = --version ] && echo \"cloud-hypervisor v41.0.0\"\n")
+	writeTestFile(t, h.kvm, "")
+	vmx := "processor\t: 0\nflags\t\t: fpu vmx\n"
+	for _, tc := range []struct {
+		name  string
+		path  string // PATH
+		hv    config.Hypervisor
+		flags string
+		want  map[string]string // check: status and a part of its detail
+	}{
+		{name: "usable", path: bin, hv: config.Hypervisor{Type: "clh"}, flags: vmx, want: map[string]string{
+			"Cloud Hypervisor binary": "ok " + ch, "Cloud Hypervisor version": "ok cloud-hypervisor v41.0.0", "KVM for Cloud Hypervisor": "ok hardware virtualization",
+		}},
+		{name: "configured path", path: dir, hv: config.Hypervisor{Type: "clh", Path: ch}, flags: vmx, want: map[string]string{
+			"Cloud Hypervisor binary": "ok " + ch,
+		}},
+		{name: "no binary", path: dir, hv: config.Hypervisor{Type: "clh"}, flags: vmx, want: map[string]string{
+			"Cloud Hypervisor binary": "fail cloud-hypervisor (in PATH)",
+		}},
+		{name: "QEMU's path is not CH's", path: dir, hv: config.Hypervisor{Type: "qemu", Path: ch}, flags: vmx, want: map[string]string{
+			"Cloud Hypervisor binary": "fail cloud-hypervisor (in PATH)",
+		}},
+		{name: "no hardware virtualization", path: bin, hv: config.Hypervisor{Type: "clh"}, flags: "processor\t: 0\nflags\t\t: fpu\n", want: map[string]string{
+			"KVM for Cloud Hypervisor": "fail neither vmx nor svm",
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("PATH", tc.path)
+			writeTestFile(t, h.cpuinfo, tc.flags)
+			rs := h.cloudHypervisor(context.Background(), tc.hv)
+			for what, want := range tc.want {
+				st, detail, _ := strings.Cut(want, " ")
+				if r := findResult(t, rs, what); r.status.String() != st || !strings.Contains(r.detail, detail) {
+					t.Errorf("%s: %s %q, want %s naming %q", what, r.status, r.detail, st, detail)
+				}
+			}
+		})
+	}
+}
+
+// TestRequiredByType: both hypervisors are checked, and hypervisor.type
+// decides which one's failures fail colo check; the other's are warnings
+// that say so.
+func TestRequiredByType(t *testing.T) {
+	h, dir := fakeCheckHost(t)
+	t.Setenv("PATH", dir) // neither QEMU nor Cloud Hypervisor
+	writeTestFile(t, h.cpuinfo, "processor\t: 0\nflags\t\t: fpu\n")
+	writeTestFile(t, h.filesystems, "nodev\ttmpfs\n")
+	for _, tc := range []struct {
+		typ        string
+		fail, warn []string
+	}{
+		{typ: "qemu", fail: []string{"QEMU binary", "filesystem ramfs", "setpriv"}, warn: []string{"Cloud Hypervisor binary", "KVM for Cloud Hypervisor"}},
+		{typ: "clh", fail: []string{"Cloud Hypervisor binary", "KVM for Cloud Hypervisor"}, warn: []string{"QEMU binary", "filesystem ramfs", "setpriv"}},
+	} {
+		t.Run(tc.typ, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Hypervisor.Type = tc.typ
+			cfg.Runtime.StateDir = dir
+			rs := h.checks(context.Background(), cfg)
+			for _, what := range tc.fail {
+				if r := findResult(t, rs, what); r.status != statusFail {
+					t.Errorf("%s: %s %q, want fail", what, r.status, r.detail)
+				}
+			}
+			for _, what := range tc.warn {
+				if r := findResult(t, rs, what); r.status != statusWarn || !strings.Contains(r.detail, "needed only with hypervisor.type") {
+					t.Errorf("%s: %s %q, want a warning that it is needed only with the other type", what, r.status, r.detail)
+				}
+			}
+			// The driver check is the configured driver's.
+			if r := findResult(t, rs, "hypervisor driver"); r.status != statusFail {
+				t.Errorf("hypervisor driver: %s %q, want fail", r.status, r.detail)
+			}
+		})
+	}
+}
+
 func TestMachines(t *testing.T) {
 	got := qemuMachines("Supported machines are:\nmicrovm              microvm (i386)\nq35                  Standard PC\nnone                 empty machine\n")
 	if strings.Join(got, " ") != "microvm q35 none" {
@@ -205,7 +290,7 @@ func TestMachines(t *testing.T) {
 func TestHostFiles(t *testing.T) {
 	h, dir := fakeCheckHost(t)
 	writeTestFile(t, h.filesystems, "nodev\tsysfs\nnodev\ttmpfs\n\text4\n")
-	rs := h.filesystemTypes()
+	rs := h.filesystemTypes(config.Default().Hypervisor)
 	if r := findResult(t, rs, "filesystem tmpfs"); r.status != statusOK {
 		t.Errorf("tmpfs listed: %s %q", r.status, r.detail)
 	}

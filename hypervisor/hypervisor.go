@@ -1,6 +1,9 @@
 // Package hypervisor is the one interface the rest of colo uses to run a VM.
-// Drivers (qemu, and later clh) live in sub-packages; package driver picks
-// one from the configuration. Nothing here knows about containers.
+// Drivers (qemu, clh) live in sub-packages; package driver picks one from
+// the configuration (hypervisor.type). Nothing here knows about containers,
+// nor about the agent's protocol: where the guest listens (GuestPort) and
+// what its command line says come from the caller, so every driver serves
+// the same guest.
 package hypervisor
 
 import (
@@ -108,6 +111,21 @@ const (
 	ChannelSerial AgentChannel = "serial"
 )
 
+// GuestPort is where the guest listens for one host-to-guest channel: an
+// AF_VSOCK port, or a virtio-serial port the guest finds by its name
+// under /sys/class/virtio-ports. The caller sets what the guest listens
+// on (the agent protocol's constants); the driver connects the one its
+// VMM has: a driver with vsock but no virtio-serial (Cloud Hypervisor)
+// needs Vsock, one that puts the channel on virtio-serial needs Serial.
+// The zero GuestPort is no channel.
+type GuestPort struct {
+	Vsock  uint32
+	Serial string
+}
+
+// IsZero tells whether p names no port.
+func (p GuestPort) IsZero() bool { return p == GuestPort{} }
+
 // VMConfig describes one VM to start.
 type VMConfig struct {
 	// ID names the VM in process lists and logs.
@@ -137,7 +155,10 @@ type VMConfig struct {
 	TemplateMemoryMB int
 	Kernel           string
 	Initrd           string
-	// KernelParams are appended to the driver's own kernel command line.
+	// KernelParams are appended to the driver's own kernel command line
+	// (what the driver's machine needs to boot): the caller's, for the
+	// guest's init, in the caller's order, hypervisor.kernel_params
+	// among them, so that a driver need not know them.
 	KernelParams []string
 	Shares       []Share
 	// NICs are attached at boot; AddNIC attaches more later.
@@ -146,17 +167,22 @@ type VMConfig struct {
 	// planned for them, beside the hot-plug ports); GuestDevice tells
 	// where the guest finds each.
 	PCIDevices []PCIDevice
-	Channel    AgentChannel
-	// DebugConsole gives the guest a debug console (DialConsole): a port
-	// of its own, never the agent's channel.
-	DebugConsole bool
-	// PortForward gives the guest a port-forward channel
-	// (DialPortForward): a port of its own that carries connections to
-	// the guest's loopback, for pods on the pod network.
-	PortForward bool
-	// TemplateDir, if set, is where the driver may keep snapshots of
-	// booted guests, to start VMs of the same configuration from instead
-	// of booting them.
+	// Channel is the transport DialAgent uses to reach AgentPort.
+	Channel AgentChannel
+	// AgentPort is where the guest's agent listens: Vsock for
+	// ChannelVsock, Serial for ChannelSerial.
+	AgentPort GuestPort
+	// DebugConsole, unless zero, gives the guest a debug console
+	// (DialConsole) on a port of its own, never the agent's.
+	DebugConsole GuestPort
+	// PortForward, unless zero, gives the guest a port-forward channel
+	// (DialPortForward) on a port of its own, which carries connections
+	// to the guest's loopback, for pods on the pod network.
+	PortForward GuestPort
+	// TemplateDir, if set, is where a Templater keeps snapshots of booted
+	// guests, to start VMs of the same configuration from instead of
+	// booting them. A driver that is no Templater ignores it and boots
+	// every VM; the caller sets it only for a Templater.
 	TemplateDir string
 }
 
@@ -251,6 +277,29 @@ var ErrNotResizable = errors.New("the VM cannot be resized")
 
 // ErrNoConsole is returned by DialConsole on a VM without a debug console.
 var ErrNoConsole = errors.New("the VM has no debug console")
+
+// Templater is a Driver that can start VMs from templates
+// (VMConfig.TemplateDir): a capability the caller asks for with a type
+// assertion, so that a driver without templates needs nothing of them.
+type Templater interface {
+	Driver
+	// ReleaseTemplates removes the templates kept in dir, and what holds
+	// them (QEMU's: a ramfs mounted there), for whoever removes dir. A
+	// dir without templates is left alone.
+	ReleaseTemplates(dir string) error
+}
+
+// ChannelPicker is a Driver that picks the agent's channel where the
+// configuration leaves it open (agent.channel = "auto"): which transports
+// work depends on the VMM and the host (QEMU's vsock needs the host's
+// vhost-vsock; Cloud Hypervisor has no virtio-serial). A caller with a
+// driver that is no ChannelPicker takes ChannelVsock.
+type ChannelPicker interface {
+	Driver
+	// PickChannel is the channel a VM of this driver gets when the
+	// caller has no preference.
+	PickChannel() AgentChannel
+}
 
 // Driver starts VMs of one hypervisor.
 //

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/colo-runtime/colo/hypervisor/driver"
 )
 
 // Runtime is colo's containerd runtime type.
@@ -266,9 +268,10 @@ func (c *Containerd) Stop() error {
 			errs = append(errs, err)
 		}
 	}
-	// colo's QEMU driver mounts a ramfs on its template directory.
-	if err := syscall.Unmount(filepath.Join(c.Dir, "templates"), syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-		errs = append(errs, fmt.Errorf("unmount the templates: %w", err))
+	// The templates outlive sandboxes, on what their driver keeps them
+	// on (QEMU's: a ramfs mounted on the directory).
+	if err := driver.ReleaseTemplates(filepath.Join(c.Dir, "templates")); err != nil {
+		errs = append(errs, err)
 	}
 	// containerd leaves its snapshot mounts (none once every container is
 	// gone) and nothing else mounted; RemoveAll must not cross a mount.

@@ -4,9 +4,11 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/hypervisor/clh"
 	"github.com/colo-runtime/colo/hypervisor/qemu"
 	"github.com/colo-runtime/colo/internal/procfs"
 )
@@ -18,12 +20,11 @@ func TestNew(t *testing.T) {
 	}{
 		{name: "qemu"},
 		{name: ""},
-		{name: "clh", wantErr: "hypervisor clh: not implemented yet"},
 		{name: "xen", wantErr: `hypervisor "xen": want qemu or clh`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := config.Default().Hypervisor
-			cfg.Name = tc.name
+			cfg.Type = tc.name
 			d, err := New(cfg)
 			if tc.wantErr != "" {
 				if err == nil || err.Error() != tc.wantErr {
@@ -38,6 +39,17 @@ func TestNew(t *testing.T) {
 				t.Fatalf("got %T, want *qemu.Driver", d)
 			}
 		})
+	}
+}
+
+// hypervisor.type clh makes Cloud Hypervisor's driver, which needs its
+// binary: here none, and the error names it.
+func TestNewCLH(t *testing.T) {
+	cfg := config.Default().Hypervisor
+	cfg.Type, cfg.Path = "clh", "/nonexistent/cloud-hypervisor"
+	d, err := New(cfg)
+	if err == nil || d != nil || !strings.Contains(err.Error(), "/nonexistent/cloud-hypervisor") {
+		t.Fatalf("got %v, %v; want a nil driver and an error naming the binary", d, err)
 	}
 }
 
@@ -58,17 +70,18 @@ func TestCleanup(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		wantErr string
+		files   []string
 	}{
-		{name: "qemu"},
-		{name: ""},
-		{name: "clh", wantErr: `hypervisor "clh": no VM of it can have run`},
+		{name: "qemu", files: []string{qemu.PidFile, qemu.QMPSocket}},
+		{name: "", files: []string{qemu.PidFile, qemu.QMPSocket}},
+		{name: "clh", files: []string{clh.PidFile, clh.APISocket}},
 		{name: "xen", wantErr: `hypervisor "xen": no VM of it can have run`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("PATH", "")
 			dir := t.TempDir()
-			// What a QEMU that is gone left behind.
-			for _, f := range []string{qemu.PidFile, qemu.QMPSocket} {
+			// What a QEMU or CH that is gone left behind.
+			for _, f := range tc.files {
 				if err := os.WriteFile(filepath.Join(dir, f), []byte("999999999\n"), 0o600); err != nil {
 					t.Fatal(err)
 				}

@@ -5,6 +5,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/colo-runtime/colo/hypervisor"
 )
 
 // Accelerators as QEMU names them.
@@ -22,7 +24,7 @@ func ChooseAccel(configured, kvmDevice, cpuinfo string) (accel, reason string, e
 	case accelTCG:
 		return accelTCG, "configured", nil
 	case accelKVM:
-		if err := openKVM(kvmDevice); err != nil {
+		if err := hypervisor.OpenKVM(kvmDevice); err != nil {
 			return "", "", fmt.Errorf("accel kvm: %w", err)
 		}
 		return accelKVM, "configured", nil
@@ -30,48 +32,10 @@ func ChooseAccel(configured, kvmDevice, cpuinfo string) (accel, reason string, e
 	default:
 		return "", "", fmt.Errorf("accel %q: want auto, kvm or tcg", configured)
 	}
-	if err := openKVM(kvmDevice); err != nil {
+	if err := hypervisor.CheckKVM(kvmDevice, cpuinfo); err != nil {
 		return accelTCG, fmt.Sprintf("auto: %v", err), nil
-	}
-	// A /dev/kvm without hardware virtualization (a nested, paravirtual
-	// KVM) runs an ordinary guest kernel so slowly it looks hung.
-	hw, err := hardwareVirt(cpuinfo)
-	if err != nil {
-		return accelTCG, fmt.Sprintf("auto: %v", err), nil
-	}
-	if !hw {
-		return accelTCG, fmt.Sprintf("auto: %s opens but %s has neither vmx nor svm", kvmDevice, cpuinfo), nil
 	}
 	return accelKVM, fmt.Sprintf("auto: %s opens and the CPU has hardware virtualization", kvmDevice), nil
-}
-
-func openKVM(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	return f.Close()
-}
-
-// hardwareVirt tells whether the CPU flags in cpuinfo include vmx or svm.
-func hardwareVirt(cpuinfo string) (bool, error) {
-	b, err := os.ReadFile(cpuinfo)
-	if err != nil {
-		return false, err
-	}
-	for line := range strings.Lines(string(b)) {
-		key, value, ok := strings.Cut(line, ":")
-		if !ok || strings.TrimSpace(key) != "flags" {
-			continue
-		}
-		for _, f := range strings.Fields(value) {
-			if f == "vmx" || f == "svm" {
-				return true, nil
-			}
-		}
-		return false, nil
-	}
-	return false, fmt.Errorf("%s: no flags line", cpuinfo)
 }
 
 // hostKHz reads the first CPU's clock from cpuinfo ("cpu MHz : 2299.998").

@@ -5,7 +5,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/hypervisor"
 )
 
@@ -29,11 +28,8 @@ type launch struct {
 	accel   string // accelKVM or accelTCG
 	// tscKHz is the host TSC frequency for microvm's tsc_early_khz; 0
 	// leaves it out.
-	tscKHz int
-	// kernelParams come from the configuration and go between the
-	// driver's own parameters and the VM's.
-	kernelParams []string
-	pidfile      string
+	tscKHz  int
+	pidfile string
 	// File descriptors as QEMU sees them (ExtraFiles start at 3).
 	qmpFD   int
 	agentFD int // listening socket of the serial channel
@@ -84,7 +80,6 @@ func (l launch) hotplugged(s hypervisor.Share) bool {
 // kernelCmdline is the guest kernel's command line.
 func (l launch) kernelCmdline() string {
 	params := append([]string(nil), baseKernelParams...)
-	params = append(params, "colo.channel="+string(l.vm.Channel))
 	if l.machine == "microvm" && l.tscKHz > 0 {
 		params = append(params, "tsc_early_khz="+strconv.Itoa(l.tscKHz))
 	}
@@ -93,8 +88,6 @@ func (l launch) kernelCmdline() string {
 		// can be unplugged again.
 		params = append(params, "memhp_default_state=online_movable")
 	}
-	params = append(params, l.consoleKernelParams()...) // console.go
-	params = append(params, l.kernelParams...)
 	params = append(params, l.vm.KernelParams...)
 	return strings.Join(params, " ")
 }
@@ -178,7 +171,7 @@ func (l launch) args() []string {
 			"-chardev", fmt.Sprintf("socket,id=agent,fd=%d,server=on,wait=off", l.agentFD),
 			// The id makes QEMU report the guest opening the port
 			// (VSERPORT_CHANGE): a template is saved once its agent listens.
-			"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentproto.SerialPortName+",id="+agentPortID,
+			"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+escape(l.vm.AgentPort.Serial)+",id="+agentPortID,
 		)
 	case hypervisor.ChannelVsock:
 		a = append(a, "-device", fmt.Sprintf("%s,id=vsock0,guest-cid=%d,vhostfd=%d", dev("vhost-vsock"), l.cid, l.vhostFD))

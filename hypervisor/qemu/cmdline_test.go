@@ -31,6 +31,7 @@ func TestArgs(t *testing.T) {
 		ID: "pod,1", Dir: "/run/vm", VCPUs: 2, MemoryMB: 512,
 		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img",
 		KernelParams: []string{"colo.log=debug"},
+		AgentPort:    testAgentPort,
 	}
 	for _, tc := range []struct {
 		name string
@@ -47,13 +48,12 @@ func TestArgs(t *testing.T) {
 					{Tag: "ro", Kind: hypervisor.Share9P, Path: "/ro", ReadOnly: true},
 				}
 			}),
-			kernelParams: []string{"from=config"},
-			pidfile:      "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
+			pidfile: "/run/vm/qemu.pid", qmpFD: 3, agentFD: 4,
 		},
 		want: [][]string{
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
-			common(base + " colo.channel=serial from=config colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -79,7 +79,7 @@ func TestArgs(t *testing.T) {
 				"-global", "virtio-mmio.force-legacy=false",
 				"-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "512M",
 				"-object", "memory-backend-memfd,id=mem,size=512M,share=on"},
-			common(base + " colo.channel=vsock tsc_early_khz=2300000 colo.log=debug"),
+			common(base + " tsc_early_khz=2300000 colo.log=debug"),
 			{"-device", "vhost-vsock-device,id=vsock0,guest-cid=1234,vhostfd=4",
 				"-device", "virtio-balloon-device,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
 				"-chardev", "socket,id=fs0,path=/run/vm/virtiofsd.sock",
@@ -101,7 +101,7 @@ func TestArgs(t *testing.T) {
 		want: [][]string{
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -131,7 +131,7 @@ func TestArgs(t *testing.T) {
 		want: [][]string{
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -159,7 +159,7 @@ func TestArgs(t *testing.T) {
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M",
 				"-object", "memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=on"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -182,7 +182,7 @@ func TestArgs(t *testing.T) {
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "q35,memory-backend=mem",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M",
 				"-object", "memory-backend-memfd,id=mem,size=512M,share=on"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -211,7 +211,7 @@ func TestArgs(t *testing.T) {
 				"-device", "max-x86_64-cpu,id=cpu2,socket-id=0,core-id=2,thread-id=0",
 				"-object", "memory-backend-ram,id=vmem,size=3840M,reserve=off",
 				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=512M"},
-			common(base + " colo.channel=serial memhp_default_state=online_movable colo.log=debug"),
+			common(base + " memhp_default_state=online_movable colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -236,7 +236,7 @@ func TestArgs(t *testing.T) {
 				"-object", "memory-backend-memfd,id=mem,size=512M,share=on",
 				"-object", "memory-backend-memfd,id=vmem,size=512M,share=on,reserve=off",
 				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=0M"},
-			common(base + " colo.channel=vsock memhp_default_state=online_movable colo.log=debug"),
+			common(base + " memhp_default_state=online_movable colo.log=debug"),
 			{"-device", "vhost-vsock-pci,id=vsock0,guest-cid=1234,vhostfd=4",
 				"-device", "vmgenid,guid=auto",
 				"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
@@ -258,7 +258,7 @@ func TestArgs(t *testing.T) {
 				"-accel", "kvm", "-cpu", "host",
 				"-smp", "1,sockets=1,cores=3,threads=1,maxcpus=3", "-m", "512M",
 				"-device", "host-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -283,7 +283,7 @@ func TestArgs(t *testing.T) {
 				"-object", "memory-backend-file,id=mem,size=256M,mem-path=/t/memory,share=on",
 				"-object", "memory-backend-ram,id=vmem,size=1792M,reserve=off",
 				"-device", "virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=0M"},
-			common(base + " colo.channel=serial memhp_default_state=online_movable colo.log=debug"),
+			common(base + " memhp_default_state=online_movable colo.log=debug"),
 			{"-device", "virtio-serial-pci,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -303,7 +303,7 @@ func TestArgs(t *testing.T) {
 			{"-name", "guest=pod,,1,debug-threads=on", "-machine", "microvm",
 				"-global", "virtio-mmio.force-legacy=false",
 				"-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "512M"},
-			common(base + " colo.channel=serial colo.log=debug"),
+			common(base + " colo.log=debug"),
 			{"-device", "virtio-serial-device,id=vser0",
 				"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 				"-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0,id=agentport",
@@ -324,7 +324,7 @@ func TestArgsSandbox(t *testing.T) {
 	const sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 	vm := hypervisor.VMConfig{
 		ID: "pod", Dir: "/run/vm", VCPUs: 1, MemoryMB: 256,
-		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img", Channel: hypervisor.ChannelSerial,
+		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img", Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 	}
 	for _, tc := range []struct {
 		name string
@@ -368,7 +368,7 @@ func TestTemplateKeySandbox(t *testing.T) {
 		files = append(files, p)
 	}
 	cfg := hypervisor.VMConfig{
-		ID: "pod", Dir: "/run/vm", VCPUs: 1, MemoryMB: 256, Channel: hypervisor.ChannelSerial,
+		ID: "pod", Dir: "/run/vm", VCPUs: 1, MemoryMB: 256, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 		Kernel: files[1], Initrd: files[2], TemplateDir: dir,
 	}
 	keys := make(map[bool]string)
@@ -589,3 +589,11 @@ func TestNICDeviceProperties(t *testing.T) {
 		})
 	}
 }
+
+// The ports the guest listens on: the real agent's (agentproto's, which
+// the driver must not know) and testdata/testinit's, which follows them.
+var (
+	testAgentPort   = hypervisor.GuestPort{Vsock: 1024, Serial: "agent.0"}
+	testConsolePort = hypervisor.GuestPort{Serial: "console.0"}
+	testForwardPort = hypervisor.GuestPort{Serial: "portforward.0"}
+)

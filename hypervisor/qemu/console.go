@@ -15,22 +15,14 @@ import (
 )
 
 // The debug console (VMConfig.DebugConsole) is a virtio-serial port of its
-// own, never the agent's: the guest agent serves a shell on it (package
-// agent, console.go), and DialConsole connects to QEMU's end, a unix socket
-// QEMU listens on in the VM directory.
+// own, never the agent's, named by the caller (DebugConsole.Serial): the
+// guest agent serves a shell on it (package agent, console.go), and
+// DialConsole connects to QEMU's end, a unix socket QEMU listens on in the
+// VM directory.
 const (
 	// ConsoleSocket is the console's socket in VMConfig.Dir. No longer
 	// than AgentSocket, so that a directory Start accepts fits it too.
 	ConsoleSocket = "debug.sock"
-	// ConsolePortName is the name the guest finds the port by under
-	// /sys/class/virtio-ports. The agent has the same constant
-	// (consolePortName in agent/console.go): keep them equal.
-	ConsolePortName = "console.0"
-	// ConsoleKernelParam tells the guest agent to wait for the console
-	// port: the port may show up a little after the agent's, and a guest
-	// without a console is spared the wait. The agent reads the same
-	// name (consoleKernelParam in agent/console.go).
-	ConsoleKernelParam = "colo.debug_console=on"
 	// consolePortID is the port's device id; consoleChardev its
 	// chardev's, which DialConsole looks for.
 	consolePortID  = "consoleport"
@@ -52,7 +44,7 @@ const (
 // need not hand it over as a file. wait=off: QEMU does not wait for a
 // client before running the guest.
 func (l launch) consoleArgs(dev func(string) string) []string {
-	if !l.vm.DebugConsole {
+	if l.vm.DebugConsole.IsZero() {
 		return nil
 	}
 	var a []string
@@ -65,16 +57,8 @@ func (l launch) consoleArgs(dev func(string) string) []string {
 	}
 	return append(a,
 		"-chardev", fmt.Sprintf("socket,id=%s,path=%s,server=on,wait=off", consoleChardev, escape(filepath.Join(l.vm.Dir, ConsoleSocket))),
-		"-device", fmt.Sprintf("virtserialport,bus=%s,chardev=%s,name=%s,id=%s", bus, consoleChardev, ConsolePortName, consolePortID),
+		"-device", fmt.Sprintf("virtserialport,bus=%s,chardev=%s,name=%s,id=%s", bus, consoleChardev, escape(l.vm.DebugConsole.Serial), consolePortID),
 	)
-}
-
-// consoleKernelParams are the guest's kernel parameters for the console.
-func (l launch) consoleKernelParams() []string {
-	if !l.vm.DebugConsole {
-		return nil
-	}
-	return []string{ConsoleKernelParam}
 }
 
 // consoleClient is the console's one client at a time. QEMU's socket

@@ -42,15 +42,14 @@ func TestConsoleArgs(t *testing.T) {
 		l.vm.Channel = tc.channel
 		without := l.args()
 		if slices.ContainsFunc(without, func(a string) bool {
-			return strings.Contains(a, ConsoleSocket) || strings.Contains(a, ConsolePortName) || strings.Contains(a, ConsoleKernelParam)
+			return strings.Contains(a, ConsoleSocket) || strings.Contains(a, testConsolePort.Serial)
 		}) {
 			t.Errorf("%s: a console without DebugConsole: %q", tc.name, without)
 		}
-		l.vm.DebugConsole = true
+		l.vm.DebugConsole = testConsolePort
 		with := l.args()
 		// The console's arguments come right after the agent
-		// channel's, and are all that changes but the kernel's
-		// command line.
+		// channel's, and are all that changes.
 		i := slices.Index(with, tc.want[0])
 		for i >= 0 && !slices.Equal(with[i:min(i+len(tc.want), len(with))], tc.want) {
 			j := slices.Index(with[i+1:], tc.want[0])
@@ -66,12 +65,9 @@ func TestConsoleArgs(t *testing.T) {
 		}
 		rest := slices.Concat(with[:i], with[i+len(tc.want):])
 		for k := range rest {
-			if rest[k] != without[k] && !(k > 0 && rest[k-1] == "-append") {
+			if rest[k] != without[k] {
 				t.Errorf("%s: argument %d: %q, without the console %q", tc.name, k, rest[k], without[k])
 			}
-		}
-		if !strings.Contains(l.kernelCmdline(), " "+ConsoleKernelParam) {
-			t.Errorf("%s: kernel command line %q has no %s", tc.name, l.kernelCmdline(), ConsoleKernelParam)
 		}
 	}
 	if len(ConsoleSocket) > len(AgentSocket) {
@@ -91,12 +87,12 @@ func TestConsoleTemplateKey(t *testing.T) {
 		}
 	}
 	d := &Driver{path: files["qemu"], machine: "q35", accel: accelTCG}
-	cfg := hypervisor.VMConfig{ID: "a", Dir: "/run/a", VCPUs: 1, MemoryMB: 256, Kernel: files["vmlinux"], Initrd: files["initrd.img"], Channel: hypervisor.ChannelSerial, TemplateDir: dir}
+	cfg := hypervisor.VMConfig{ID: "a", Dir: "/run/a", VCPUs: 1, MemoryMB: 256, Kernel: files["vmlinux"], Initrd: files["initrd.img"], Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: dir}
 	off, err := d.templateKey(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.DebugConsole = true
+	cfg.DebugConsole = testConsolePort
 	on, err := d.templateKey(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -175,7 +171,7 @@ func TestDebugConsole(t *testing.T) {
 	templates := templateDir(t)
 
 	dir := vmDir(t)
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "console", Dir: dir, Channel: hypervisor.ChannelSerial, DebugConsole: true, TemplateDir: templates})
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "console", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, DebugConsole: testConsolePort, KernelParams: []string{"colo.debug_console=on"}, TemplateDir: templates})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +224,7 @@ func TestDebugConsole(t *testing.T) {
 
 	// Without the console: an error saying so, and another template.
 	dir2 := vmDir(t)
-	vm2, err := d.Start(ctx, hypervisor.VMConfig{ID: "noconsole", Dir: dir2, Channel: hypervisor.ChannelSerial, TemplateDir: templates})
+	vm2, err := d.Start(ctx, hypervisor.VMConfig{ID: "noconsole", Dir: dir2, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates})
 	if err != nil {
 		t.Fatal(err)
 	}

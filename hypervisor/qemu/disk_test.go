@@ -333,7 +333,7 @@ func TestDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := vmDir(t)
-	hv, err := d.Start(ctx, hypervisor.VMConfig{ID: "disks", Dir: dir, Channel: hypervisor.ChannelSerial})
+	hv, err := d.Start(ctx, hypervisor.VMConfig{ID: "disks", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,7 +447,7 @@ func TestDisks(t *testing.T) {
 func TestDisksMicrovm(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
-	hv, err := newDriver(t, "microvm").Start(ctx, hypervisor.VMConfig{ID: "disks-microvm", Dir: dir, Channel: hypervisor.ChannelSerial})
+	hv, err := newDriver(t, "microvm").Start(ctx, hypervisor.VMConfig{ID: "disks-microvm", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -77,7 +77,7 @@ func TestDumpRunning(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
 	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
-		ID: "dump", Dir: dir, Channel: hypervisor.ChannelSerial, VCPUs: 1, MemoryMB: 256,
+		ID: "dump", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, VCPUs: 1, MemoryMB: 256,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -170,7 +170,7 @@ func TestPanicDump(t *testing.T) {
 			ctx, logs := testContext(t)
 			dir := vmDir(t)
 			cfg := hypervisor.VMConfig{
-				ID: "panic-" + tc.name, Dir: dir, Channel: hypervisor.ChannelSerial, VCPUs: 1, MemoryMB: 256,
+				ID: "panic-" + tc.name, Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, VCPUs: 1, MemoryMB: 256,
 				KernelParams: []string{"unknown_nmi_panic=1", "sysctl.kernel.panic_on_unrecovered_nmi=1"},
 			}
 			if tc.template {

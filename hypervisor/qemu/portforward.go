@@ -12,21 +12,18 @@ import (
 // The port-forward channel carries CRI PortForward connections from the
 // shim to the guest's loopback (shim/sandbox/portforward.go, and
 // agent/portforward.go in the guest): a virtio-serial port of its own,
-// never the agent's, so that forwarded bytes never share a queue with the
-// agent's calls. Only VMs with VMConfig.PortForward (pods on the pod
-// network) have it, whatever their agent channel; templateKey hashes the
-// command line, which includes these devices, so such VMs have templates
-// of their own and a clone always has the port its template had. QEMU's end is a unix socket QEMU
+// never the agent's (named by the caller, PortForward.Serial), so that
+// forwarded bytes never share a queue with the agent's calls. Only VMs
+// with VMConfig.PortForward (pods on the pod network) have it, whatever
+// their agent channel; templateKey hashes the command line, which includes
+// these devices, so such VMs have templates of their own and a clone
+// always has the port its template had. QEMU's end is a unix socket QEMU
 // listens on in the VM directory, like the debug console's.
 const (
 	// PortForwardSocket is the channel's socket in VMConfig.Dir; no
 	// longer than AgentSocket, so that a directory Start accepts fits it
 	// too.
 	PortForwardSocket = "fwd.sock"
-	// PortForwardPortName is the name the guest finds the port by under
-	// /sys/class/virtio-ports. The agent has the same constant
-	// (forwardPortName in agent/portforward.go): keep them equal.
-	PortForwardPortName = "portforward.0"
 	// forwardPortID is the port's device id, forwardChardev its
 	// chardev's; forwardBus the channel's own virtio-serial controller
 	// when the agent has none (vsock).
@@ -41,7 +38,7 @@ const (
 // client, and the shim connects only when a first forwarded connection
 // comes.
 func (l launch) portForwardArgs(dev func(string) string) []string {
-	if !l.vm.PortForward {
+	if l.vm.PortForward.IsZero() {
 		return nil
 	}
 	var a []string
@@ -52,7 +49,7 @@ func (l launch) portForwardArgs(dev func(string) string) []string {
 	}
 	return append(a,
 		"-chardev", fmt.Sprintf("socket,id=%s,path=%s,server=on,wait=off", forwardChardev, escape(filepath.Join(l.vm.Dir, PortForwardSocket))),
-		"-device", fmt.Sprintf("virtserialport,bus=%s,chardev=%s,name=%s,id=%s", bus, forwardChardev, PortForwardPortName, forwardPortID),
+		"-device", fmt.Sprintf("virtserialport,bus=%s,chardev=%s,name=%s,id=%s", bus, forwardChardev, escape(l.vm.PortForward.Serial), forwardPortID),
 	)
 }
 

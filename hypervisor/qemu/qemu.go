@@ -42,12 +42,12 @@ const (
 const DefaultBinary = "qemu-system-x86_64"
 
 const (
-	kvmDevice   = "/dev/kvm"
+	kvmDevice   = hypervisor.KVMDevice
 	vsockDevice = "/dev/vhost-vsock"
 	// vhostNetDevice moves virtio-net's data path into the host kernel;
 	// hosts without it (nested ones) use QEMU's own.
 	vhostNetDevice = "/dev/vhost-net"
-	cpuinfo        = "/proc/cpuinfo"
+	cpuinfo        = hypervisor.CPUInfo
 )
 
 // setprivBinary runs QEMU: Go's exec cannot shrink a child's capability
@@ -115,7 +115,6 @@ type Driver struct {
 	accel        string
 	accelReason  string
 	tscKHz       int
-	kernelParams []string
 	hotplugPorts int
 	vhostNet     bool
 	sandbox      bool
@@ -129,12 +128,12 @@ type Driver struct {
 	initrd   string
 }
 
-var _ hypervisor.Driver = (*Driver)(nil)
+var _ hypervisor.Templater = (*Driver)(nil)
 
 // New checks the configuration and picks the accelerator. The VM-sized
 // fields (vcpus, memory, kernel, initrd) are defaults for VMConfigs that
-// leave them zero; kernel_params are added to every VM's command line
-// before VMConfig.KernelParams.
+// leave them zero; kernel_params are the caller's to put in
+// VMConfig.KernelParams, among the guest's own.
 func New(cfg config.Hypervisor) (*Driver, error) {
 	path := cfg.Path
 	if path == "" {
@@ -151,7 +150,6 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 	d := &Driver{
 		path:         path,
 		machine:      cfg.Machine,
-		kernelParams: strings.Fields(cfg.KernelParams),
 		hotplugPorts: cfg.HotplugPorts,
 		vhostNet:     canOpen(vhostNetDevice),
 		sandbox:      cfg.Sandbox,
@@ -221,14 +219,13 @@ func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hypervisor
 // launch is the launch of cfg with the driver's settings, booting.
 func (d *Driver) launch(cfg hypervisor.VMConfig) launch {
 	l := launch{
-		vm:           cfg,
-		machine:      d.machine,
-		accel:        d.accel,
-		tscKHz:       d.tscKHz,
-		kernelParams: d.kernelParams,
-		pidfile:      filepath.Join(cfg.Dir, PidFile),
-		vhostNet:     d.vhostNet,
-		sandbox:      d.sandbox,
+		vm:       cfg,
+		machine:  d.machine,
+		accel:    d.accel,
+		tscKHz:   d.tscKHz,
+		pidfile:  filepath.Join(cfg.Dir, PidFile),
+		vhostNet: d.vhostNet,
+		sandbox:  d.sandbox,
 	}
 	if d.machine == "q35" {
 		l.hotplugPorts = d.hotplugPorts
@@ -352,10 +349,7 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 		cfg.ID = filepath.Base(cfg.Dir)
 	}
 	if cfg.Channel == "" {
-		cfg.Channel = hypervisor.ChannelSerial
-		if _, err := os.Stat(vsockDevice); err == nil {
-			cfg.Channel = hypervisor.ChannelVsock
-		}
+		cfg.Channel = d.PickChannel()
 	}
 
 	if !filepath.IsAbs(cfg.Dir) {
@@ -402,6 +396,9 @@ func (d *Driver) complete(cfg hypervisor.VMConfig) (hypervisor.VMConfig, error) 
 		}
 	default:
 		return cfg, fmt.Errorf("agent channel %q: want %q or %q", cfg.Channel, hypervisor.ChannelSerial, hypervisor.ChannelVsock)
+	}
+	if err := checkPorts(cfg); err != nil {
+		return cfg, err
 	}
 	cfg, err := checkSize(cfg, d.machine)
 	if err != nil {
@@ -560,3 +557,36 @@ func removeFiles(ctx context.Context, paths []string) error {
 	}
 	return nil
 }
+
+// checkPorts checks that every channel the guest listens on is one QEMU
+// can connect: the agent's on the channel's transport, and the debug
+// console and port-forward channel on virtio-serial ports (QEMU's ends
+// are unix sockets in the VM directory).
+func checkPorts(cfg hypervisor.VMConfig) error {
+	switch {
+	case cfg.Channel == hypervisor.ChannelSerial && cfg.AgentPort.Serial == "":
+		return errors.New("agent channel serial: no virtio-serial port name (AgentPort.Serial)")
+	case cfg.Channel == hypervisor.ChannelVsock && cfg.AgentPort.Vsock == 0:
+		return errors.New("agent channel vsock: no vsock port (AgentPort.Vsock)")
+	case !cfg.DebugConsole.IsZero() && cfg.DebugConsole.Serial == "":
+		return errors.New("debug console: QEMU's is a virtio-serial port, and DebugConsole.Serial names none")
+	case !cfg.PortForward.IsZero() && cfg.PortForward.Serial == "":
+		return errors.New("port-forward channel: QEMU's is a virtio-serial port, and PortForward.Serial names none")
+	}
+	return nil
+}
+
+// PickChannel is vsock where the host has vhost-vsock, which QEMU's vsock
+// device needs, and virtio-serial elsewhere: hypervisor.ChannelPicker.
+func (d *Driver) PickChannel() hypervisor.AgentChannel {
+	if _, err := os.Stat(vsockDevice); err == nil {
+		return hypervisor.ChannelVsock
+	}
+	return hypervisor.ChannelSerial
+}
+
+var _ hypervisor.ChannelPicker = (*Driver)(nil)
+
+// ReleaseTemplates unmounts the ramfs of a template directory, with the
+// templates: hypervisor.Templater.
+func (d *Driver) ReleaseTemplates(dir string) error { return ReleaseTemplates(dir) }

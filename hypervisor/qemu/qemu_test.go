@@ -57,7 +57,7 @@ func controller(dir string) int {
 	cfg.Kernel, cfg.Initrd = os.Getenv(controllerKernelEnv), os.Getenv(controllerInitrdEnv)
 	d, err := New(cfg)
 	if err == nil {
-		_, err = d.Start(context.Background(), hypervisor.VMConfig{ID: "orphan", Dir: dir, Channel: hypervisor.ChannelSerial})
+		_, err = d.Start(context.Background(), hypervisor.VMConfig{ID: "orphan", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -244,6 +244,7 @@ func TestBoot(t *testing.T) {
 
 			started := time.Now()
 			vm, err := d.Start(ctx, hypervisor.VMConfig{
+				AgentPort:    testAgentPort,
 				ID:           "boot-" + tc.machine,
 				Dir:          dir,
 				VCPUs:        1,
@@ -326,7 +327,7 @@ func TestCleanup(t *testing.T) {
 	dir := vmDir(t)
 
 	// A VM whose controller "died": nobody stops it.
-	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "abandoned", Dir: dir, Channel: hypervisor.ChannelSerial})
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "abandoned", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -513,7 +514,7 @@ func TestStartErrors(t *testing.T) {
 					before = append(before, filepath.Join(dir, e.Name()))
 				}
 			}
-			cfg := hypervisor.VMConfig{ID: "bad", Dir: dir, Channel: hypervisor.ChannelSerial}
+			cfg := hypervisor.VMConfig{ID: "bad", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort}
 			tc.cfg(&cfg)
 			vm, err := newDriver(t, "q35").Start(ctx, cfg)
 			if err == nil {
@@ -559,6 +560,7 @@ func TestGuestPanic(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
 	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
+		AgentPort:    testAgentPort,
 		ID:           "panic",
 		Dir:          dir,
 		Channel:      hypervisor.ChannelSerial,
@@ -595,7 +597,7 @@ func TestGuestPanic(t *testing.T) {
 func TestStopKills(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
-	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "stuck", Dir: dir, Channel: hypervisor.ChannelSerial})
+	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{ID: "stuck", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -632,7 +634,7 @@ func BenchmarkBoot(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "bench", Dir: dir, Channel: hypervisor.ChannelSerial})
+				vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "bench", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -695,7 +697,7 @@ func TestNICs(t *testing.T) {
 	prefix := fmt.Sprintf("ct%d", os.Getpid()%100000)
 	boot := hypervisor.NIC{ID: "eth0", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 1}, MTU: 1400, TAP: newTAP(t, prefix+"a")}
 	bootE := hypervisor.NIC{ID: "eth3", MAC: net.HardwareAddr{2, 0xc0, 0, 0, 0, 4}, MTU: 1400, TAP: newTAP(t, prefix+"d"), Model: hypervisor.NICE1000E}
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "nics", Dir: dir, Channel: hypervisor.ChannelSerial, NICs: []hypervisor.NIC{boot, bootE}})
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "nics", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, NICs: []hypervisor.NIC{boot, bootE}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -754,7 +756,7 @@ func TestTemplate(t *testing.T) {
 			t.Fatal(err)
 		}
 		vm, err := d.Start(ctx, hypervisor.VMConfig{
-			ID: fmt.Sprintf("clone%d", i), Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates,
+			ID: fmt.Sprintf("clone%d", i), Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates,
 			Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.Share9P, Path: shared}},
 		})
 		if err != nil {
@@ -799,7 +801,7 @@ func TestTemplate(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := vmDir(t)
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates, Initrd: initrd})
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates, Initrd: initrd})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -808,7 +810,7 @@ func TestTemplate(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir = vmDir(t)
-	if vm, err = d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt-again", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates, Initrd: initrd}); err != nil {
+	if vm, err = d.Start(ctx, hypervisor.VMConfig{ID: "rebuilt-again", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates, Initrd: initrd}); err != nil {
 		t.Fatal(err)
 	}
 	stopped(t, vm, dir)
@@ -834,7 +836,7 @@ func TestTemplateVirtioFS(t *testing.T) {
 		t.Fatal(err)
 	}
 	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
-		ID: "fs-clone", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templateDir(t),
+		ID: "fs-clone", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templateDir(t),
 		Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.ShareVirtioFS, Path: startVirtiofsd(t, dir, shared)}},
 		// Headroom, and a clone bigger than its template: the memory
 		// virtio-mem plugs is shared with virtiofsd too.
@@ -975,7 +977,7 @@ func TestSandboxOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := vmDir(t)
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "unsandboxed", Dir: dir, Channel: hypervisor.ChannelSerial})
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "unsandboxed", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -80,7 +80,7 @@ func TestTemplateKeySize(t *testing.T) {
 	}
 	d := &Driver{path: files[0], machine: "q35", accel: accelTCG}
 	cfg := hypervisor.VMConfig{
-		ID: "pod", Dir: "/run/vm", VCPUs: 2, MemoryMB: 768, Channel: hypervisor.ChannelSerial,
+		ID: "pod", Dir: "/run/vm", VCPUs: 2, MemoryMB: 768, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 		MaxVCPUs: 4, BaseMemoryMB: 256, MaxMemoryMB: 2048, TemplateVCPUs: 1, TemplateMemoryMB: 256,
 		Kernel: files[1], Initrd: files[2], TemplateDir: dir,
 	}
@@ -144,7 +144,7 @@ func TestResize(t *testing.T) {
 	d := newDriver(t, "q35")
 	dir := vmDir(t)
 	vm, err := d.Start(ctx, hypervisor.VMConfig{
-		ID: "resize", Dir: dir, Channel: hypervisor.ChannelSerial,
+		ID: "resize", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 		VCPUs: 1, MaxVCPUs: 3, MemoryMB: 256, MaxMemoryMB: 1280,
 	})
 	if err != nil {
@@ -244,7 +244,7 @@ func TestResizeMicrovm(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
 	vm, err := newDriver(t, "microvm").Start(ctx, hypervisor.VMConfig{
-		ID: "resize-microvm", Dir: dir, Channel: hypervisor.ChannelSerial,
+		ID: "resize-microvm", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 		VCPUs: 1, MaxVCPUs: 2, MemoryMB: 256, MaxMemoryMB: 512,
 	})
 	if err != nil {
@@ -276,7 +276,7 @@ func TestTemplateResize(t *testing.T) {
 	d := newDriver(t, "q35")
 	templates := templateDir(t)
 	cfg := hypervisor.VMConfig{
-		Channel: hypervisor.ChannelSerial, TemplateDir: templates,
+		Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates,
 		MaxVCPUs: 3, MaxMemoryMB: 1280, BaseMemoryMB: 256, TemplateVCPUs: 1, TemplateMemoryMB: 256,
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
@@ -333,7 +333,7 @@ func TestResizeColdPlugged(t *testing.T) {
 	ctx, _ := testContext(t)
 	dir := vmDir(t)
 	vm, err := newDriver(t, "q35").Start(ctx, hypervisor.VMConfig{
-		ID: "cold-plugged", Dir: dir, Channel: hypervisor.ChannelSerial,
+		ID: "cold-plugged", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort,
 		VCPUs: 2, MaxVCPUs: 3, MemoryMB: 256,
 	})
 	if err != nil {

@@ -121,7 +121,7 @@ func TestStartAbsentPCIDevice(t *testing.T) {
 	dir := vmDir(t)
 	templates := t.TempDir()
 	cfg := hypervisor.VMConfig{
-		ID: "vfio", Dir: dir, Channel: hypervisor.ChannelSerial, TemplateDir: templates,
+		ID: "vfio", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates,
 		PCIDevices: []hypervisor.PCIDevice{{ID: "nvme0", Address: absentDevice}},
 	}
 	vm, err := newDriver(t, "q35").Start(ctx, cfg)
@@ -169,7 +169,7 @@ func TestAddAbsentPCIDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := vmDir(t)
-	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "vfio-hot", Dir: dir, Channel: hypervisor.ChannelSerial})
+	vm, err := d.Start(ctx, hypervisor.VMConfig{ID: "vfio-hot", Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/mdlayher/vsock"
 
-	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/hypervisor"
 )
 
@@ -45,11 +44,13 @@ type VM struct {
 	id      string
 	dir     string
 	channel hypervisor.AgentChannel
-	cid     uint32
-	cmd     *exec.Cmd
-	logger  *log.Entry
-	output  lastLines
-	qmp     *QMP // set by connect before Start returns
+	// agentPort is where the guest's agent listens (VMConfig.AgentPort).
+	agentPort hypervisor.GuestPort
+	cid       uint32
+	cmd       *exec.Cmd
+	logger    *log.Entry
+	output    lastLines
+	qmp       *QMP // set by connect before Start returns
 
 	done     chan struct{}
 	quitting atomic.Bool // Stop asked QEMU to quit
@@ -122,6 +123,7 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 		id:        cfg.ID,
 		dir:       cfg.Dir,
 		channel:   cfg.Channel,
+		agentPort: cfg.AgentPort,
 		cid:       l.cid,
 		cmd:       cmd,
 		logger:    log.G(context.WithoutCancel(ctx)).WithField("vm", cfg.ID),
@@ -311,7 +313,7 @@ func (vm *VM) DialAgent(ctx context.Context) (net.Conn, error) {
 	)
 	switch vm.channel {
 	case hypervisor.ChannelVsock:
-		conn, err = vsock.DialContext(ctx, vm.cid, agentproto.VsockPort, nil)
+		conn, err = vsock.DialContext(ctx, vm.cid, vm.agentPort.Vsock, nil)
 	default:
 		conn, err = (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(vm.dir, AgentSocket))
 	}

@@ -31,21 +31,19 @@ const (
 	dialRetry = 20 * time.Millisecond
 )
 
-// vhostVsockDevice is what QEMU needs for a vsock device.
-const vhostVsockDevice = "/dev/vhost-vsock"
-
-// agentChannel resolves the agent.channel setting.
-func agentChannel(setting string) hypervisor.AgentChannel {
+// agentChannel resolves the agent.channel setting; "auto" is the driver's
+// to pick, as the transports that work depend on the hypervisor.
+func agentChannel(setting string, drv hypervisor.Driver) hypervisor.AgentChannel {
 	switch setting {
 	case "vsock":
 		return hypervisor.ChannelVsock
 	case "serial":
 		return hypervisor.ChannelSerial
 	}
-	if _, err := os.Stat(vhostVsockDevice); err == nil {
-		return hypervisor.ChannelVsock
+	if p, ok := drv.(hypervisor.ChannelPicker); ok {
+		return p.PickChannel()
 	}
-	return hypervisor.ChannelSerial
+	return hypervisor.ChannelVsock
 }
 
 // agentConn is the one ttrpc connection to a VM's agent, kept for the VM's

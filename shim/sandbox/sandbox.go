@@ -567,7 +567,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 			}
 			vmcfg.PCIDevices = append(vmcfg.PCIDevices, hypervisor.PCIDevice{ID: pciDeviceID(iface.PCIAddress), Address: iface.PCIAddress})
 		}
-		vmcfg.PortForward = true // portforward.go
+		vmcfg.PortForward = hypervisor.GuestPort{Serial: agentproto.PortForwardPortName} // portforward.go
 	}
 	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
 		return fmt.Errorf("create VM dir: %w", err)
@@ -673,10 +673,16 @@ func (s *Sandbox) place(ctx context.Context) error {
 
 func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 	h := s.cfg.Hypervisor
-	channel := agentChannel(s.cfg.Agent.Channel)
+	channel := agentChannel(s.cfg.Agent.Channel, s.driver)
+	// Templates are a capability of some drivers: the others boot every
+	// VM, and get no directory for them.
 	templateDir := ""
-	if h.Template {
+	if _, ok := s.driver.(hypervisor.Templater); ok && h.Template {
 		templateDir = s.cfg.Runtime.TemplateDir
+	}
+	var console hypervisor.GuestPort
+	if s.cfg.Agent.DebugConsole {
+		console = hypervisor.GuestPort{Serial: agentproto.ConsolePortName}
 	}
 	return hypervisor.VMConfig{
 		ID:       s.id,
@@ -692,14 +698,26 @@ func (s *Sandbox) vmConfig(share hypervisor.Share) hypervisor.VMConfig {
 		TemplateMemoryMB: h.MemoryMB,
 		Kernel:           h.Kernel,
 		Initrd:           h.Initrd,
-		// The driver adds colo.channel and hypervisor.kernel_params
-		// itself (driver.New gets the hypervisor configuration).
-		KernelParams: []string{"colo.log=" + s.cfg.Agent.LogLevel},
-		Shares:       []hypervisor.Share{share},
-		Channel:      channel,
-		DebugConsole: s.cfg.Agent.DebugConsole,
-		TemplateDir:  templateDir,
+		KernelParams:     guestKernelParams(s.cfg, channel),
+		Shares:           []hypervisor.Share{share},
+		Channel:          channel,
+		AgentPort:        hypervisor.GuestPort{Vsock: agentproto.VsockPort, Serial: agentproto.SerialPortName},
+		DebugConsole:     console,
+		TemplateDir:      templateDir,
 	}
+}
+
+// guestKernelParams are the guest's kernel parameters beyond the driver's
+// own: the agent's channel and console, then hypervisor.kernel_params,
+// which may override them (a test points the agent at another channel so),
+// then the agent's log level, which agent.log_level sets.
+func guestKernelParams(cfg config.Config, channel hypervisor.AgentChannel) []string {
+	params := []string{"colo.channel=" + string(channel)}
+	if cfg.Agent.DebugConsole {
+		params = append(params, agentproto.ConsoleKernelParam)
+	}
+	params = append(params, strings.Fields(cfg.Hypervisor.KernelParams)...)
+	return append(params, "colo.log="+cfg.Agent.LogLevel)
 }
 
 // watchVM turns an unexpected VM exit into a failed sandbox: exits of all
@@ -1024,7 +1042,7 @@ func cleanup(ctx context.Context, dir string, cleanupVM CleanupVM, binder *vfio.
 	vm := procfs.Proc{Pid: st.HypervisorPid, Start: st.HypervisorStart}
 	if cleanupVM == nil {
 		errs = append(errs, errors.New("clean up VM: no hypervisor cleanup given"))
-	} else if err := cleanupVM(ctx, st.Config.Hypervisor.Name, filepath.Join(dir, vmDir), vm); err != nil {
+	} else if err := cleanupVM(ctx, st.Config.Hypervisor.Type, filepath.Join(dir, vmDir), vm); err != nil {
 		errs = append(errs, fmt.Errorf("clean up VM: %w", err))
 	}
 	// Only once the VM is gone: an unbind from vfio-pci waits for it.

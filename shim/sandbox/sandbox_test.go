@@ -22,7 +22,7 @@ import (
 	"github.com/colo-runtime/colo/agentproto"
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
-	"github.com/colo-runtime/colo/hypervisor/qemu"
+	"github.com/colo-runtime/colo/hypervisor/driver"
 	"github.com/colo-runtime/colo/internal/procfs"
 	"github.com/colo-runtime/colo/storage"
 	"github.com/colo-runtime/colo/testbed"
@@ -74,8 +74,8 @@ func newEnv(t *testing.T, withStdin bool) *env {
 	cs := openClientStdio(t, filepath.Join(root, "fifos"), withStdin)
 	e.stdio, e.stdout, e.stderr, e.stdin = cs.Stdio, cs.stdout, cs.stderr, cs.stdin
 	t.Cleanup(func() {
-		// The real QEMU driver's templates sit on a ramfs of their own.
-		if err := qemu.ReleaseTemplates(filepath.Join(root, "templates")); err != nil {
+		// A real driver's templates may sit on a mount of their own.
+		if err := driver.ReleaseTemplates(filepath.Join(root, "templates")); err != nil {
 			t.Error(err)
 		}
 		for _, c := range []io.Closer{e.stdout, e.stderr, e.stdin} {
@@ -303,7 +303,7 @@ func TestLifecycle(t *testing.T) {
 			if vm := procfs.Of(sb.Pid()); st.HypervisorStart != vm.Start || vm.Start == 0 {
 				t.Errorf("state hypervisor start %d, VM's %d", st.HypervisorStart, vm.Start)
 			}
-			if st.Version != StateVersion || st.Config.Hypervisor.Name != "qemu" || st.ID != "c1" {
+			if st.Version != StateVersion || st.Config.Hypervisor.Type != "qemu" || st.ID != "c1" {
 				t.Errorf("state version %d, hypervisor %+v, id %q", st.Version, st.Config.Hypervisor, st.ID)
 			}
 			if (fs == "virtio-fs") != (st.VirtiofsdPid != 0) {
@@ -323,7 +323,7 @@ func TestLifecycle(t *testing.T) {
 			}
 
 			vmcfg := e.drv.lastCfg
-			wantParams := []string{"colo.log=warn"}
+			wantParams := []string{"colo.channel=serial", "colo.log=warn"}
 			if !slices.Equal(vmcfg.KernelParams, wantParams) {
 				t.Errorf("kernel params = %q, want %q", vmcfg.KernelParams, wantParams)
 			}

@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -239,6 +240,20 @@ func ReadState(dir string) (State, error) {
 		// is one.
 		st.Config.Hypervisor = v0.Hypervisor
 		st.Version = StateVersion
+	}
+	if st.Config.Hypervisor.Type == "" {
+		// Written before hypervisor.name became hypervisor.type: the
+		// driver's name is under its old key.
+		var named struct {
+			Config struct {
+				Hypervisor struct{ Name string }
+			} `json:"config"`
+			Hypervisor struct{ Name string } `json:"hypervisor"`
+		}
+		if err := json.Unmarshal(b, &named); err != nil {
+			return st, fmt.Errorf("sandbox state %s: %w", p, err)
+		}
+		st.Config.Hypervisor.Type = cmp.Or(named.Config.Hypervisor.Name, named.Hypervisor.Name)
 	}
 	if st.Dir != dir {
 		return st, fmt.Errorf("sandbox state %s names directory %q", p, st.Dir)

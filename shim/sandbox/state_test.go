@@ -35,9 +35,9 @@ func TestReadStateVersion(t *testing.T) {
 		want    func(State) bool
 	}{{
 		name: "current",
-		json: fmt.Sprintf(`{"version": %d, "dir": %q, "config": {"Hypervisor": {"Name": "qemu"}}, "hypervisor_pid": 7, "hypervisor_start": 8}`, StateVersion, dir),
+		json: fmt.Sprintf(`{"version": %d, "dir": %q, "config": {"Hypervisor": {"Type": "qemu"}}, "hypervisor_pid": 7, "hypervisor_start": 8}`, StateVersion, dir),
 		want: func(st State) bool {
-			return st.Version == StateVersion && st.Config.Hypervisor.Name == "qemu" && st.HypervisorPid == 7 && st.HypervisorStart == 8
+			return st.Version == StateVersion && st.Config.Hypervisor.Type == "qemu" && st.HypervisorPid == 7 && st.HypervisorStart == 8
 		},
 	}, {
 		// An earlier shim's record: no version, the hypervisor's
@@ -45,9 +45,14 @@ func TestReadStateVersion(t *testing.T) {
 		name: "unversioned",
 		json: fmt.Sprintf(`{"dir": %q, "hypervisor": {"Name": "qemu", "Path": "/old/qemu"}, "hypervisor_pid": 7, "mounts": ["mounts"]}`, dir),
 		want: func(st State) bool {
-			return st.Version == StateVersion && st.Config.Hypervisor.Name == "qemu" &&
+			return st.Version == StateVersion && st.Config.Hypervisor.Type == "qemu" &&
 				st.Config.Hypervisor.Path == "/old/qemu" && st.HypervisorPid == 7 && len(st.Mounts) == 1
 		},
+	}, {
+		// Written before hypervisor.name became hypervisor.type.
+		name: "hypervisor name",
+		json: fmt.Sprintf(`{"version": %d, "dir": %q, "config": {"Hypervisor": {"Name": "clh"}}, "hypervisor_pid": 7}`, StateVersion, dir),
+		want: func(st State) bool { return st.Config.Hypervisor.Type == "clh" },
 	}, {
 		name:    "newer",
 		json:    fmt.Sprintf(`{"version": %d, "dir": %q}`, StateVersion+1, dir),

@@ -136,7 +136,7 @@ func (ss *sandboxService) CreateSandbox(ctx context.Context, r *sandboxAPI.Creat
 	}
 	drv, err := s.newDriver(cfg.Hypervisor)
 	if err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Name, err))
+		return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Type, err))
 	}
 	p := &podSandbox{
 		id:      r.SandboxID,

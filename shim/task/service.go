@@ -226,7 +226,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	} else {
 		drv, err := s.newDriver(cfg.Hypervisor)
 		if err != nil {
-			return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Name, err))
+			return nil, errgrpc.ToGRPC(fmt.Errorf("hypervisor %q: %w", cfg.Hypervisor.Type, err))
 		}
 		sb, c, err = sandbox.Create(ctx, sandbox.Options{
 			ID:        r.ID,

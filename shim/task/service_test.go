@@ -29,7 +29,6 @@ import (
 	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/hypervisor"
 	"github.com/colo-runtime/colo/hypervisor/driver"
-	"github.com/colo-runtime/colo/hypervisor/qemu"
 	"github.com/colo-runtime/colo/storage"
 )
 
@@ -255,7 +254,7 @@ func realVMs(t *testing.T) string {
 	}
 	t.Setenv(config.EnvPath, cfgPath)
 	t.Cleanup(func() {
-		if err := qemu.ReleaseTemplates(filepath.Join(dir, "templates")); err != nil {
+		if err := driver.ReleaseTemplates(filepath.Join(dir, "templates")); err != nil {
 			t.Error(err)
 		}
 	})
