@@ -87,7 +87,9 @@ func TestDisksInRealGuest(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	vm, err := drv.Start(ctx, hypervisor.VMConfig{ID: "disks", Dir: dir, Channel: hypervisor.ChannelSerial})
+	vm, err := drv.Start(ctx, hypervisor.VMConfig{ID: "disks", Dir: dir, Channel: hypervisor.ChannelSerial,
+		AgentPort:    hypervisor.GuestPort{Serial: agentproto.SerialPortName},
+		KernelParams: []string{"colo.channel=" + string(hypervisor.ChannelSerial)}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package clh
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -12,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,10 +21,8 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/vmoutput"
 )
-
-// keptLines is how much of the console and CH's messages errors quote.
-const keptLines = 50
 
 // drainGrace bounds reading CH's output and the console after it exited.
 const drainGrace = time.Second
@@ -44,7 +40,7 @@ type VM struct {
 	cmd    *exec.Cmd
 	api    api
 	logger *log.Entry
-	output lastLines
+	output vmoutput.Output
 	size   hypervisor.VMConfig // the sizes as launched (complete)
 	// The guest's vsock ports: the agent's, the debug console's and the
 	// port-forward channel's (0: none).
@@ -515,7 +511,7 @@ func vcpuThreads(pid int) ([]int, error) {
 
 // Console is the last lines of the guest's serial console and of CH's own
 // messages.
-func (vm *VM) Console() []string { return vm.output.lines() }
+func (vm *VM) Console() []string { return vm.output.Lines() }
 
 // Done is closed when CH has exited.
 func (vm *VM) Done() <-chan struct{} { return vm.done }
@@ -583,7 +579,7 @@ func (vm *VM) describeExit() string {
 	vm.mu.Unlock()
 	var b strings.Builder
 	fmt.Fprintf(&b, "%v: %s", errExited, describeWait(waitErr))
-	lines := vm.output.lines()
+	lines := vm.output.Lines()
 	if len(lines) == 0 {
 		b.WriteString("; no output")
 	} else {
@@ -599,86 +595,18 @@ func describeWait(err error) string {
 	return err.Error()
 }
 
-var escapeSequence = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|.)|[\x00-\x08\x0a-\x1f\x7f]`)
-
 // copyLines keeps the last lines of r and logs them at debug level (the
 // console) or as warnings (CH's own messages).
 func (vm *VM) copyLines(r io.Reader, src string) {
-	br := bufio.NewReaderSize(r, 4096)
-	limit := lineLimit{tokens: lineBurst}
-	for {
-		b, err := br.ReadSlice('\n')
-		if len(b) > 0 {
-			line := escapeSequence.ReplaceAllString(strings.TrimRight(string(b), "\r\n"), "")
-			if strings.TrimSpace(line) != "" {
-				vm.output.add(line)
-				entry := vm.logger.WithField("src", src)
-				ok, held := limit.allow(time.Now())
-				if held > 0 {
-					entry = entry.WithField("held_back", held)
-				}
-				if !ok {
-					// The guest writes as fast as it likes; the shim's
-					// log gets a bounded share, the last lines are kept.
-				} else if src == "console" {
-					entry.Debug(line)
-				} else {
-					entry.Warn(line)
-				}
-			}
+	vm.output.Copy(r, func(line string, held int) {
+		entry := vm.logger.WithField("src", src)
+		if held > 0 {
+			entry = entry.WithField("held_back", held)
 		}
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
-			return
+		if src == "console" {
+			entry.Debug(line)
+		} else {
+			entry.Warn(line)
 		}
-	}
-}
-
-const (
-	lineBurst      = 200
-	linesPerSecond = 50
-)
-
-// lineLimit is a token bucket of log lines, for one reader.
-type lineLimit struct {
-	tokens float64
-	last   time.Time
-	held   int
-}
-
-// allow tells whether to log a line now, and how many were held back
-// since the last one logged.
-func (l *lineLimit) allow(now time.Time) (bool, int) {
-	if !l.last.IsZero() {
-		l.tokens = min(lineBurst, l.tokens+now.Sub(l.last).Seconds()*linesPerSecond)
-	}
-	l.last = now
-	if l.tokens < 1 {
-		l.held++
-		return false, 0
-	}
-	l.tokens--
-	held := l.held
-	l.held = 0
-	return true, held
-}
-
-// lastLines keeps the last keptLines lines.
-type lastLines struct {
-	mu  sync.Mutex
-	buf []string
-}
-
-func (l *lastLines) add(line string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.buf) == keptLines {
-		l.buf = slices.Delete(l.buf, 0, 1)
-	}
-	l.buf = append(l.buf, line)
-}
-
-func (l *lastLines) lines() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.buf)
+	})
 }

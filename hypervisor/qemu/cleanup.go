@@ -3,13 +3,9 @@ package qemu
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/containerd/log"
@@ -38,55 +34,14 @@ import (
 func Cleanup(ctx context.Context, dir string, vm procfs.Proc) error {
 	dir = filepath.Clean(dir)
 	pidfile := filepath.Join(dir, PidFile)
-	byArgs := func(st procfs.Stat, args []string) bool { return isQEMUArgs(args, pidfile) }
-	type candidate struct {
-		pid int
-		ok  func(procfs.Stat, []string) bool
+	killed, refused, err := procfs.KillAbandoned(ctx, vm, pidfile, func(args []string) bool { return isQEMUArgs(args, pidfile) })
+	for _, pid := range refused {
+		log.G(ctx).WithField("pid", pid).Warnf("qemu: cleanup: pid %d is not the QEMU of %s, leaving it alone", pid, dir)
 	}
-	var cands []candidate
-	if vm.Pid > 0 && vm.Start != 0 {
-		cands = append(cands, candidate{vm.Pid, func(st procfs.Stat, _ []string) bool { return st.Start == vm.Start }})
+	for _, pid := range killed {
+		log.G(ctx).WithField("pid", pid).Info("qemu: cleanup: killed an abandoned VM")
 	}
-	b, err := os.ReadFile(pidfile)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-	case err != nil:
-		return fmt.Errorf("qemu: cleanup %s: %w", dir, err)
-	default:
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
-			cands = append(cands, candidate{pid, byArgs})
-		} else {
-			// QEMU writes the pid at once: a bad file is not a live QEMU's.
-			log.G(ctx).Warnf("qemu: cleanup: %s: no pid in %q, removing it", pidfile, b)
-		}
-	}
-	for _, p := range procfs.Find(func(args []string) bool { return isQEMUArgs(args, pidfile) }) {
-		cands = append(cands, candidate{p.Pid, func(st procfs.Stat, args []string) bool {
-			return st.Start == p.Start && byArgs(st, args)
-		}})
-	}
-	var errs []error
-	var tried []int
-	for _, c := range cands {
-		if slices.Contains(tried, c.pid) {
-			continue
-		}
-		tried = append(tried, c.pid)
-		killed, err := procfs.KillIf(ctx, c.pid, func(st procfs.Stat, args []string) bool {
-			if c.ok(st, args) {
-				return true
-			}
-			log.G(ctx).WithField("pid", c.pid).Warnf("qemu: cleanup: pid %d is not the QEMU of %s, leaving it alone", c.pid, dir)
-			return false
-		})
-		if killed {
-			log.G(ctx).WithField("pid", c.pid).Info("qemu: cleanup: killed an abandoned VM")
-		}
-		if err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err != nil {
 		return fmt.Errorf("qemu: cleanup %s: %w", dir, err)
 	}
 	if err := removeFiles(ctx, driverFiles(dir)); err != nil {

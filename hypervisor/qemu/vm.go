@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -23,11 +21,8 @@ import (
 	"github.com/mdlayher/vsock"
 
 	"github.com/colo-runtime/colo/hypervisor"
+	"github.com/colo-runtime/colo/internal/vmoutput"
 )
-
-// keptLines is how much of QEMU's output (the guest console and QEMU's own
-// messages) errors quote.
-const keptLines = 50
 
 // drainGrace bounds reading QEMU's output after it exited, in case a
 // descendant inherited the pipe and keeps it open.
@@ -49,7 +44,7 @@ type VM struct {
 	cid       uint32
 	cmd       *exec.Cmd
 	logger    *log.Entry
-	output    lastLines
+	output    vmoutput.Output
 	qmp       *QMP // set by connect before Start returns
 
 	done     chan struct{}
@@ -165,71 +160,24 @@ func startVM(ctx context.Context, cmd *exec.Cmd, l launch) (*VM, error) {
 	return vm, nil
 }
 
-var escapeSequence = regexp.MustCompile(`\x1b(\[[0-9;?]*[A-Za-z]|.)|[\x00-\x08\x0a-\x1f\x7f]`)
-
 // copyLines logs QEMU's stdout (the guest console) at debug level and its
 // stderr (QEMU's own messages) as warnings, and keeps the last lines.
-// The guest writes the console as fast as it likes: what reaches the
-// shim's log is rate-limited (lineBurst lines, then linesPerSecond), the
-// lines held back counted; the last lines are always kept.
 func (vm *VM) copyLines(r io.Reader, stderr bool) {
-	br := bufio.NewReaderSize(r, 4096)
-	limit := lineLimit{tokens: lineBurst}
-	for {
-		b, err := br.ReadSlice('\n')
-		if len(b) > 0 {
-			line := escapeSequence.ReplaceAllString(strings.TrimRight(string(b), "\r\n"), "")
-			if strings.TrimSpace(line) != "" {
-				vm.output.add(line)
-				entry := vm.logger.WithField("src", "console")
-				if stderr {
-					entry = vm.logger.WithField("src", "qemu")
-				}
-				if ok, held := limit.allow(time.Now()); ok {
-					if held > 0 {
-						entry = entry.WithField("held_back", held)
-					}
-					if stderr {
-						entry.Warn(line)
-					} else {
-						entry.Debug(line)
-					}
-				}
-			}
+	src := "console"
+	if stderr {
+		src = "qemu"
+	}
+	vm.output.Copy(r, func(line string, held int) {
+		entry := vm.logger.WithField("src", src)
+		if held > 0 {
+			entry = entry.WithField("held_back", held)
 		}
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
-			return
+		if stderr {
+			entry.Warn(line)
+		} else {
+			entry.Debug(line)
 		}
-	}
-}
-
-const (
-	lineBurst      = 200
-	linesPerSecond = 50
-)
-
-// lineLimit is a token bucket of log lines, for one reader.
-type lineLimit struct {
-	tokens float64
-	last   time.Time
-	held   int
-}
-
-// allow tells whether to log a line now, and how many were held back
-// since the last one logged.
-func (l *lineLimit) allow(now time.Time) (bool, int) {
-	if !l.last.IsZero() {
-		l.tokens = min(lineBurst, l.tokens+now.Sub(l.last).Seconds()*linesPerSecond)
-	}
-	l.last = now
-	if l.tokens < 1 {
-		l.held++
-		return false, 0
-	}
-	l.tokens--
-	held := l.held
-	l.held = 0
-	return true, held
+	})
 }
 
 // connect waits for QMP's greeting and a first answer to query-status.
@@ -445,7 +393,7 @@ const undoTimeout = 5 * time.Second
 
 // Console is QEMU's last lines of output: the guest console and QEMU's
 // own messages.
-func (vm *VM) Console() []string { return vm.output.lines() }
+func (vm *VM) Console() []string { return vm.output.Lines() }
 
 // Done is closed when QEMU has exited.
 func (vm *VM) Done() <-chan struct{} { return vm.done }
@@ -477,7 +425,7 @@ func (vm *VM) describeExit() string {
 	if shutdown != "" {
 		fmt.Fprintf(&b, " (shutdown: %s)", shutdown)
 	}
-	lines := vm.output.lines()
+	lines := vm.output.Lines()
 	if len(lines) == 0 {
 		b.WriteString("; no output")
 	} else {
@@ -501,26 +449,4 @@ func driverFiles(dir string) []string {
 		filepath.Join(dir, PortForwardSocket),
 		filepath.Join(dir, PidFile),
 	}
-}
-
-// lastLines keeps the last keptLines lines.
-type lastLines struct {
-	mu  sync.Mutex
-	buf []string
-}
-
-func (l *lastLines) add(line string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.buf) == keptLines {
-		copy(l.buf, l.buf[1:])
-		l.buf = l.buf[:keptLines-1]
-	}
-	l.buf = append(l.buf, line)
-}
-
-func (l *lastLines) lines() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]string(nil), l.buf...)
 }

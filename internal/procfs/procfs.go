@@ -229,3 +229,68 @@ func Find(match func(args []string) bool) []Proc {
 	}
 	return out
 }
+
+// KillAbandoned kills the process a dead controller left behind, each
+// candidate only once it is known to be that process, and returns once
+// they are gone:
+//   - recorded, the process the controller wrote down: pid and start time
+//     name that very process, whatever its command line says;
+//   - the pid in pidfile (written by the process itself), if its command
+//     line matches: the pid may have been reused;
+//   - any process whose command line matches (match names something only
+//     the abandoned process has, such as a socket in its own directory):
+//     the controller may have died before recording anything.
+//
+// It returns the pids it killed, and refused reports those it left alone
+// because they were another process's now. A missing pid file is no
+// error; one that names no pid is ignored.
+func KillAbandoned(ctx context.Context, recorded Proc, pidfile string, match func(args []string) bool) (killed, refused []int, err error) {
+	byArgs := func(_ Stat, args []string) bool { return match(args) }
+	type candidate struct {
+		pid int
+		ok  func(Stat, []string) bool
+	}
+	var cands []candidate
+	if recorded.Pid > 0 && recorded.Start != 0 {
+		cands = append(cands, candidate{recorded.Pid, func(st Stat, _ []string) bool { return st.Start == recorded.Start }})
+	}
+	if pidfile != "" {
+		b, err := os.ReadFile(pidfile)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, nil, err
+		}
+		if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && perr == nil && pid > 0 {
+			cands = append(cands, candidate{pid, byArgs})
+		}
+	}
+	for _, p := range Find(match) {
+		cands = append(cands, candidate{p.Pid, func(st Stat, args []string) bool {
+			return st.Start == p.Start && byArgs(st, args)
+		}})
+	}
+	var (
+		errs  []error
+		tried = make(map[int]bool)
+	)
+	for _, c := range cands {
+		if tried[c.pid] {
+			continue
+		}
+		tried[c.pid] = true
+		judged := false
+		sent, err := KillIf(ctx, c.pid, func(st Stat, args []string) bool {
+			judged = true
+			return c.ok(st, args)
+		})
+		switch {
+		case sent:
+			killed = append(killed, c.pid)
+		case judged:
+			refused = append(refused, c.pid)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return killed, refused, errors.Join(errs...)
+}

@@ -1,4 +1,4 @@
-package qemu
+package vmoutput
 
 import (
 	"testing"
