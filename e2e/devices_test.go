@@ -109,18 +109,7 @@ func TestBlockRootfs(t *testing.T) {
 				t.Errorf("recorded disks %+v, want the container's snapshot", disks)
 			}
 
-			if r := ctr(t, "task", "kill", "-s", "KILL", id); r.ExitCode != 0 {
-				t.Fatalf("kill: %s", r)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			for ctr(t, "task", "rm", id).ExitCode != 0 {
-				select {
-				case <-ctx.Done():
-					t.Fatal("the task was not removed within a minute of its kill")
-				case <-time.After(100 * time.Millisecond):
-				}
-			}
+			killAndRemoveTask(t, id)
 			if r := ctr(t, "container", "rm", id); r.ExitCode != 0 {
 				t.Fatalf("container rm: %s", r)
 			}
@@ -255,18 +244,7 @@ func TestPodDisks(t *testing.T) {
 		if d := recordedDisks(t, sandboxDir(cd.Namespace, id)); len(d) != 1 || d[0].Source != img || d[0].Container != "" {
 			t.Errorf("recorded disks %+v, want the pod's image", d)
 		}
-		if r := ctr(t, "task", "kill", "-s", "KILL", id); r.ExitCode != 0 {
-			t.Fatalf("kill: %s", r)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		for ctr(t, "task", "rm", id).ExitCode != 0 {
-			select {
-			case <-ctx.Done():
-				t.Fatal("the task was not removed within a minute of its kill")
-			case <-time.After(100 * time.Millisecond):
-			}
-		}
+		killAndRemoveTask(t, id)
 		if got := debugfsCat(t, img, "/out.txt"); got != "written-by-the-pod\n" {
 			t.Errorf("the image holds %q in out.txt after the pod, want what the pod wrote", got)
 		}
@@ -305,5 +283,18 @@ func TestPodDisks(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// killAndRemoveTask kills the task, waits until it is stopped and
+// removes it.
+func killAndRemoveTask(t *testing.T, id string) {
+	t.Helper()
+	if r := ctr(t, "task", "kill", "-s", "KILL", id); r.ExitCode != 0 {
+		t.Fatalf("kill: %s", r)
+	}
+	waitStopped(t, id)
+	if r := ctr(t, "task", "rm", id); r.ExitCode != 0 {
+		t.Fatalf("task rm: %s", r)
 	}
 }
