@@ -177,8 +177,10 @@ type Hypervisor struct {
 	// the agent's channel, which they may override, and before its log
 	// level.
 	KernelParams string `toml:"kernel_params"`
-	// BootTimeout bounds the time from launching the VM until the agent
-	// answers (default 30s).
+	// BootTimeout bounds a sandbox's start, from virtiofsd and the VM's
+	// launch until the agent answers and the guest is set up (default
+	// 30s). A template made first has a bound of its own, twice this: it
+	// is a boot and a save.
 	BootTimeout Duration `toml:"boot_timeout"`
 	// ShutdownTimeout bounds a graceful VM shutdown before SIGKILL
 	// (default 5s).

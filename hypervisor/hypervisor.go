@@ -283,6 +283,11 @@ var ErrNoConsole = errors.New("the VM has no debug console")
 // assertion, so that a driver without templates needs nothing of them.
 type Templater interface {
 	Driver
+	// PrepareTemplate makes the template a VM of cfg starts from unless
+	// it is there (or cfg cannot come from one), so that Start only
+	// restores. Making one boots a guest and saves it: the caller bounds
+	// it apart from the VM's own start, whose budget is one start's.
+	PrepareTemplate(ctx context.Context, cfg VMConfig) error
 	// ReleaseTemplates removes the templates kept in dir, and what holds
 	// them (QEMU's: a ramfs mounted there), for whoever removes dir. A
 	// dir without templates is left alone.

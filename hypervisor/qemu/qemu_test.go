@@ -742,9 +742,9 @@ func TestNICs(t *testing.T) {
 	}
 }
 
-// TestTemplate: the first VM of a configuration makes its template, the
-// next ones are restored from it; clones run (their guest answers on the
-// agent channel) and a 9p share is each clone's own.
+// TestTemplate: PrepareTemplate makes a configuration's template once, and
+// every VM of it is restored from it; clones run (their guest answers on
+// the agent channel) and a 9p share is each clone's own.
 func TestTemplate(t *testing.T) {
 	ctx, logs := testContext(t)
 	d := newDriver(t, "q35")
@@ -755,10 +755,17 @@ func TestTemplate(t *testing.T) {
 		if err := os.Mkdir(shared, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		vm, err := d.Start(ctx, hypervisor.VMConfig{
+		cfg := hypervisor.VMConfig{
 			ID: fmt.Sprintf("clone%d", i), Dir: dir, Channel: hypervisor.ChannelSerial, AgentPort: testAgentPort, TemplateDir: templates,
 			Shares: []hypervisor.Share{{Tag: "colo-test", Kind: hypervisor.Share9P, Path: shared}},
-		})
+		}
+		if err := d.PrepareTemplate(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(logs.String(), "qemu: template made"); n != 1 {
+			t.Fatalf("after PrepareTemplate %d: %d templates made, want 1", i, n)
+		}
+		vm, err := d.Start(ctx, cfg)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -155,6 +155,26 @@ func (d *Driver) templateKey(cfg hypervisor.VMConfig) (string, error) {
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
+// PrepareTemplate makes cfg's template unless it is there. A cfg that
+// cannot come from a template needs none.
+func (d *Driver) PrepareTemplate(ctx context.Context, cfg hypervisor.VMConfig) error {
+	cfg, err := d.complete(cfg)
+	if err != nil {
+		return fmt.Errorf("qemu: vm %s: %w", cfg.ID, err)
+	}
+	if !d.clonable(cfg) {
+		return nil
+	}
+	key, err := d.templateKey(cfg)
+	if err != nil {
+		return fmt.Errorf("qemu: template: %w", err)
+	}
+	if err := d.ensureTemplate(ctx, cfg, filepath.Join(cfg.TemplateDir, key)); err != nil {
+		return fmt.Errorf("qemu: template of vm %s: %w", cfg.ID, err)
+	}
+	return nil
+}
+
 // startClone starts the VM from its template, making the template first if
 // there is none yet, then hot-plugs its virtio-fs shares and NICs.
 func (d *Driver) startClone(ctx context.Context, l launch) (_ *VM, retErr error) {

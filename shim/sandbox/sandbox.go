@@ -493,15 +493,14 @@ func (s *Sandbox) Pid() int {
 // boot starts the shared filesystem server, mirrors the pod's network
 // interfaces (if the spec joins a network namespace), starts the VM and the
 // agent session, and sets the guest up.
-func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
+func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) (retErr error) {
 	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
-	// One deadline for the whole start: virtiofsd, the VM's launch (or
-	// restore), the agent answering and the guest's set-up. The driver's
-	// waits end with it; the VM process does not (the driver never ties
-	// it to ctx).
-	ctx, cancel := context.WithTimeoutCause(ctx, bootTimeout,
-		fmt.Errorf("sandbox not up within %s (hypervisor.boot_timeout)", bootTimeout))
-	defer cancel()
+	// reached is the last step done, for an error at the deadline:
+	// "deadline exceeded" alone does not say where the time went.
+	reached := "nothing"
+	step := func(name string) {
+		reached = fmt.Sprintf("%s, %s after the start", name, time.Since(s.created).Round(time.Millisecond))
+	}
 	// The guest gets the read-only view; mounts are made in the
 	// host-only tree (storage.SetupShare).
 	shared := filepath.Join(s.dir, storage.ShareView)
@@ -513,20 +512,56 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		Options:    []string{"trans=virtio", "version=9p2000.L", "msize=262144"},
 		MountPoint: agentproto.SharedMountPoint,
 	}}
-	shm := &agentproto.Storage{
+	virtiofs := s.cfg.Storage.SharedFS == string(hypervisor.ShareVirtioFS)
+	if virtiofs {
+		share = hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.ShareVirtioFS, Path: filepath.Join(s.dir, virtiofsdSocket)}
+		storages = []*agentproto.Storage{{
+			Driver:     "virtiofs",
+			Source:     agentproto.SharedTag,
+			Fstype:     "virtiofs",
+			MountPoint: agentproto.SharedMountPoint,
+		}}
+	}
+	storages = append(storages, &agentproto.Storage{
 		Driver:     "tmpfs",
 		Fstype:     "tmpfs",
 		Options:    []string{"nosuid", "nodev", "noexec", "mode=1777", "size=65536k"},
 		MountPoint: agentproto.SandboxShm,
+	})
+	vmcfg := s.vmConfig(share)
+	nsPath := netnsPath(spec)
+	if nsPath != "" {
+		vmcfg.PortForward = hypervisor.GuestPort{Serial: agentproto.PortForwardPortName} // portforward.go
 	}
-	if s.cfg.Storage.SharedFS == string(hypervisor.ShareVirtioFS) {
+	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("create VM dir: %w", err)
+	}
+	s.prepareTemplate(ctx, vmcfg, nsPath != "")
+
+	// One deadline for the whole start: virtiofsd, the VM's launch (or
+	// restore), the agent answering and the guest's set-up. The driver's
+	// waits end with it; the VM process does not (the driver never ties
+	// it to ctx).
+	ctx, cancel := context.WithTimeoutCause(ctx, bootTimeout,
+		fmt.Errorf("sandbox not up within %s (hypervisor.boot_timeout)", bootTimeout))
+	defer cancel()
+	defer func() {
+		if retErr == nil || ctx.Err() == nil || errors.Is(retErr, context.Cause(ctx)) {
+			return
+		}
+		if s.vm != nil {
+			log.G(ctx).WithField("console", s.vm.Console()).Warn("the guest's console at the start's deadline")
+		}
+		retErr = fmt.Errorf("%w: last step done: %s: %w", context.Cause(ctx), reached, retErr)
+	}()
+	if virtiofs {
 		// Until its pid is recorded, virtiofsd is found by its socket.
 		if err := s.updateState(func(st *State) { st.Sockets = append(st.Sockets, virtiofsdSocket) }); err != nil {
 			return err
 		}
 		v, err := storage.StartVirtiofsd(ctx, storage.VirtiofsdConfig{
 			Binary:     s.cfg.Storage.Virtiofsd,
-			SocketPath: filepath.Join(s.dir, virtiofsdSocket),
+			SocketPath: share.Path,
 			SharedDir:  shared,
 		})
 		if err != nil {
@@ -536,20 +571,10 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		if err := s.updateState(func(st *State) { st.VirtiofsdPid = v.Pid() }); err != nil {
 			return err
 		}
-		share = hypervisor.Share{Tag: agentproto.SharedTag, Kind: hypervisor.ShareVirtioFS, Path: filepath.Join(s.dir, virtiofsdSocket)}
-		storages = []*agentproto.Storage{{
-			Driver:     "virtiofs",
-			Source:     agentproto.SharedTag,
-			Fstype:     "virtiofs",
-			MountPoint: agentproto.SharedMountPoint,
-		}}
 	}
 
-	storages = append(storages, shm)
-
-	vmcfg := s.vmConfig(share)
 	var netcfg network.Config
-	if nsPath := netnsPath(spec); nsPath != "" {
+	if nsPath != "" {
 		s.net = &podNetwork{nsPath: nsPath, model: s.cfg.Hypervisor.NICModel, passthrough: s.cfg.Devices.PassthroughNICs}
 		if err := s.updateState(func(st *State) { st.NetNS = nsPath }); err != nil {
 			return err
@@ -567,10 +592,6 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 			}
 			vmcfg.PCIDevices = append(vmcfg.PCIDevices, hypervisor.PCIDevice{ID: pciDeviceID(iface.PCIAddress), Address: iface.PCIAddress})
 		}
-		vmcfg.PortForward = hypervisor.GuestPort{Serial: agentproto.PortForwardPortName} // portforward.go
-	}
-	if err := os.Mkdir(vmcfg.Dir, 0o700); err != nil {
-		return fmt.Errorf("create VM dir: %w", err)
 	}
 	launched := time.Now()
 	vm, err := s.driver.Start(ctx, vmcfg)
@@ -590,6 +611,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		return err
 	}
 	stage(ctx, "vm-launched", s.created, log.Fields{"pid": vm.Pid(), "channel": vmcfg.Channel})
+	step("VM launched")
 
 	a, check, err := connectAgent(ctx, vm, vmcfg.Channel, bootTimeout, launched.Add(bootTimeout), s.timeouts(), s.agentLost)
 	if err != nil {
@@ -601,6 +623,7 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		"agent_version": check.GetAgentVersion(),
 		"boot_id":       check.GetBootId(),
 	})
+	step("agent reachable")
 	// The pod's disks, hot-plugged into the running guest: the agent
 	// mounts them with the sandbox.
 	disks, err := s.attachPodDisks(ctx)
@@ -624,9 +647,11 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 	if err != nil {
 		return agentError("CreateSandbox", err)
 	}
+	step("agent's CreateSandbox")
 	if err := configureGuest(ctx, s.agent, netcfg); err != nil {
 		return err
 	}
+	step("guest network configured")
 	if err := s.awaitSize(ctx); err != nil {
 		return err
 	}
@@ -641,6 +666,36 @@ func (s *Sandbox) boot(ctx context.Context, spec *specs.Spec) error {
 		go s.watchVirtiofsd()
 	}
 	return nil
+}
+
+// prepareTemplate has the driver make the template the VM starts from, if
+// it has templates and there is none yet, before the start's deadline
+// begins: making one boots a guest and saves it, which under load can take
+// most of a boot_timeout by itself, and a start that pays for it would be
+// cut short in its last steps. It gets a bound of its own, twice
+// boot_timeout (the template's boot, then its save, or the wait for another
+// shim making it). A failure is only logged: Start then makes the template
+// itself or boots, and fails with the reason if the guest cannot start.
+func (s *Sandbox) prepareTemplate(ctx context.Context, vmcfg hypervisor.VMConfig, podNetwork bool) {
+	t, ok := s.driver.(hypervisor.Templater)
+	if !ok || vmcfg.TemplateDir == "" {
+		return
+	}
+	if podNetwork && s.cfg.Devices.PassthroughNICs {
+		// Physical NICs may be passed through, and a VM with host
+		// PCI devices cannot come from a template.
+		return
+	}
+	bootTimeout := time.Duration(s.cfg.Hypervisor.BootTimeout)
+	ctx, cancel := context.WithTimeoutCause(ctx, 2*bootTimeout,
+		fmt.Errorf("template not made within %s (twice hypervisor.boot_timeout)", 2*bootTimeout))
+	defer cancel()
+	begin := time.Now()
+	if err := t.PrepareTemplate(ctx, vmcfg); err != nil {
+		log.G(ctx).WithError(err).Warn("prepare the VM's template: the start makes it or boots")
+		return
+	}
+	stage(ctx, "template-ready", s.created, log.Fields{"took": time.Since(begin).String()})
 }
 
 // place puts the VM's threads into the host cgroups of their priority

@@ -555,6 +555,61 @@ func TestReadinessRetries(t *testing.T) {
 	}
 }
 
+// templatingDriver is the fake driver with templates: it records when
+// the template was ready and the deadline Start was given.
+type templatingDriver struct {
+	*fakeDriver
+	prepared      []hypervisor.VMConfig
+	preparedAt    time.Time
+	startDeadline time.Time
+}
+
+func (d *templatingDriver) PrepareTemplate(ctx context.Context, cfg hypervisor.VMConfig) error {
+	d.prepared = append(d.prepared, cfg)
+	d.preparedAt = time.Now()
+	return nil
+}
+
+func (d *templatingDriver) ReleaseTemplates(string) error { return nil }
+
+func (d *templatingDriver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hypervisor.VM, error) {
+	d.startDeadline, _ = ctx.Deadline()
+	return d.fakeDriver.Start(ctx, cfg)
+}
+
+// TestTemplateBeforeDeadline: the template is made before the start's
+// deadline begins (making one is a boot and a save, which would eat the
+// budget of the start itself), for the configuration the VM then starts
+// with.
+func TestTemplateBeforeDeadline(t *testing.T) {
+	e := newEnv(t, false)
+	ctx := context.Background()
+	drv := &templatingDriver{fakeDriver: e.drv}
+	opts := e.options(e.config("9p"))
+	opts.Driver = drv
+	sb, _, err := Create(ctx, opts, e.container("true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if _, err := sb.DeleteContainer(ctx, "c1"); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	if len(drv.prepared) != 1 {
+		t.Fatalf("PrepareTemplate called %d times, want once", len(drv.prepared))
+	}
+	budget := time.Duration(opts.Config.Hypervisor.BootTimeout)
+	if started := drv.startDeadline.Add(-budget); started.Before(drv.preparedAt) {
+		t.Errorf("the start's deadline (%s) began before the template was ready (%s)", started, drv.preparedAt)
+	}
+	got, want := drv.prepared[0], e.drv.lastCfg
+	if got.TemplateDir == "" || got.TemplateDir != want.TemplateDir || got.Dir != want.Dir ||
+		!slices.Equal(got.KernelParams, want.KernelParams) || !slices.Equal(got.Shares, want.Shares) {
+		t.Errorf("template prepared for %+v, VM started with %+v", got, want)
+	}
+}
+
 func TestCreateFailure(t *testing.T) {
 	for _, tc := range []struct {
 		name     string

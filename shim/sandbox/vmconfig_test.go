@@ -24,8 +24,9 @@ type capableDriver struct {
 	channel hypervisor.AgentChannel
 }
 
-func (d capableDriver) PickChannel() hypervisor.AgentChannel { return d.channel }
-func (capableDriver) ReleaseTemplates(string) error          { return nil }
+func (d capableDriver) PickChannel() hypervisor.AgentChannel                     { return d.channel }
+func (capableDriver) ReleaseTemplates(string) error                              { return nil }
+func (capableDriver) PrepareTemplate(context.Context, hypervisor.VMConfig) error { return nil }
 
 // TestVMConfigCapabilities: what the shim gives a driver follows the
 // driver's capabilities, never its name: templates only to a Templater,
