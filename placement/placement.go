@@ -14,6 +14,7 @@
 package placement
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -48,8 +49,11 @@ type Class struct {
 // Plan is where a VM's threads go.
 type Plan struct {
 	// Parent is the sandbox's cgroup, as in a spec's cgroupsPath
-	// ("/kubepods/besteffort/pod.../<id>").
+	// ("/kubepods/besteffort/pod.../<id>"), or Scope's.
 	Parent string
+	// Scope, for a cgroupsPath of systemd's cgroup driver, is the scope
+	// unit Parent is (SystemdScope); nil for a plain path.
+	Scope *Scope
 	// ParentWeight, if not 0, is the CPU weight of Parent itself.
 	ParentWeight uint64
 	Classes      []Class
@@ -66,6 +70,9 @@ type Plan struct {
 func (p Plan) Validate(vcpus int) error {
 	if p.Parent != "" && (!path.IsAbs(p.Parent) || path.Clean(p.Parent) != p.Parent || p.Parent == "/") {
 		return fmt.Errorf("cgroup %q: want an absolute path below the root", p.Parent)
+	}
+	if p.Scope != nil && path.Base(p.Parent) != p.Scope.Unit {
+		return fmt.Errorf("cgroup %q: not the cgroup of systemd scope %s", p.Parent, p.Scope.Unit)
 	}
 	if len(p.VCPUClasses) != vcpus {
 		return fmt.Errorf("%d vCPU classes %q for %d vCPUs: want one per vCPU", len(p.VCPUClasses), p.VCPUClasses, vcpus)
@@ -132,9 +139,12 @@ type Threads struct {
 // Apply creates the cgroups and moves the threads: the whole hypervisor
 // process, and the helpers, into overhead, then each vCPU thread into its
 // class. Threads the hypervisor starts later stay with the thread that
-// starts them, in overhead. On error what it made is removed again (the
-// caller moves nothing else in meanwhile).
-func Apply(p Plan, t Threads) (retErr error) {
+// starts them, in overhead. m is ToMake(p), which the caller has
+// recorded: a scope's unit is started first with the processes in it
+// (systemd makes its cgroup), or the missing slices are made with the
+// rest. On error what it made is removed again (the caller moves nothing
+// else in meanwhile).
+func Apply(ctx context.Context, p Plan, m Made, t Threads) (retErr error) {
 	if len(t.VCPUs) != len(p.VCPUClasses) {
 		return fmt.Errorf("placement: %d vCPU threads for %d vCPU classes", len(t.VCPUs), len(p.VCPUClasses))
 	}
@@ -142,10 +152,15 @@ func Apply(p Plan, t Threads) (retErr error) {
 		if retErr != nil {
 			// Out of the tree again, so it can be removed.
 			_ = moveToRoot(t)
-			_ = Remove(p.Parent)
+			_ = Remove(context.WithoutCancel(ctx), p.Parent, m)
 			retErr = fmt.Errorf("placement in %s: %w", p.Parent, retErr)
 		}
 	}()
+	if m.Unit != "" {
+		if err := startScope(ctx, p, append([]int{t.Pid}, t.Helpers...)); err != nil {
+			return err
+		}
+	}
 	if cgroups.Mode() == cgroups.Unified {
 		return applyV2(p, t)
 	}
@@ -334,9 +349,26 @@ func moveToRoot(t Threads) error {
 }
 
 // Remove deletes the tree at parent once its threads are gone (the
-// hypervisor has exited): the children, then parent. A tree that is not
-// there counts as removed, so it also cleans up after a crash.
-func Remove(parent string) error {
+// hypervisor has exited), and what m (Apply's) names: a scope's unit is
+// stopped, the children go, then parent, then the slices colo made that
+// are empty. A tree that is not there counts as removed, so it also
+// cleans up after a crash.
+func Remove(ctx context.Context, parent string, m Made) error {
+	// systemd removes a scope's cgroups when it stops it: what is left
+	// are those in the v1 hierarchies it does not manage.
+	var errs []error
+	if m.Unit != "" {
+		errs = append(errs, stopScope(ctx, m.Unit))
+	}
+	errs = append(errs, removeTree(parent))
+	for _, dir := range slices.Backward(m.Slices) {
+		errs = append(errs, removeSlice(parent, dir))
+	}
+	return errors.Join(errs...)
+}
+
+// removeTree deletes the tree at parent: the children, then parent.
+func removeTree(parent string) error {
 	if cgroups.Mode() == cgroups.Unified {
 		return removeV2(parent)
 	}

@@ -1,6 +1,7 @@
 package placement
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -50,12 +51,35 @@ func readFile(t *testing.T, p string) string {
 // TestApply: the process's threads go to overhead but the "vCPUs", which
 // go to their classes, each cgroup with its weight; Remove leaves nothing.
 func TestApply(t *testing.T) {
+	needCgroupV1(t)
+	parent := fmt.Sprintf("/colo-placement-test-%d", os.Getpid())
+	applyAndRemove(t, Plan{Parent: parent}, Made{})
+	matches, _ := filepath.Glob("/sys/fs/cgroup/*" + parent)
+	if len(matches) > 0 {
+		t.Errorf("left: %v", matches)
+	}
+	if err := Remove(context.Background(), parent, Made{}); err != nil {
+		t.Errorf("Remove again: %v", err)
+	}
+}
+
+// needCgroupV1 skips a test that places real threads where it cannot.
+func needCgroupV1(t *testing.T) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for cgroups")
 	}
 	if cgroups.Mode() == cgroups.Unified {
 		t.Skip("this test reads cgroup v1 files; the host is cgroup v2")
 	}
+}
+
+// applyAndRemove places a stand-in hypervisor of a few threads and a
+// helper process with the plan p (its Parent and Scope; the classes are
+// the test's) and m, checks each thread's cgroup and the weights, then
+// ends the processes and removes the tree.
+func applyAndRemove(t *testing.T, p Plan, m Made) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), childEnv+"=1")
 	if err := cmd.Start(); err != nil {
@@ -74,17 +98,15 @@ func TestApply(t *testing.T) {
 	if len(tids) < 3 {
 		t.Fatalf("child has threads %v, want at least 3", tids)
 	}
-	parent := fmt.Sprintf("/colo-placement-test-%d", os.Getpid())
-	p := Plan{
-		Parent: parent, ParentWeight: 10,
-		Classes:     []Class{{Name: "high", Weight: 200}, {Name: "low", Weight: 5, CPUs: "0"}},
-		VCPUClasses: []string{"high", "low"}, OverheadWeight: 20,
-	}
+	parent := p.Parent
+	p.ParentWeight = 10
+	p.Classes = []Class{{Name: "high", Weight: 200}, {Name: "low", Weight: 5, CPUs: "0"}}
+	p.VCPUClasses, p.OverheadWeight = []string{"high", "low"}, 20
 	if err := p.Validate(2); err != nil {
 		t.Fatal(err)
 	}
 	vcpus := tids[1:3]
-	if err := Apply(p, Threads{Pid: cmd.Process.Pid, VCPUs: vcpus, Helpers: []int{helper.Process.Pid}}); err != nil {
+	if err := Apply(context.Background(), p, m, Threads{Pid: cmd.Process.Pid, VCPUs: vcpus, Helpers: []int{helper.Process.Pid}}); err != nil {
 		t.Fatal(err)
 	}
 	want := map[int]string{vcpus[0]: parent + "/vcpu-high", vcpus[1]: parent + "/vcpu-low"}
@@ -112,15 +134,8 @@ func TestApply(t *testing.T) {
 	cmd.Wait()
 	helper.Process.Kill()
 	helper.Wait()
-	if err := Remove(parent); err != nil {
+	if err := Remove(context.Background(), parent, m); err != nil {
 		t.Fatal(err)
-	}
-	matches, _ := filepath.Glob("/sys/fs/cgroup/*" + parent)
-	if len(matches) > 0 {
-		t.Errorf("left: %v", matches)
-	}
-	if err := Remove(parent); err != nil {
-		t.Errorf("Remove again: %v", err)
 	}
 }
 
@@ -143,6 +158,8 @@ func TestValidate(t *testing.T) {
 		{"bad name", func(p *Plan) { p.Classes[1].Name = "../x" }, 2, `class "../x"`},
 		{"weight 0", func(p *Plan) { p.Classes[0].Weight = 0 }, 2, "CPU weight 0"},
 		{"overhead weight too big", func(p *Plan) { p.OverheadWeight = 20000 }, 2, "overhead: CPU weight 20000"},
+		{"a scope's cgroup", func(p *Plan) { p.Parent, p.Scope = "/a.slice/x-1.scope", &Scope{Slice: "a.slice", Unit: "x-1.scope"} }, 2, ""},
+		{"not the scope's cgroup", func(p *Plan) { p.Scope = &Scope{Slice: "a.slice", Unit: "x-1.scope"} }, 2, "not the cgroup of systemd scope x-1.scope"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := good

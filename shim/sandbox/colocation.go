@@ -130,9 +130,16 @@ func newColocation(ctx context.Context, cfg config.Config, spec *specs.Spec, vcp
 		}
 	}
 	if spec.Linux != nil {
-		// systemd-style paths (slice:prefix:name) need systemd, which
-		// places nothing per thread: the VM then stays where it runs.
-		if cg := spec.Linux.CgroupsPath; cg != "" && !strings.Contains(cg, ":") {
+		switch cg := spec.Linux.CgroupsPath; {
+		case strings.Contains(cg, ":"):
+			// systemd's cgroup driver (kubeadm's default) names a
+			// scope to make in the pod's slice, as runc would.
+			scope, parent, err := placement.SystemdScope(cg)
+			if err != nil {
+				return colocation{}, invalid("co-location: %v", err)
+			}
+			p.Parent, p.Scope = parent, &scope
+		case cg != "":
 			p.Parent = path.Join("/", cg)
 		}
 	}

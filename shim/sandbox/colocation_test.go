@@ -105,15 +105,18 @@ func TestNewColocation(t *testing.T) {
 			warn: []string{"annotation io.colo.pod-weight ignored: the node's colo config does not allow it (add it to colocation.annotations)"},
 		},
 		{
-			name: "systemd cgroups path: nothing placed",
-			spec: spec("kubepods.slice:cri-containerd:c1", nil),
+			name: "systemd cgroups path: placed in the scope runc would make",
+			spec: spec("kubepods-besteffort-pod1.slice:cri-containerd:c1", nil),
 			want: func(c colocation) string {
-				if c.plan.Parent != "" {
-					return "want no parent"
+				s := c.plan.Scope
+				if c.plan.Parent != "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-c1.scope" ||
+					s == nil || s.Slice != "kubepods-besteffort-pod1.slice" || s.Unit != "cri-containerd-c1.scope" {
+					return "want the scope cri-containerd-c1.scope in the pod's slice"
 				}
 				return ""
 			},
 		},
+		{name: "bad systemd cgroups path", spec: spec("kubepods--pod1.slice:cri-containerd:c1", nil), wantErr: `cgroupsPath "kubepods--pod1.slice:cri-containerd:c1": slice "kubepods--pod1.slice": an empty level`},
 		{name: "unknown annotation", spec: spec("", map[string]string{"io.colo.vcpu": "high,low"}), wantErr: "annotation io.colo.vcpu: colo knows no such annotation"},
 		{name: "unknown annotation, even with all allowed", cfg: allowAll, spec: spec("", map[string]string{"io.colo.priority": "low"}), wantErr: "annotation io.colo.priority: colo knows no such"},
 		{name: "unknown class", cfg: allowAll, spec: spec("", map[string]string{VCPUsAnnotation: "high,mid"}), wantErr: `no class "mid"`},

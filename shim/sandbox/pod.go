@@ -100,8 +100,8 @@ func (p PodConfig) spec(id string) *specs.Spec {
 }
 
 // podCgroupsPath is the cgroups path CRI gives a pause container: below
-// the pod's cgroup, or systemd's "slice:prefix:name" under a slice (which
-// the VM is not placed in: newColocation).
+// the pod's cgroup, or systemd's "slice:prefix:name" under a slice (a
+// scope in it: newColocation).
 func podCgroupsPath(parent, id string) string {
 	if base := path.Base(parent); strings.HasSuffix(base, ".slice") {
 		return strings.Join([]string{base, "cri-containerd", id}, ":")

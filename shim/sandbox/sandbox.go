@@ -699,13 +699,18 @@ func (s *Sandbox) prepareTemplate(ctx context.Context, vmcfg hypervisor.VMConfig
 }
 
 // place puts the VM's threads into the host cgroups of their priority
-// classes (package placement), the sandbox's cgroup recorded first.
+// classes (package placement), the sandbox's cgroup, and a systemd scope
+// or the slices made for it, recorded first.
 func (s *Sandbox) place(ctx context.Context) error {
 	p := s.colocation().plan
 	if p.Parent == "" {
 		return nil
 	}
-	if err := s.updateState(func(st *State) { st.Cgroup = p.Parent }); err != nil {
+	made, err := placement.ToMake(p)
+	if err != nil {
+		return err
+	}
+	if err := s.updateState(func(st *State) { st.Cgroup, st.CgroupMade = p.Parent, made }); err != nil {
 		return err
 	}
 	tids, err := s.vm.VCPUThreads(ctx)
@@ -716,7 +721,7 @@ func (s *Sandbox) place(ctx context.Context) error {
 	if s.virtiofsd != nil {
 		t.Helpers = append(t.Helpers, s.virtiofsd.Pid())
 	}
-	if err := placement.Apply(p, t); err != nil {
+	if err := placement.Apply(ctx, p, made, t); err != nil {
 		return err
 	}
 	if err := s.limitHostMemory(s.size.memoryMB); err != nil {
@@ -1017,8 +1022,8 @@ func (s *Sandbox) teardown(ctx context.Context) error {
 		}
 		cancel()
 	}
-	if cg := s.recorded().Cgroup; cg != "" && (s.vm == nil || s.vmStopped) && len(errs) == 0 {
-		if err := placement.Remove(cg); err != nil {
+	if st := s.recorded(); st.Cgroup != "" && (s.vm == nil || s.vmStopped) && len(errs) == 0 {
+		if err := placement.Remove(ctx, st.Cgroup, st.CgroupMade); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -1117,7 +1122,7 @@ func cleanup(ctx context.Context, dir string, cleanupVM CleanupVM, binder *vfio.
 		}
 	}
 	if st.Cgroup != "" && len(errs) == 0 {
-		if err := placement.Remove(st.Cgroup); err != nil {
+		if err := placement.Remove(ctx, st.Cgroup, st.CgroupMade); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/colo-runtime/colo/config"
+	"github.com/colo-runtime/colo/placement"
 	"github.com/colo-runtime/colo/vfio"
 )
 
@@ -33,8 +34,9 @@ const (
 // under "hypervisor".
 //
 // Version 2 records VFIO: a shim of version 1 would not give those devices
-// back.
-const StateVersion = 2
+// back. Version 3 records a systemd scope and the slice cgroups made for
+// it (CgroupMade): a shim of version 2 would leave them.
+const StateVersion = 3
 
 // State is the sandbox record: what a sandbox is, on disk, so that a later
 // process can clean up after a crashed shim (`shim delete`, Cleanup)
@@ -69,6 +71,10 @@ type State struct {
 	Mirrors []MirrorState `json:"mirrors,omitempty"`
 	// Cgroup is the host cgroup the VM's threads were placed under.
 	Cgroup string `json:"cgroup,omitempty"`
+	// CgroupMade is what placing them made beyond Cgroup's tree: the
+	// systemd scope Cgroup is, or the slice cgroups above it made where
+	// systemd does not run.
+	CgroupMade placement.Made `json:"cgroup_made,omitzero"`
 	// Mounts are the mounts the shim made, relative to Dir, in the
 	// order made: only these are ever unmounted.
 	Mounts []string `json:"mounts,omitempty"`

@@ -49,6 +49,19 @@ func TestReadStateVersion(t *testing.T) {
 				st.Config.Hypervisor.Path == "/old/qemu" && st.HypervisorPid == 7 && len(st.Mounts) == 1
 		},
 	}, {
+		name: "a systemd scope and the slices made for it",
+		json: fmt.Sprintf(`{"version": %d, "dir": %q, "cgroup": "/a.slice/a-b.slice/x-1.scope", "cgroup_made": {"unit": "x-1.scope", "slices": ["/sys/fs/cgroup/cpu/a.slice/a-b.slice"]}}`, StateVersion, dir),
+		want: func(st State) bool {
+			return st.Cgroup == "/a.slice/a-b.slice/x-1.scope" && st.CgroupMade.Unit == "x-1.scope" && len(st.CgroupMade.Slices) == 1
+		},
+	}, {
+		// Version 2 had a cgroup only: nothing else made for it.
+		name: "version 2",
+		json: fmt.Sprintf(`{"version": 2, "dir": %q, "config": {"Hypervisor": {"Type": "qemu"}}, "cgroup": "/k8s.io/x"}`, dir),
+		want: func(st State) bool {
+			return st.Version == 2 && st.Cgroup == "/k8s.io/x" && st.CgroupMade.Unit == "" && st.CgroupMade.Slices == nil
+		},
+	}, {
 		// Written before hypervisor.name became hypervisor.type.
 		name: "hypervisor name",
 		json: fmt.Sprintf(`{"version": %d, "dir": %q, "config": {"Hypervisor": {"Name": "clh"}}, "hypervisor_pid": 7}`, StateVersion, dir),
