@@ -14,18 +14,23 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/colo-runtime/colo/config"
 	"github.com/colo-runtime/colo/shim/sandbox"
+	"github.com/colo-runtime/colo/yield"
 )
 
 // monitorCmd serves /metrics for every sandbox on the node: each scrape
 // lists the state directory, so new sandboxes appear and gone ones drop
 // out, and reads every sandbox's management socket at once, each within
-// scrapeTimeout, so a slow or dead shim costs its own series only.
+// scrapeTimeout, so a slow or dead shim costs its own series only. With
+// yield.enabled it also runs the node's yield controller (package yield),
+// and stops it, lifting the quotas it set, before it returns.
 func monitorCmd(ctx context.Context, e *env, args []string) error {
 	fs := flag.NewFlagSet("monitor", flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
@@ -45,6 +50,25 @@ func monitorCmd(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	m := &monitor{stateDir: e.cfg.Runtime.StateDir, timeout: scrapeTimeout}
+	if e.cfg.Yield.Enabled {
+		ctl, err := newYield(e.cfg)
+		if err != nil {
+			l.Close()
+			return err
+		}
+		m.yield = ctl
+		yctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			ctl.Run(yctx)
+		}()
+		// Run lifts the quotas within a bound of its own once stopped.
+		defer func() {
+			stop()
+			<-done
+		}()
+	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", m)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, WriteTimeout: 2 * scrapeTimeout}
@@ -67,6 +91,29 @@ type monitor struct {
 	// timeout bounds a scrape: what a sandbox has not answered by then
 	// is left out.
 	timeout time.Duration
+	// yield, if set, is the yield controller, whose metrics are added.
+	yield prometheus.Gatherer
+}
+
+// newYield makes the yield controller of the node's sandboxes in the
+// state directory, on the host's cgroups.
+func newYield(cfg config.Config) (*yield.Controller, error) {
+	host, err := yield.NewHost()
+	if err != nil {
+		return nil, err
+	}
+	list := func(ctx context.Context) ([]yield.Sandbox, error) {
+		records, err := sandboxes(cfg.Runtime.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]yield.Sandbox, 0, len(records))
+		for _, st := range records {
+			out = append(out, yield.Sandbox{ID: st.ID, Cgroup: st.Cgroup})
+		}
+		return out, nil
+	}
+	return yield.New(cfg.Yield, list, host, host)
 }
 
 // podLabels are the labels every series gets from the sandbox's record.
@@ -172,6 +219,13 @@ func (m *monitor) gather(ctx context.Context) ([]*dto.MetricFamily, error) {
 		took.Metric = append(took.Metric, withLabels(&dto.Metric{Gauge: &dto.Gauge{Value: proto.Float64(r.took.Seconds())}}, labels))
 	}
 	own = append(own, up, took)
+	if m.yield != nil {
+		fams, err := m.yield.Gather()
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("colo monitor: yield metrics")
+		}
+		own = append(own, fams...)
+	}
 	for _, f := range own {
 		merged[f.GetName()] = f
 	}

@@ -11,8 +11,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -36,6 +38,40 @@ type Config struct {
 	Runtime    Runtime    `toml:"runtime"`
 	Colocation Colocation `toml:"colocation"`
 	Devices    Devices    `toml:"devices"`
+	Yield      Yield      `toml:"yield"`
+}
+
+// Yield configures offline yielding (docs/operations.md, "Offline
+// yields"): `colo monitor` watches the CPU that everything but the offline
+// vCPUs uses and lowers the offline vCPUs' CPU quota on the host so that
+// HeadroomCPUs stay free, raising it again when online load falls. It
+// works on the cgroups placement makes, <sandbox cgroup>/vcpu-<class>.
+type Yield struct {
+	// Enabled runs the controller in `colo monitor` (default false).
+	Enabled bool `toml:"enabled"`
+	// Interval is how often usage is sampled and the quota decided
+	// (default 1s).
+	Interval Duration `toml:"interval"`
+	// HeadroomCPUs are the host CPUs kept free for online work on top of
+	// what it uses now (default 1): the room a rising online load has
+	// before the next interval lowers the offline quota.
+	HeadroomCPUs float64 `toml:"headroom_cpus"`
+	// FloorCPUs is the least quota each offline cgroup keeps, in CPUs
+	// (default 0.1, at least 0.01: the kernel's least quota is 1 ms a
+	// 100 ms period), so that offline pods slow down but never stop:
+	// their guests' timers, agents and health checks go on.
+	FloorCPUs float64 `toml:"floor_cpus"`
+	// RaiseAfter is how many intervals in a row the allowance must stay
+	// above the offline limit before it is raised (default 5); lowering is
+	// at once. It keeps a bursty online load from having the offline
+	// pods' quota follow each burst.
+	RaiseAfter int `toml:"raise_after"`
+	// RaiseStepCPUs bounds each raise (default 0.5): the limit climbs back
+	// by at most this much an interval.
+	RaiseStepCPUs float64 `toml:"raise_step_cpus"`
+	// OfflineClasses are the co-location classes (colocation.classes)
+	// whose vCPUs are offline and yield (default ["low"]).
+	OfflineClasses []string `toml:"offline_classes"`
 }
 
 // Devices configures what of the host's devices pods may have in their VM
@@ -339,6 +375,14 @@ func Default() Config {
 			StateDir:    "/run/colo",
 			TemplateDir: "/run/colo/templates",
 		},
+		Yield: Yield{
+			Interval:       Duration(time.Second),
+			HeadroomCPUs:   1,
+			FloorCPUs:      0.1,
+			RaiseAfter:     5,
+			RaiseStepCPUs:  0.5,
+			OfflineClasses: []string{"low"},
+		},
 	}
 }
 
@@ -511,6 +555,7 @@ func (c Config) Validate() error {
 	for _, a := range c.Colocation.Annotations {
 		oneOf("colocation.annotations", a, ColocationAnnotations()...)
 	}
+	errs = append(errs, c.validateYield()...)
 	oneOf("agent.channel", c.Agent.Channel, "auto", "vsock", "serial")
 	oneOf("agent.log_level", c.Agent.LogLevel, "debug", "info", "warn", "error")
 	oneOf("storage.shared_fs", c.Storage.SharedFS, "virtio-fs", "9p")
@@ -529,6 +574,50 @@ func (c Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validateYield checks the [yield] section. Its classes must be
+// colocation's only when it is enabled: a node that renamed its classes
+// and does not yield need not say so.
+func (c Config) validateYield() []error {
+	var errs []error
+	y := c.Yield
+	if y.Interval <= 0 {
+		errs = append(errs, fmt.Errorf("yield.interval = %s: want a positive duration", y.Interval))
+	}
+	if !(y.HeadroomCPUs >= 0) || math.IsInf(y.HeadroomCPUs, 0) {
+		errs = append(errs, fmt.Errorf("yield.headroom_cpus = %v: want 0 or more CPUs", y.HeadroomCPUs))
+	}
+	if !(y.FloorCPUs >= 0.01) || math.IsInf(y.FloorCPUs, 0) {
+		errs = append(errs, fmt.Errorf("yield.floor_cpus = %v: want at least 0.01 CPUs (offline pods never stop; the kernel's least quota is 1 ms a 100 ms period)", y.FloorCPUs))
+	}
+	if y.RaiseAfter < 1 {
+		errs = append(errs, fmt.Errorf("yield.raise_after = %d: want 1 or more intervals", y.RaiseAfter))
+	}
+	if !(y.RaiseStepCPUs > 0) || math.IsInf(y.RaiseStepCPUs, 0) {
+		errs = append(errs, fmt.Errorf("yield.raise_step_cpus = %v: want more than 0 CPUs", y.RaiseStepCPUs))
+	}
+	if !y.Enabled {
+		return errs
+	}
+	if len(y.OfflineClasses) == 0 {
+		errs = append(errs, errors.New("yield.offline_classes: want at least one class with yield.enabled = true"))
+	}
+	var names []string
+	for _, cl := range c.Colocation.Classes {
+		names = append(names, cl.Name)
+	}
+	seen := make(map[string]bool)
+	for i, name := range y.OfflineClasses {
+		switch {
+		case !slices.Contains(names, name):
+			errs = append(errs, fmt.Errorf("yield.offline_classes[%d] = %q: no such class in colocation.classes %q", i, name, names))
+		case seen[name]:
+			errs = append(errs, fmt.Errorf("yield.offline_classes[%d] = %q: listed twice", i, name))
+		}
+		seen[name] = true
+	}
+	return errs
 }
 
 // Duration is a time.Duration written in TOML as a string such as "30s".

@@ -70,6 +70,50 @@ func TestParse(t *testing.T) {
 			wantErr: []string{`colocation.annotations = "io.colo.vcpu"`, "io.colo.class"},
 		},
 		{
+			name: "yield off by default",
+			toml: "",
+			check: func(c Config) bool {
+				y := c.Yield
+				return !y.Enabled && time.Duration(y.Interval) == time.Second && y.HeadroomCPUs == 1 && y.FloorCPUs == 0.1 &&
+					y.RaiseAfter == 5 && y.RaiseStepCPUs == 0.5 && reflect.DeepEqual(y.OfflineClasses, []string{"low"})
+			},
+		},
+		{name: "yield on", toml: "[yield]\nenabled = true\n", check: func(c Config) bool { return c.Yield.Enabled }},
+		{
+			name: "yield tuned",
+			toml: "[yield]\nenabled = true\ninterval = \"250ms\"\nheadroom_cpus = 0\nfloor_cpus = 0.05\nraise_after = 1\nraise_step_cpus = 2\n",
+			check: func(c Config) bool {
+				y := c.Yield
+				return time.Duration(y.Interval) == 250*time.Millisecond && y.HeadroomCPUs == 0 && y.FloorCPUs == 0.05 && y.RaiseAfter == 1 && y.RaiseStepCPUs == 2
+			},
+		},
+		{
+			name: "yield values out of range",
+			toml: "[yield]\ninterval = \"0s\"\nheadroom_cpus = -1\nfloor_cpus = 0.001\nraise_after = 0\nraise_step_cpus = 0\n",
+			wantErr: []string{
+				"yield.interval = 0s", "yield.headroom_cpus = -1", "yield.floor_cpus = 0.001", "yield.raise_after = 0", "yield.raise_step_cpus = 0",
+			},
+		},
+		{name: "yield NaN", toml: "[yield]\nheadroom_cpus = nan\n", wantErr: []string{"yield.headroom_cpus = NaN"}},
+		{
+			name:    "yield of a class that is not there",
+			toml:    "[yield]\nenabled = true\noffline_classes = [\"low\", \"batch\", \"low\"]\n",
+			wantErr: []string{`yield.offline_classes[1] = "batch": no such class in colocation.classes ["high" "low"]`, `yield.offline_classes[2] = "low": listed twice`},
+		},
+		{name: "yield with no class", toml: "[yield]\nenabled = true\noffline_classes = []\n", wantErr: []string{"yield.offline_classes: want at least one class"}},
+		{
+			// A node that renamed its classes and does not yield
+			// need not name them.
+			name:  "yield off, classes renamed",
+			toml:  "[colocation]\nclasses = [{ name = \"gold\", weight = 100 }, { name = \"batch\", weight = 10 }]\n",
+			check: func(c Config) bool { return !c.Yield.Enabled },
+		},
+		{
+			name:  "yield of a renamed class",
+			toml:  "[colocation]\nclasses = [{ name = \"gold\", weight = 100 }, { name = \"batch\", weight = 10 }]\n[yield]\nenabled = true\noffline_classes = [\"batch\"]\n",
+			check: func(c Config) bool { return c.Yield.OfflineClasses[0] == "batch" },
+		},
+		{
 			name:    "all errors at once",
 			toml:    "[hypervisor]\nvcpus = 0\nmemory_mb = 1\n[agent]\nchannel = \"pigeon\"\n",
 			wantErr: []string{"hypervisor.vcpus = 0", "hypervisor.memory_mb = 1", `agent.channel = "pigeon"`},
