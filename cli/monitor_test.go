@@ -135,7 +135,7 @@ func TestMonitorYield(t *testing.T) {
 	t.Cleanup(func() {
 		busy.Process.Kill()
 		busy.Wait()
-		if err := placement.Remove(parent); err != nil {
+		if err := placement.Remove(context.Background(), parent, placement.Made{}); err != nil {
 			t.Errorf("cgroups left: %v", err)
 		}
 	})
@@ -145,7 +145,7 @@ func TestMonitorYield(t *testing.T) {
 		VCPUClasses:    []string{"low"},
 		OverheadWeight: 100,
 	}
-	if err := placement.Apply(plan, placement.Threads{Pid: busy.Process.Pid, VCPUs: []int{busy.Process.Pid}}); err != nil {
+	if err := placement.Apply(context.Background(), plan, placement.Made{}, placement.Threads{Pid: busy.Process.Pid, VCPUs: []int{busy.Process.Pid}}); err != nil {
 		t.Fatal(err)
 	}
 	writeRecord(t, stateDir, "k8s.io", "offline", sandbox.State{ID: "offline", Cgroup: parent})
