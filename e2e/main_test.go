@@ -44,6 +44,9 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	if code != 0 {
+		// What a guest's console said when its sandbox failed: those
+		// lines may be long before the tail.
+		fmt.Fprintf(os.Stderr, "guest consoles in containerd's log:\n%s\n", testbed.Tail(consoleLines(cd.Logs()), 20))
 		fmt.Fprintf(os.Stderr, "containerd log (tail):\n%s\n", testbed.Tail(cd.Logs(), 300))
 	}
 	if err := cd.Stop(); err != nil {
@@ -101,4 +104,16 @@ func runColo(t *testing.T, flags []string, id string, cmd ...string) testbed.Res
 	args := append([]string{"run", "--rm", "--runtime", testbed.Runtime}, flags...)
 	args = append(args, testbed.BusyboxImage, id)
 	return ctr(t, append(args, cmd...)...)
+}
+
+// consoleLines are the lines of a log that carry a guest's console, which
+// the shim logs, as a warning or an error, when a sandbox fails.
+func consoleLines(logs string) string {
+	var out []string
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, " console=") && (strings.Contains(l, "level=warning") || strings.Contains(l, "level=error")) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -71,7 +71,7 @@ const (
 // which would throw away a panicked guest's memory before Dump; without it
 // the panicked guest stays as it is, and the pvpanic event says so.
 var baseKernelParams = []string{
-	"console=ttyS0", "quiet", "loglevel=1", "mitigations=off", "tsc=reliable",
+	"console=ttyS0", "quiet", "loglevel=5", "mitigations=off", "tsc=reliable",
 	"no_timer_check", "noreplace-smp", "cryptomgr.notests", "i8042.noaux",
 	"i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "rcupdate.rcu_expedited=1",
 	"random.trust_cpu=on", "pci=lastbus=0", "nokaslr", "audit=0",

@@ -12,9 +12,12 @@ import (
 // virtual machine (measured in docs/platform-notes.md). panic=-1 reboots at
 // once on a panic, and -no-reboot turns that reboot into QEMU's exit; once
 // the guest's pvpanic driver is loaded, the panic pauses the VM instead
-// (-action panic=pause, see args).
+// (-action panic=pause, see args). loglevel=5 lets warnings and errors
+// reach the console (three lines in a normal boot), and with them the
+// stack traces of soft lockups, oopses and hung tasks: the shim logs the
+// console when a start fails or the guest stops answering.
 var baseKernelParams = []string{
-	"console=ttyS0", "quiet", "loglevel=1", "mitigations=off", "tsc=reliable",
+	"console=ttyS0", "quiet", "loglevel=5", "mitigations=off", "tsc=reliable",
 	"no_timer_check", "noreplace-smp", "cryptomgr.notests", "i8042.noaux",
 	"i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "rcupdate.rcu_expedited=1",
 	"random.trust_cpu=on", "pci=lastbus=0", "nokaslr", "audit=0",
