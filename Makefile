@@ -88,8 +88,9 @@ BENCH_FLAGS ?= -n 7 -pods 10
 bench: build guest
 	$(GO) run ./bench $(BENCH_FLAGS)
 
-# The online probe's wake-up lateness beside offline load in runc and colo;
-# writes docs/colocation.{json,png} and the results in docs/colocation.md.
+# An online HTTP service's latency (open loop) beside an offline batch load
+# in runc and colo; writes docs/colocation.{json,png} and the results in
+# docs/colocation.md.
 bench-colo: build guest
 	$(GO) build -o $(BUILD)/bench ./bench
 	$(BUILD)/bench -colocation

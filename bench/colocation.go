@@ -5,65 +5,173 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"sort"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/containerd/cgroups/v3"
-	"github.com/containerd/cgroups/v3/cgroup1"
-	"github.com/containerd/cgroups/v3/cgroup2"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
-	"gonum.org/v1/plot"
-	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/plotutil"
-	"gonum.org/v1/plot/vg"
 
 	"github.com/colo-runtime/colo/shim/sandbox"
 	"github.com/colo-runtime/colo/testbed"
 )
 
-// The co-location benchmark (make bench-colo): an "online" probe on the
-// host sleeps 1 ms again and again and records how late it wakes, while an
-// "offline" load keeps every CPU busy, in four runs: no load; the load in
-// a runc container; in a colo pod as it comes; in a colo pod at offline
-// priority. Everything runs under one parent cgroup, the containerd
-// namespace's (/bench-colo): the probe in /bench-colo/online at the
-// default CPU weight, each load in /bench-colo/<id> as ctr places it.
+// The co-location benchmark (make bench-colo): an online HTTP service in a
+// runc container, driven open loop from the host, beside an offline batch
+// load in a runc container or a colo pod, in runs one after another (see
+// colocationRuns). Everything runs under one parent cgroup, the containerd
+// namespace's (/bench-colo): the service in /bench-colo/online at the
+// default CPU weight, the load in /bench-colo/<id>, both where ctr puts
+// them.
 
 const (
 	colocationNamespace = "bench-colo"
-	probeInterval       = time.Millisecond
+	// colocationConfig is added to the test bed's colo config: the pods
+	// at offline priority set their own weights.
+	colocationConfig = "[colocation]\nannotations = [\"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n"
+
+	// onlineID is the service's container, and so its cgroup's name.
+	onlineID = "online"
+	// onlineWork is the CPU work of one request, as measured on the idle
+	// host before the runs.
+	onlineWork = 2 * time.Millisecond
+	// onlineShare is the share of all host CPUs the requests take at the
+	// rate they are sent: enough that the service needs CPU time the load
+	// wants too, not so much that it saturates on its own.
+	onlineShare = 0.35
+	// onlineWarmup is how long requests go before the measured window:
+	// connections are made, the service's threads started.
+	onlineWarmup = 2 * time.Second
+
+	offlineThreads = 64
+	// offlineSettle is how long the load runs, from its first units of
+	// work, before the measured window.
+	offlineSettle = 3 * time.Second
+	// offlineStart bounds a load's start to its first units: a colo pod
+	// boots (or restores) a VM first, under TCG here.
+	offlineStart = 3 * time.Minute
+	// offlineStale is how old the load's progress (written every 100 ms)
+	// may be at the end of the window before the load counts as stopped.
+	offlineStale = 5 * time.Second
+
+	// yieldConfig turns the yielding controller on in colo monitor.
+	yieldConfig = "\n[yield]\nenabled = true\n"
 )
 
-// probeFlag runs the binary as the probe: bench -probe DURATION.
-var probeFlag = flag.Duration("probe", 0, "run as the online probe for this long and print its wake-up lateness as JSON (used by -colocation)")
-
-// Lateness is what the probe saw, in milliseconds.
-type Lateness struct {
-	Samples  int     `json:"samples"`
-	P50      float64 `json:"p50_ms"`
-	P99      float64 `json:"p99_ms"`
-	P999     float64 `json:"p999_ms"`
-	Max      float64 `json:"max_ms"`
-	Over5ms  int     `json:"over_5ms"`
-	Over20ms int     `json:"over_20ms"`
+// offlinePriority are the annotations of a colo pod at offline priority.
+var offlinePriority = []string{
+	"--annotation", sandbox.PodWeightAnnotation + "=2",
+	"--annotation", sandbox.VCPUsAnnotation + "=low,low",
+	"--annotation", sandbox.OverheadIdleAnnotation + "=true",
 }
 
-// ColocationRun is one run of the benchmark.
-type ColocationRun struct {
+// colocationRun is one run of the benchmark.
+type colocationRun struct {
+	key, name string
+	online    bool
+	// offline is how the load runs ("" runtime: no load).
+	offline offlineSpec
+	// yield runs colo monitor with the yielding controller for the run.
+	yield bool
+}
+
+type offlineSpec struct {
+	How     string   `json:"how"`
+	Runtime string   `json:"runtime"`
+	Flags   []string `json:"ctr_flags,omitempty"`
+	// Reference is the run whose throughput is this one's 100%: the load
+	// alone, in the same runtime.
+	Reference string `json:"reference,omitempty"`
+}
+
+var (
+	coloDefault    = offlineSpec{How: "colo pod, as configured by default (2 vCPUs)", Runtime: testbed.Runtime, Reference: "offline"}
+	coloOffline    = offlineSpec{How: "colo pod at offline priority: pod weight 2, both vCPUs in class low, hypervisor's other threads SCHED_IDLE", Runtime: testbed.Runtime, Flags: offlinePriority, Reference: "offline"}
+	runcBestEffort = offlineSpec{How: "runc container at BestEffort weight (cpu.shares 2)", Runtime: runcRuntime, Flags: []string{"--cpu-shares", "2"}, Reference: "offline-runc"}
+)
+
+// colocationRuns are the runs, in the order they are made. The load alone
+// in colo is the 100% of the colo runs' throughput; the runc run has its
+// own, the load alone in runc: under TCG a guest's work is far slower
+// than the host's, and a share of colo's would not say what the online
+// service cost the runc load.
+var colocationRuns = []colocationRun{
+	{key: "online", name: "online alone", online: true},
+	{key: "offline", name: "offline alone in colo", offline: coloDefault},
+	{key: "offline-runc", name: "offline alone in runc", offline: runcBestEffort},
+	{key: "runc", name: "both, offline in runc at BestEffort weight", online: true, offline: runcBestEffort},
+	{key: "colo", name: "both, offline in colo as configured", online: true, offline: coloDefault},
+	{key: "colo-offline", name: "both, offline in colo at offline priority", online: true, offline: coloOffline},
+	{key: "colo-yield", name: "both, offline in colo at offline priority, yielding controller on", online: true, offline: coloOffline, yield: true},
+}
+
+func colocationRunKeys() []string {
+	var keys []string
+	for _, r := range colocationRuns {
+		keys = append(keys, r.key)
+	}
+	return keys
+}
+
+// selectRuns returns the runs named in list (comma-separated keys), in
+// the benchmark's order.
+func selectRuns(list string) ([]colocationRun, error) {
+	want := map[string]bool{}
+	for _, k := range strings.Split(list, ",") {
+		if k = strings.TrimSpace(k); k == "" {
+			continue
+		}
+		if !slices.Contains(colocationRunKeys(), k) {
+			return nil, fmt.Errorf("-colocation-runs: no run %q (runs: %s)", k, strings.Join(colocationRunKeys(), ","))
+		}
+		want[k] = true
+	}
+	var runs []colocationRun
+	for _, r := range colocationRuns {
+		if want[r.key] {
+			runs = append(runs, r)
+		}
+	}
+	if len(runs) == 0 {
+		return nil, fmt.Errorf("-colocation-runs: no runs given (runs: %s)", strings.Join(colocationRunKeys(), ","))
+	}
+	return runs, nil
+}
+
+// OfflineThroughput is what the load did in the measured window.
+type OfflineThroughput struct {
+	Threads int     `json:"threads"`
+	Seconds float64 `json:"seconds"`
+	// UnitsPerSec is all units of work per second; CPU, Mem and File
+	// each kind's (batchload's doc says what a unit is).
+	UnitsPerSec float64 `json:"units_per_s"`
+	CPU         float64 `json:"cpu_units_per_s"`
+	Mem         float64 `json:"mem_units_per_s"`
+	File        float64 `json:"file_units_per_s"`
+}
+
+// ColocationResult is one run's figures.
+type ColocationResult struct {
+	Key  string `json:"key"`
 	Name string `json:"name"`
-	// How the load ran.
-	Load     string   `json:"load"`
-	Lateness Lateness `json:"lateness"`
+	// Offline is how the load ran, nil without one.
+	Offline *offlineSpec   `json:"offline_load,omitempty"`
+	Yield   bool           `json:"yield_controller,omitempty"`
+	Online  *OnlineLatency `json:"online,omitempty"`
+	Sched   *SchedWaits    `json:"online_sched,omitempty"`
+	// P99Ratio is the online p99 over the online service's alone.
+	P99Ratio   float64            `json:"online_p99_ratio,omitempty"`
+	Throughput *OfflineThroughput `json:"offline,omitempty"`
+	// OfflineShare is the load's units per second as a share of its
+	// reference run's.
+	OfflineShare float64 `json:"offline_share,omitempty"`
 }
 
 // ColocationReport is what -colocation writes as docs/colocation.json.
@@ -71,261 +179,452 @@ type ColocationReport struct {
 	Date     string            `json:"date"`
 	Machine  map[string]string `json:"machine"`
 	Duration string            `json:"duration_per_run"`
-	Runs     []ColocationRun   `json:"runs"`
+	// OnlineWorkMs is each request's CPU work, Iterations the work loop's
+	// rounds that took that long on the idle host.
+	OnlineWorkMs     float64 `json:"online_work_ms"`
+	OnlineIterations uint64  `json:"online_iterations"`
+	OnlineRate       float64 `json:"online_rate_per_s"`
+	OfflineThreads   int     `json:"offline_threads"`
+	// OnlineWarmup and OfflineSettle come before each measured window.
+	OnlineWarmup  string `json:"online_warmup"`
+	OfflineSettle string `json:"offline_settle"`
+	// ColoConfig is added to the default colo config for every pod.
+	ColoConfig string             `json:"colo_config"`
+	Runs       []ColocationResult `json:"runs"`
+	// NotRun are the runs -colocation-runs left out.
+	NotRun []string `json:"not_run,omitempty"`
 }
 
-// probeWork is the CPU work the probe does after each wake-up, as an
-// online service handles a request: with it the probe wants about a third
-// of every CPU, so that it competes with the load for CPU time instead of
-// only waking now and then.
-const probeWork = 500 * time.Microsecond
-
-// probe runs one thread per CPU for d: each sleeps probeInterval, notes how
-// much later than asked it woke, then works probeWork. It prints the
-// lateness of all of them.
-func probe(d time.Duration) error {
-	n := runtime.NumCPU()
-	results := make(chan []float64, n)
-	errc := make(chan error, n)
-	for range n {
-		go func() {
-			runtime.LockOSThread()
-			var late []float64
-			end := time.Now().Add(d)
-			ts := unix.NsecToTimespec(probeInterval.Nanoseconds())
-			for time.Now().Before(end) {
-				before := time.Now()
-				if err := unix.Nanosleep(&ts, nil); err != nil && !errors.Is(err, unix.EINTR) {
-					errc <- err
-					return
-				}
-				woke := time.Now()
-				late = append(late, ms(woke.Sub(before)-probeInterval))
-				for time.Since(woke) < probeWork {
-				}
-			}
-			results <- late
-		}()
-	}
-	var all []float64
-	for range n {
-		select {
-		case err := <-errc:
-			return err
-		case l := <-results:
-			all = append(all, l...)
-		}
-	}
-	return json.NewEncoder(os.Stdout).Encode(lateness(all))
+// colocationOptions are the -colocation flags.
+type colocationOptions struct {
+	out      string
+	duration time.Duration
+	runs     string
 }
 
-func lateness(v []float64) Lateness {
-	l := Lateness{Samples: len(v)}
-	if len(v) == 0 {
-		return l
-	}
-	sorted := append([]float64(nil), v...)
-	sort.Float64s(sorted)
-	l.P50, l.P99, l.P999 = percentile(sorted, 50), percentile(sorted, 99), percentile(sorted, 99.9)
-	l.Max = sorted[len(sorted)-1]
-	for _, x := range v {
-		if x > 5 {
-			l.Over5ms++
-		}
-		if x > 20 {
-			l.Over20ms++
-		}
-	}
-	return l
+// coloBench is what every run uses.
+type coloBench struct {
+	cd         *testbed.Containerd
+	online     string // directory with onlinesvc
+	offline    string // directory with batchload
+	iterations uint64
+	rate       float64
+	duration   time.Duration
+	client     *http.Client
 }
 
-// onlineCgroup is the probe's cgroup, a sibling of the loads' cgroups.
-func onlineCgroup() string { return "/" + colocationNamespace + "/online" }
-
-// runProbe runs the probe process in the online cgroup for d.
-func runProbe(ctx context.Context, d time.Duration) (Lateness, error) {
-	var l Lateness
-	self, err := os.Executable()
-	if err != nil {
-		return l, err
-	}
-	cmd := exec.CommandContext(ctx, self, "-probe", d.String())
-	var out, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &stderr
-	if err := cmd.Start(); err != nil {
-		return l, err
-	}
-	if err := joinCgroup(onlineCgroup(), cmd.Process.Pid); err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
-		return l, fmt.Errorf("probe cgroup: %w", err)
-	}
-	if err := cmd.Wait(); err != nil {
-		return l, fmt.Errorf("probe: %v: %s", err, stderr.String())
-	}
-	return l, json.Unmarshal(out.Bytes(), &l)
-}
-
-// joinCgroup puts pid into the cgroup at path (made if missing, default
-// CPU weight).
-func joinCgroup(path string, pid int) error {
-	if cgroups.Mode() == cgroups.Unified {
-		m, err := cgroup2.NewManager("/sys/fs/cgroup", path, &cgroup2.Resources{})
-		if err != nil {
-			return err
-		}
-		return m.AddProc(uint64(pid))
-	}
-	c, err := cgroup1.New(cgroup1.StaticPath(path), &specs.LinuxResources{})
+func colocation(o colocationOptions) (err error) {
+	runs, err := selectRuns(o.runs)
 	if err != nil {
 		return err
 	}
-	return c.AddProc(uint64(pid))
-}
-
-// removeCgroup removes an empty cgroup in every hierarchy.
-func removeCgroup(path string) {
-	if cgroups.Mode() == cgroups.Unified {
-		_ = unix.Rmdir(filepath.Join("/sys/fs/cgroup", path))
-		return
-	}
-	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", path))
-	for _, d := range dirs {
-		_ = unix.Rmdir(d)
-	}
-}
-
-// spinners is a shell loop per host CPU: the offline load.
-func spinners() string {
-	return fmt.Sprintf("for i in $(seq %d); do (while :; do :; done) & done; wait", runtime.NumCPU())
-}
-
-func colocation(out string, d time.Duration) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	// The colo pod at offline priority sets its own pod weight.
-	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: colocationNamespace,
-		ColoConfig: "[colocation]\nannotations = [\"io.colo.vcpus\", \"io.colo.pod-weight\", \"io.colo.overhead-idle\"]\n"})
+	cd, stopBed, err := startTestbed(ctx, testbed.Options{Namespace: colocationNamespace, ColoConfig: colocationConfig})
 	if err != nil {
 		return err
 	}
-	defer func() {
-		removeCgroup(onlineCgroup())
-		stopBed(&err)
-	}()
-	rep := ColocationReport{Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Duration: d.String()}
-	offline := []string{
-		"--annotation", sandbox.PodWeightAnnotation + "=2",
-		"--annotation", sandbox.VCPUsAnnotation + "=low,low",
-		"--annotation", sandbox.OverheadIdleAnnotation + "=true",
+	defer stopBed(&err)
+	// runc leaves none of its cgroups behind when it deletes a container;
+	// this is for a bench killed half-way.
+	defer testbed.RemoveCgroup("/" + colocationNamespace + "/" + onlineID)
+	b := &coloBench{cd: cd, duration: o.duration, client: newOnlineClient()}
+	if slices.ContainsFunc(runs, func(r colocationRun) bool { return r.yield }) {
+		// colo refuses a config it does not know: better now than after
+		// the other runs.
+		if err := checkYieldConfig(ctx, cd); err != nil {
+			return err
+		}
 	}
-	for _, r := range []struct {
-		name, load, runtime string
-		flags               []string
-	}{
-		{"no load", "none", "", nil},
-		{"load in a runc container", "runc, default CPU weight", runcRuntime, nil},
-		{"load in a colo pod", "colo, 2 vCPUs, as configured by default", testbed.Runtime, nil},
-		{"load in a colo pod at offline priority", "colo, pod weight 2, both vCPUs in class low, hypervisor's other threads SCHED_IDLE", testbed.Runtime, offline},
-	} {
-		fmt.Printf("colocation: %s ...\n", r.name)
-		id := fmt.Sprintf("load-%d", len(rep.Runs))
-		if r.runtime != "" {
-			args := append([]string{"run", "-d", "--null-io", "--runtime", r.runtime}, r.flags...)
-			res, err := cd.Ctr(ctx, append(args, testbed.BusyboxImage, id, "sh", "-c", spinners())...)
-			if err == nil && res.ExitCode != 0 {
-				err = errors.New(res.String())
-			}
-			if err != nil {
-				return fmt.Errorf("%s: %w", r.name, err)
-			}
-			time.Sleep(3 * time.Second) // the load up to speed
+	if b.online, err = buildTool(ctx, "onlinesvc", filepath.Join("bench", "testdata", "onlinesvc")); err != nil {
+		return err
+	}
+	defer os.RemoveAll(b.online)
+	if b.offline, err = buildTool(ctx, "batchload", filepath.Join("bench", "testdata", "batchload")); err != nil {
+		return err
+	}
+	defer os.RemoveAll(b.offline)
+	perMs, err := calibrate(ctx, filepath.Join(b.online, "onlinesvc"))
+	if err != nil {
+		return err
+	}
+	b.iterations = uint64(float64(perMs) * float64(onlineWork) / float64(time.Millisecond))
+	b.rate = onlineShare * float64(runtime.NumCPU()) / onlineWork.Seconds()
+
+	rep := ColocationReport{
+		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Duration: o.duration.String(),
+		OnlineWorkMs: ms(onlineWork), OnlineIterations: b.iterations, OnlineRate: b.rate, OfflineThreads: offlineThreads,
+		OnlineWarmup: onlineWarmup.String(), OfflineSettle: offlineSettle.String(), ColoConfig: colocationConfig,
+	}
+	for _, r := range colocationRuns {
+		if !slices.ContainsFunc(runs, func(s colocationRun) bool { return s.key == r.key }) {
+			rep.NotRun = append(rep.NotRun, r.key)
 		}
-		l, err := runProbe(ctx, d)
-		if r.runtime != "" {
-			remove(ctx, cd, id)
-		}
+	}
+	for i, r := range runs {
+		fmt.Printf("colocation %d/%d: %s ...\n", i+1, len(runs), r.name)
+		res, err := b.run(ctx, r)
 		if err != nil {
 			return fmt.Errorf("%s: %w", r.name, err)
 		}
-		rep.Runs = append(rep.Runs, ColocationRun{Name: r.name, Load: r.load, Lateness: l})
+		rep.Runs = append(rep.Runs, res)
 	}
-	return writeColocation(out, rep)
+	relate(rep.Runs)
+	return writeColocation(o.out, rep)
 }
 
-// The generated part of docs/colocation.md sits between these lines.
-const (
-	colocationBegin = "<!-- make bench-colo: begin -->"
-	colocationEnd   = "<!-- make bench-colo: end -->"
-)
-
-func writeColocation(dir string, rep ColocationReport) error {
-	b, err := json.MarshalIndent(rep, "", "  ")
-	if err != nil {
-		return err
+// relate fills in each run's figures relative to the reference runs.
+func relate(runs []ColocationResult) {
+	byKey := map[string]ColocationResult{}
+	for _, r := range runs {
+		byKey[r.Key] = r
 	}
-	if err := os.WriteFile(filepath.Join(dir, "colocation.json"), append(b, '\n'), 0o644); err != nil {
-		return err
-	}
-	var t strings.Builder
-	fmt.Fprintf(&t, "%s\n\nWritten by `make bench-colo` on %s. Machine: %s, %s CPUs, host kernel %s, %s. ", colocationBegin,
-		rep.Date, rep.Machine["cpu"], rep.Machine["cpus"], rep.Machine["kernel"], rep.Machine["qemu"])
-	fmt.Fprintf(&t, "Each run: %s; the probe's %s threads each sleep 1 ms and work 0.5 ms, again and again; lateness is how much later than asked a thread woke.\n\n",
-		rep.Duration, rep.Machine["cpus"])
-	t.WriteString("| run | load | wake-ups | p50 ms | p99 ms | p99.9 ms | max ms | > 5 ms | > 20 ms |\n|---|---|---|---|---|---|---|---|---|\n")
-	for _, r := range rep.Runs {
-		l := r.Lateness
-		fmt.Fprintf(&t, "| %s | %s | %d | %.3f | %.3f | %.3f | %.1f | %d | %d |\n", r.Name, r.Load, l.Samples, l.P50, l.P99, l.P999, l.Max, l.Over5ms, l.Over20ms)
-	}
-	t.WriteString("\n![co-location](colocation.png)\n\n" + colocationEnd)
-	fmt.Println(t.String())
-
-	path := filepath.Join(dir, "colocation.md")
-	doc, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	s := string(doc)
-	i, j := strings.Index(s, colocationBegin), strings.Index(s, colocationEnd)
-	if i < 0 || j < i {
-		return fmt.Errorf("%s lacks the lines %q and %q for the results", path, colocationBegin, colocationEnd)
-	}
-	s = s[:i] + t.String() + s[j+len(colocationEnd):]
-	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
-		return err
-	}
-	return colocationChart(filepath.Join(dir, "colocation.png"), rep)
-}
-
-// colocationChart draws each run's p99 and p99.9 lateness: the counts of
-// long delays are few, and on this shared machine mostly the host's own.
-func colocationChart(path string, rep ColocationReport) error {
-	p := plot.New()
-	p.Title.Text = "online probe: wake-up lateness per run (ms)"
-	p.Y.Label.Text = "ms"
-	w := vg.Points(20)
-	for i, q := range []struct {
-		label string
-		get   func(Lateness) float64
-	}{{"p99", func(l Lateness) float64 { return l.P99 }}, {"p99.9", func(l Lateness) float64 { return l.P999 }}} {
-		var v plotter.Values
-		for _, r := range rep.Runs {
-			v = append(v, q.get(r.Lateness))
+	alone := byKey["online"].Online
+	for i, r := range runs {
+		if r.Online != nil && alone != nil && alone.P99 > 0 {
+			runs[i].P99Ratio = r.Online.P99 / alone.P99
 		}
-		bars, err := plotter.NewBarChart(v, w)
+		if r.Throughput != nil && r.Offline != nil {
+			if ref := byKey[r.Offline.Reference].Throughput; ref != nil && ref.UnitsPerSec > 0 {
+				runs[i].OfflineShare = r.Throughput.UnitsPerSec / ref.UnitsPerSec
+			}
+		}
+	}
+}
+
+// calibrate asks onlinesvc, on the host and before any load, how many
+// rounds of its work take a millisecond.
+func calibrate(ctx context.Context, bin string) (uint64, error) {
+	out, err := exec.CommandContext(ctx, bin, "calibrate").Output()
+	if err != nil {
+		return 0, fmt.Errorf("onlinesvc calibrate: %w", err)
+	}
+	var c struct {
+		PerMs uint64 `json:"iterations_per_ms"`
+	}
+	if err := json.Unmarshal(out, &c); err != nil || c.PerMs == 0 {
+		return 0, fmt.Errorf("onlinesvc calibrate printed %q: %v", out, err)
+	}
+	return c.PerMs, nil
+}
+
+// run makes one run: it starts what the run has, measures for the
+// duration, and removes all it started, also when it fails.
+func (b *coloBench) run(ctx context.Context, r colocationRun) (res ColocationResult, err error) {
+	res = ColocationResult{Key: r.key, Name: r.name, Yield: r.yield}
+	var (
+		ids         []string // containers, started or not
+		dirs        []string // host directories they mount
+		stopMonitor func() error
+	)
+	// Clean-up runs to its end even after Ctrl-C, within its own bound:
+	// the containers, then what they used, then the monitor (which saw
+	// the pods to their end), then the proof that nothing is left.
+	cleanupCtx := context.WithoutCancel(ctx)
+	defer func() {
+		cleanup, cancel := context.WithTimeout(cleanupCtx, 2*time.Minute)
+		defer cancel()
+		remove(cleanup, b.cd, ids...)
+		b.client.CloseIdleConnections()
+		for _, d := range dirs {
+			os.RemoveAll(d)
+		}
+		if stopMonitor != nil {
+			// An early exit is in err already, through ctx.
+			if serr := stopMonitor(); serr != nil && !errors.Is(err, serr) {
+				err = errors.Join(err, serr)
+			}
+		}
+		if leaks := b.cd.WaitNoLeaks(cleanup, ids...); len(leaks) > 0 {
+			err = errors.Join(err, fmt.Errorf("left behind: %s", strings.Join(leaks, "; ")))
+		}
+	}()
+	if r.yield {
+		var monitorCtx context.Context
+		if monitorCtx, stopMonitor, err = startYieldMonitor(ctx, b.cd); err != nil {
+			return res, err
+		}
+		ctx = monitorCtx
+	}
+
+	var url string
+	var pid int
+	if r.online {
+		ids = append(ids, onlineID)
+		if url, pid, err = b.startOnline(ctx); err != nil {
+			return res, fmt.Errorf("online service: %w", err)
+		}
+	}
+	var progress string
+	if r.offline.Runtime != "" {
+		id := "offline-" + r.key
+		ids = append(ids, id)
+		spec := r.offline
+		res.Offline = &spec
+		dir, err := os.MkdirTemp("", "colo-bench-progress")
 		if err != nil {
-			return err
+			return res, err
 		}
-		bars.Color = plotutil.Color(i)
-		bars.Offset = vg.Length(i-1)*w + w/2
-		p.Add(bars)
-		p.Legend.Add(q.label, bars)
+		dirs = append(dirs, dir)
+		if err := b.startOffline(ctx, id, dir, r.offline); err != nil {
+			return res, fmt.Errorf("offline load: %w", err)
+		}
+		progress = filepath.Join(dir, "progress.json")
+		if err := sleepCtx(ctx, offlineSettle); err != nil {
+			return res, err
+		}
 	}
-	p.Legend.Top = true
-	var names []string
-	for _, r := range rep.Runs {
-		names = append(names, strings.TrimPrefix(r.Name, "load in "))
+
+	start := time.Now()
+	from, end := start, start.Add(b.duration)
+	done := make(chan OnlineLatency, 1)
+	// The generator stops early when the run fails.
+	genCtx, stopGen := context.WithCancel(ctx)
+	defer stopGen()
+	if r.online {
+		from = start.Add(onlineWarmup)
+		end = from.Add(b.duration)
+		go func() { done <- openLoop(genCtx, b.client, url, b.rate, start, from, end) }()
+	} else {
+		close(done)
 	}
-	p.NominalX(names...)
-	return p.Save(9*vg.Inch, 4*vg.Inch, path)
+	if err := sleepCtx(ctx, time.Until(from)); err != nil {
+		stopGen()
+		<-done
+		return res, err
+	}
+	var sampler *schedSampler
+	if r.online {
+		sampler = startSchedSampler(pid)
+	}
+	var first offlineProgress
+	if progress != "" {
+		if first, err = readProgress(progress); err != nil {
+			err = fmt.Errorf("offline load: %w", err)
+		}
+	}
+	if err == nil {
+		err = sleepCtx(ctx, time.Until(end))
+	}
+	if progress != "" && err == nil {
+		var last offlineProgress
+		if last, err = readProgress(progress); err == nil {
+			stderr, _ := os.ReadFile(filepath.Join(filepath.Dir(progress), "stderr"))
+			res.Throughput, err = throughput(first, last, testbed.Tail(string(stderr), 5))
+		}
+		if err != nil {
+			err = fmt.Errorf("offline load: %w", err)
+		}
+	}
+	if sampler != nil {
+		w, serr := sampler.Stop()
+		if serr != nil {
+			err = errors.Join(err, fmt.Errorf("online service's schedstat: %w", serr))
+		}
+		res.Sched = &w
+	}
+	if err != nil {
+		stopGen()
+	}
+	if l, ok := <-done; ok {
+		res.Online = &l
+	}
+	// The monitor's early exit cancels ctx with why.
+	if err == nil && ctx.Err() != nil {
+		err = context.Cause(ctx)
+	}
+	return res, err
+}
+
+// sleepCtx sleeps d or until ctx ends, and then says why.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return context.Cause(ctx)
+	}
+	select {
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// startOnline starts onlinesvc in a runc container on the host's network
+// and returns its URL and host pid once it answers.
+func (b *coloBench) startOnline(ctx context.Context) (string, int, error) {
+	port, err := freePort()
+	if err != nil {
+		return "", 0, err
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	if err := startContainer(ctx, b.cd, "--null-io", "--net-host", "--runtime", runcRuntime,
+		"--mount", "type=bind,src="+b.online+",dst=/t,options=rbind:ro",
+		testbed.BusyboxImage, onlineID, "/t/onlinesvc", "serve", addr, strconv.FormatUint(b.iterations, 10)); err != nil {
+		return "", 0, err
+	}
+	url := "http://" + addr + "/"
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		ok, err := get(ctx, b.client, url)
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return "", 0, fmt.Errorf("%s did not answer within 30s: %v", url, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	pid, err := taskPid(ctx, b.cd, onlineID)
+	return url, pid, err
+}
+
+func get(ctx context.Context, client *http.Client, url string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return false, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return false, err
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK, fmt.Errorf("%s", resp.Status)
+}
+
+// freePort is a TCP port on 127.0.0.1 nothing listens on now.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// taskPid is the host pid of a container's task, from ctr task ls.
+func taskPid(ctx context.Context, cd *testbed.Containerd, id string) (int, error) {
+	r, err := cd.Ctr(ctx, "task", "ls")
+	if err != nil || r.ExitCode != 0 {
+		return 0, fmt.Errorf("ctr task ls: %v %s", err, r)
+	}
+	for _, line := range strings.Split(r.Stdout, "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, fmt.Errorf("ctr task ls does not list %s: %s", id, r.Stdout)
+}
+
+// startOffline starts batchload in a container as spec says, with the
+// host directory dir bind-mounted for its progress file, and returns once
+// the load has done its first units of work.
+func (b *coloBench) startOffline(ctx context.Context, id, dir string, spec offlineSpec) error {
+	args := append([]string{"--null-io", "--runtime", spec.Runtime,
+		"--mount", "type=bind,src=" + b.offline + ",dst=/t,options=rbind:ro",
+		"--mount", "type=bind,src=" + dir + ",dst=/out,options=rbind:rw"}, spec.Flags...)
+	// Its errors go to a file beside the progress file, for the bench to
+	// show when the load stops.
+	cmd := fmt.Sprintf("exec /t/batchload /out /var/tmp/batchload %d 2>/out/stderr", offlineThreads)
+	if err := startContainer(ctx, b.cd, append(args, testbed.BusyboxImage, id, "sh", "-c", cmd)...); err != nil {
+		return err
+	}
+	progress := filepath.Join(dir, "progress.json")
+	for deadline := time.Now().Add(offlineStart); ; {
+		p, err := readProgress(progress)
+		if err == nil && p.units() > 0 {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			stderr, _ := os.ReadFile(filepath.Join(dir, "stderr"))
+			return fmt.Errorf("no work done within %s: %v; batchload's stderr: %q", offlineStart, err, testbed.Tail(string(stderr), 5))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// startContainer runs `ctr run -d ARGS` to its end, within offlineStart,
+// even if ctx ends meanwhile, and in a process group of its own, out of
+// reach of a Ctrl-C at the terminal: containerd cleans up a create cut
+// short as a dead shim, and the colo shim's process stays behind. The
+// caller removes the container, started or not; the error says if ctx
+// ended.
+func startContainer(ctx context.Context, cd *testbed.Containerd, args ...string) error {
+	run, cancel := context.WithTimeout(context.WithoutCancel(ctx), offlineStart)
+	defer cancel()
+	cmd := cd.CtrCmd(run, append([]string{"run", "-d"}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("ctr run: %w: %s", err, testbed.Tail(stderr.String(), 5))
+	}
+	return context.Cause(ctx)
+}
+
+// offlineProgress is batchload's progress file (batchload.Progress) and
+// when it was written.
+type offlineProgress struct {
+	Threads int    `json:"threads"`
+	CPU     uint64 `json:"cpu"`
+	Mem     uint64 `json:"mem"`
+	File    uint64 `json:"file"`
+	Errors  uint64 `json:"errors"`
+	Error   string `json:"error"`
+	// written is the file's modification time, read when it was read.
+	written, read time.Time
+}
+
+func (p offlineProgress) units() uint64 { return p.CPU + p.Mem + p.File }
+
+// readProgress reads the progress file and its modification time from one
+// open file: batchload replaces it whole every 100 ms, and the time it was
+// written, by the host's clock, is the time its counts are of.
+func readProgress(path string) (offlineProgress, error) {
+	var p offlineProgress
+	f, err := os.Open(path)
+	if err != nil {
+		return p, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return p, err
+	}
+	var buf bytes.Buffer
+	if _, err := buf.ReadFrom(f); err != nil {
+		return p, err
+	}
+	if err := json.Unmarshal(buf.Bytes(), &p); err != nil {
+		return p, fmt.Errorf("%s: %w", path, err)
+	}
+	if p.Errors > 0 {
+		return p, fmt.Errorf("%d units of work failed, the first: %s", p.Errors, p.Error)
+	}
+	p.written, p.read = st.ModTime(), time.Now()
+	return p, nil
+}
+
+// throughput is the load's work between two reads of its progress file;
+// stderr is what it said, for when it did nothing.
+func throughput(first, last offlineProgress, stderr string) (*OfflineThroughput, error) {
+	secs := last.written.Sub(first.written).Seconds()
+	if secs <= 0 || last.units() <= first.units() {
+		return nil, fmt.Errorf("no progress in the measured window (%d units at %s, %d at %s); batchload's stderr: %q",
+			first.units(), first.written.Format(time.StampMilli), last.units(), last.written.Format(time.StampMilli), stderr)
+	}
+	// A load that died in the window (a guest's OOM kill says nothing on
+	// its stderr) made progress until then.
+	if stale := last.read.Sub(last.written); stale > offlineStale {
+		return nil, fmt.Errorf("the load stopped in the measured window: its progress is %s old at the end (OOM kills in a guest are in containerd's log); batchload's stderr: %q",
+			stale.Round(time.Millisecond), stderr)
+	}
+	return &OfflineThroughput{
+		Threads:     last.Threads,
+		Seconds:     secs,
+		UnitsPerSec: float64(last.units()-first.units()) / secs,
+		CPU:         float64(last.CPU-first.CPU) / secs,
+		Mem:         float64(last.Mem-first.Mem) / secs,
+		File:        float64(last.File-first.File) / secs,
+	}, nil
 }

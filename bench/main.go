@@ -40,14 +40,13 @@ func main() {
 	flag.StringVar(&o.coloConfig, "colo-config", "", "extra colo config (TOML) for the runs, e.g. '[hypervisor]\nmachine = \"microvm\"'")
 	colo := flag.Bool("colocation", false, "run the co-location benchmark instead (make bench-colo): docs/colocation.{md,json,png}")
 	ioOnly := flag.Bool("io", false, "measure only file I/O in a container's rootfs and print its table (docs are not written)")
-	coloRun := flag.Duration("colocation-run", 45*time.Second, "how long the probe runs in each co-location run")
+	coloDuration := flag.Duration("colocation-duration", 45*time.Second, "how long each co-location run measures")
+	coloRuns := flag.String("colocation-runs", strings.Join(colocationRunKeys(), ","), "the co-location runs to make (comma-separated, made in the benchmark's order)")
 	flag.Parse()
 	var err error
 	switch {
-	case *probeFlag > 0:
-		err = probe(*probeFlag)
 	case *colo:
-		err = colocation(o.out, *coloRun)
+		err = colocation(colocationOptions{out: o.out, duration: *coloDuration, runs: *coloRuns})
 	case *ioOnly:
 		err = runIO(o)
 	default:
