@@ -77,6 +77,7 @@ var variants = []variant{
 	{"VMs boot instead of starting from a template", "[hypervisor]\ntemplate = false\n"},
 	{"virtio-fs instead of 9p", "[storage]\nshared_fs = \"virtio-fs\"\n"},
 	{"1 vCPU instead of 2", "[hypervisor]\nvcpus = 1\n"},
+	{"the agent service runs from /init: libcontainer seals a copy of it (overlayfs) for every container process", "[hypervisor]\nkernel_params = \"colo.sealed_exe=0\"\n"},
 }
 
 // VariantResult is what one variant measured.
@@ -133,7 +134,13 @@ type Report struct {
 	Stages     map[string]Stats  `json:"colo_start_stages"`
 	Memory     Memory            `json:"memory"`
 	Parallel   map[string]Stats  `json:"parallel_start"`
-	Exec       map[string]Stats  `json:"exec_latency"`
+	// StartCPU is the host CPU time of one cold start, to its first
+	// output (all processes: containerd, shim, QEMU, ctr).
+	StartCPU map[string]Stats `json:"start_cpu"`
+	// ParallelIdeal is the CPU-bound ideal of the parallel start, in ms:
+	// pods x the median StartCPU / the host's CPUs.
+	ParallelIdeal map[string]float64 `json:"parallel_start_cpu_bound_ideal_ms"`
+	Exec          map[string]Stats   `json:"exec_latency"`
 	// FirstStart is the first colo start on the host: it makes the VM
 	// template the later starts are restored from.
 	FirstStart float64 `json:"first_start_ms"`
@@ -179,6 +186,7 @@ func run(o options) (err error) {
 	rep := Report{
 		Date: time.Now().UTC().Format(time.RFC3339), Machine: machine(), Runs: o.runs, Pods: o.pods, ColoConfig: o.coloConfig,
 		Cold: map[string]Stats{}, Stages: map[string]Stats{}, Parallel: map[string]Stats{}, Exec: map[string]Stats{},
+		StartCPU: map[string]Stats{}, ParallelIdeal: map[string]float64{},
 	}
 	rts := map[string]string{"runc": runcRuntime, "colo": testbed.Runtime}
 
@@ -192,15 +200,17 @@ func run(o options) (err error) {
 	// Cold start, alternating so that drift on the machine hits both.
 	fmt.Println("cold start ...")
 	cold := map[string][]time.Duration{}
+	coldCPU := map[string][]time.Duration{}
 	var coloIDs []string
 	for i := range o.runs {
 		for _, name := range []string{"runc", "colo"} {
 			id := fmt.Sprintf("cold-%s-%d", name, i)
-			d, err := firstOutput(ctx, cd, rts[name], id, nil)
+			d, cpu, err := timedStart(ctx, cd, rts[name], id, nil)
 			if err != nil {
 				return err
 			}
 			cold[name] = append(cold[name], d)
+			coldCPU[name] = append(coldCPU[name], cpu)
 			if name == "colo" {
 				coloIDs = append(coloIDs, id)
 			}
@@ -208,6 +218,7 @@ func run(o options) (err error) {
 	}
 	for name, d := range cold {
 		rep.Cold[name] = summarize(d)
+		rep.StartCPU[name] = summarize(coldCPU[name])
 	}
 	if rep.Cold["runc"].Median > 0 {
 		rep.Ratio = rep.Cold["colo"].Median / rep.Cold["runc"].Median
@@ -230,13 +241,12 @@ func run(o options) (err error) {
 	if rep.Memory, err = memory(ctx, cd, o.pods, nil); err != nil {
 		return err
 	}
-	// The shim logs the round trip once a pod's start is over: the idle
-	// pods' lines.
-	var rtts []time.Duration
-	for _, g := range guests(cd.Logs(), nil) {
-		rtts = append(rtts, g.rtt)
+	fmt.Println("agent round trip ...")
+	if rtts, err := agentRTT(ctx, cd, o.runs); err != nil {
+		rep.NotMeasured = append(rep.NotMeasured, fmt.Sprintf("agent round trip: %v", err))
+	} else {
+		rep.AgentRTT = summarize(rtts)
 	}
-	rep.AgentRTT = summarize(rtts)
 
 	fmt.Println("resize ...")
 	if rz, err := measureResize(ctx, cd, min(o.runs, 5)); err != nil {
@@ -257,6 +267,10 @@ func run(o options) (err error) {
 			return err
 		}
 		rep.Parallel[name] = summarize(d)
+		// Were starts bound by CPU alone, n of them on the host's CPUs
+		// would all be done after n times one start's CPU time spread
+		// over the CPUs.
+		rep.ParallelIdeal[name] = float64(o.pods) * rep.StartCPU[name].Median / float64(runtime.NumCPU())
 	}
 
 	if o.coloConfig == "" {
@@ -337,28 +351,70 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // firstOutput times `ctr run --rm` from the call to the first byte the
 // container prints, then waits for the run to finish.
 func firstOutput(ctx context.Context, cd *testbed.Containerd, rt, id string, flags []string) (time.Duration, error) {
+	first, _, err := timedStart(ctx, cd, rt, id, flags)
+	return first, err
+}
+
+// timedStart is firstOutput that also returns the host's CPU time (all
+// CPUs, every process) spent from the run's start to its first output.
+func timedStart(ctx context.Context, cd *testbed.Containerd, rt, id string, flags []string) (first, cpu time.Duration, err error) {
 	args := append([]string{"run", "--rm", "--runtime", rt}, flags...)
 	cmd := cd.CtrCmd(ctx, append(args, testbed.BusyboxImage, id, "echo", "ready")...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
+	busy0, err := hostBusy()
+	if err != nil {
+		return 0, 0, err
+	}
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	var first time.Duration
 	b := make([]byte, 1)
 	if n, _ := out.Read(b); n == 1 {
 		first = time.Since(start)
+		busy1, err := hostBusy()
+		if err != nil {
+			return 0, 0, err
+		}
+		cpu = busy1 - busy0
 	}
 	io.Copy(io.Discard, out)
 	if err := cmd.Wait(); err != nil || first == 0 {
-		return 0, fmt.Errorf("ctr run %s (%s): %v: %s", id, rt, err, stderr.String())
+		return 0, 0, fmt.Errorf("ctr run %s (%s): %v: %s", id, rt, err, stderr.String())
 	}
-	return first, nil
+	return first, cpu, nil
+}
+
+// hostBusy is the CPU time the host's CPUs spent not idle since boot
+// (/proc/stat: all but idle and iowait).
+func hostBusy() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var busy uint64
+	for i, v := range f[1:8] { // user nice system idle iowait irq softirq
+		if i == 3 || i == 4 {
+			continue
+		}
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		busy += n
+	}
+	// USER_HZ is 100 on Linux.
+	return time.Duration(busy) * 10 * time.Millisecond, nil
 }
 
 // guestLine matches the shim's "guest" log line of a sandbox.
@@ -434,6 +490,47 @@ func remove(ctx context.Context, cd *testbed.Containerd, ids ...string) {
 	for _, id := range ids {
 		cd.Ctr(ctx, "task", "rm", "-f", id)
 		cd.Ctr(ctx, "container", "rm", id)
+	}
+}
+
+// agentRTT starts n pods one after another, each alone on the host, and
+// returns the agent round trip each one's shim logged: the median of
+// its back-to-back calls, made a second after the create, once the pod is
+// idle (Sandbox.logGuest).
+func agentRTT(ctx context.Context, cd *testbed.Containerd, n int) ([]time.Duration, error) {
+	var rtts []time.Duration
+	for i := range n {
+		id := fmt.Sprintf("rtt-%d", i)
+		r, err := cd.Ctr(ctx, "run", "-d", "--null-io", "--runtime", testbed.Runtime, testbed.BusyboxImage, id, "sleep", "100000")
+		if err == nil && r.ExitCode != 0 {
+			err = errors.New(r.String())
+		}
+		if err != nil {
+			return nil, fmt.Errorf("start %s: %w", id, err)
+		}
+		g, err := waitGuestLine(ctx, cd, id)
+		remove(ctx, cd, id)
+		if err != nil {
+			return nil, err
+		}
+		rtts = append(rtts, g.rtt)
+	}
+	return rtts, nil
+}
+
+// waitGuestLine waits for the shim's "guest" line of sandbox id.
+func waitGuestLine(ctx context.Context, cd *testbed.Containerd, id string) (guest, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		if g, ok := guests(cd.Logs(), []string{id})[id]; ok {
+			return g, nil
+		}
+		select {
+		case <-ctx.Done():
+			return guest{}, fmt.Errorf("no guest line from %s's shim: %w", id, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 }
 
@@ -649,8 +746,9 @@ func markdown(r Report) string {
 		"later starts are restored from (one per VM configuration and guest image, kept until removed).\n\n", r.FirstStart)
 	b.WriteString("## colo start stages (time since the shim's Create began)\n\n")
 	stageTable(&b, r.Stages)
-	fmt.Fprintf(&b, "\nOne agent call's round trip (ttrpc over virtio-serial, the fastest of three the shim makes a second after a create; idle pods): median %.2f ms, max %.2f ms.\n",
-		r.AgentRTT.Median, r.AgentRTT.Max)
+	fmt.Fprintf(&b, "\nOne agent call's round trip (ttrpc over virtio-serial; %d pods started one after another, each alone on the host; "+
+		"each pod's shim times 21 calls in a row a second after the create, and logs their median): median of the pods %.2f ms (%.2f to %.2f ms).\n",
+		r.AgentRTT.N, r.AgentRTT.Median, r.AgentRTT.Min, r.AgentRTT.Max)
 	m := r.Memory
 	fmt.Fprintf(&b, "\n## Host memory per idle pod (guest memory %d MiB)\n\n| what | MiB |\n|---|---|\n", m.GuestMemoryMiB)
 	fmt.Fprintf(&b, "| one idle pod, PSS of shim + QEMU + helpers | %.1f |\n| QEMU PSS | %.1f |\n| helpers (virtiofsd) PSS | %.1f |\n", m.IdlePodPSS, m.HypervisorPSS, m.HelpersPSS)
@@ -658,10 +756,17 @@ func markdown(r Report) string {
 	fmt.Fprintf(&b, "| runc shim PSS, for comparison | %.1f |\n", m.RuncShimPSS)
 	fmt.Fprintf(&b, "| per pod with %d pods running, PSS (of which the shim) | %.1f (%.1f) |\n", r.Pods, m.PerPodPSSAtN, m.ShimPSSAtN)
 	fmt.Fprintf(&b, "| in the guest: the agent's RSS (PID 1 and the service) | %.1f |\n| in the guest: memory in use (MemTotal - MemAvailable) | %.1f |\n", m.AgentRSS, m.GuestUsed)
-	fmt.Fprintf(&b, "\n## Parallel start: %d pods at once, time to first output\n\n| runtime | p50 ms | p99 ms | max ms |\n|---|---|---|---|\n", r.Pods)
+	fmt.Fprintf(&b, "\n## Parallel start: %d pods at once, time to first output\n\n", r.Pods)
+	fmt.Fprintf(&b, "The CPU-bound ideal: were the starts bound by CPU alone, %d of them would all be done after %d times one cold start's host CPU time "+
+		"(median, all processes, to the first output) spread over the host's %s CPUs.\n\n", r.Pods, r.Pods, r.Machine["cpus"])
+	b.WriteString("| runtime | p50 ms | p99 ms | max ms | one start's CPU ms | CPU-bound ideal ms | p99 / ideal |\n|---|---|---|---|---|---|---|\n")
 	for _, name := range []string{"runc", "colo"} {
-		s := r.Parallel[name]
-		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f |\n", name, s.Median, s.P99, s.Max)
+		s, ideal := r.Parallel[name], r.ParallelIdeal[name]
+		ratio := 0.0
+		if ideal > 0 {
+			ratio = s.P99 / ideal
+		}
+		fmt.Fprintf(&b, "| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.2f |\n", name, s.Median, s.P99, s.Max, r.StartCPU[name].Median, ideal, ratio)
 	}
 	fmt.Fprintf(&b, "\n## Exec latency: `ctr task exec ... true` (%d runs)\n\n| runtime | median ms | min ms | max ms |\n|---|---|---|---|\n", r.Runs)
 	for _, name := range []string{"runc", "colo"} {
