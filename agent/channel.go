@@ -51,14 +51,31 @@ func listen(ctx context.Context, channel, addr string) (net.Listener, error) {
 	case ChannelSerial:
 		return listenSerial(ctx, "/sys/class/virtio-ports", "/dev", agentproto.SerialPortName)
 	case ChannelVsock:
-		l, err := vsock.Listen(agentproto.VsockPort, nil)
-		if err != nil {
-			return nil, fmt.Errorf("listen on vsock port %d: %w", agentproto.VsockPort, err)
-		}
-		return l, nil
+		return listenVsock(agentproto.VsockPort)
 	default:
 		return nil, fmt.Errorf("unknown channel %q (want %s or %s)", channel, ChannelSerial, ChannelVsock)
 	}
+}
+
+// listenVsock listens on the vsock port for connections to any of the
+// guest's CIDs (VMADDR_CID_ANY), not to the CID it has now, which is what
+// vsock.Listen binds. A VM restored from a template gets a CID of its own
+// after the guest started listening: its host sends a transport reset and
+// the guest driver re-reads its CID (hypervisor/qemu's startClone has the
+// details). A listener bound to the template's CID would not match the
+// host's connections to the new one, and the guest would refuse them.
+//
+// The reset also resets the connections open when the template was saved
+// (the host's probe that found the agent listening); the service keeps
+// serving: ttrpc drops a connection that fails, and the kernel's accept
+// returns such a connection rather than an error (only an error of the
+// listener itself fails accept).
+func listenVsock(port uint32) (net.Listener, error) {
+	l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
+	if err != nil {
+		return nil, fmt.Errorf("listen on vsock port %d: %w", port, err)
+	}
+	return l, nil
 }
 
 // listenSerial finds the virtio-serial port with the given name and

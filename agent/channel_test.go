@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/containerd/ttrpc"
+	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
 
 	"github.com/colo-runtime/colo/agentproto"
@@ -242,5 +243,30 @@ func TestServeOverSerialConn(t *testing.T) {
 	srv.Close()
 	if err := <-served; !errors.Is(err, ttrpc.ErrServerClosed) {
 		t.Errorf("Serve = %v, want ErrServerClosed", err)
+	}
+}
+
+// TestListenVsockAnyCID: the agent's vsock listener takes connections to
+// any CID of the guest, so that a VM restored from a template, whose CID
+// changes under it, still finds it (listenVsock). vsock.Listen would bind
+// the CID the guest has at the time. Port 0 lets the kernel pick one.
+func TestListenVsockAnyCID(t *testing.T) {
+	l, err := listenVsock(0)
+	if errors.Is(err, unix.EAFNOSUPPORT) {
+		t.Skipf("needs AF_VSOCK (a vsock transport module loaded): %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	addr, ok := l.Addr().(*vsock.Addr)
+	if !ok {
+		t.Fatalf("listener address %v (%T), want a *vsock.Addr", l.Addr(), l.Addr())
+	}
+	if addr.ContextID != unix.VMADDR_CID_ANY || addr.Port == 0 {
+		t.Errorf("listening on %v, want CID %d (VMADDR_CID_ANY) and the port the kernel picked", addr, uint32(unix.VMADDR_CID_ANY))
+	}
+	if cid, err := vsock.ContextID(); err == nil {
+		t.Logf("this host's own CID is %d; the listener is bound to %v", cid, addr)
 	}
 }

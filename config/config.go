@@ -228,8 +228,8 @@ type Hypervisor struct {
 	HotplugPorts int `toml:"hotplug_ports"`
 	// Template starts VMs from a snapshot of a guest booted once per
 	// configuration and guest image (kept in runtime.template_dir),
-	// instead of booting each (default true; q35 with the serial agent
-	// channel only).
+	// instead of booting each (default true; q35 without host PCI devices
+	// only, on either agent channel).
 	Template bool `toml:"template"`
 	// DumpDir is where the shim writes a vmcore of a guest whose kernel
 	// panicked (an ELF core of the guest's memory, for crash), named

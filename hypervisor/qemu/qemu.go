@@ -191,8 +191,8 @@ func New(cfg config.Hypervisor) (*Driver, error) {
 }
 
 // Start launches QEMU and returns once QMP answers query-status. With
-// templates on (and a q35 VM on the serial channel) the VM is restored from
-// a snapshot of a booted guest, made on first use, instead of booting.
+// templates on (and a q35 VM without host PCI devices) the VM is restored
+// from a snapshot of a booted guest, made on first use, instead of booting.
 func (d *Driver) Start(ctx context.Context, cfg hypervisor.VMConfig) (hypervisor.VM, error) {
 	cfg, err := d.complete(cfg)
 	if err != nil {
@@ -518,7 +518,9 @@ const vhostVsockSetGuestCID = 0x4008af60
 
 // reserveCID opens the vhost-vsock device and claims a random free guest
 // CID on it. QEMU gets the open device (vhostfd), so the CID stays claimed
-// from here on and two VMs started at once cannot pick the same one.
+// from here on and two VMs started at once cannot pick the same one. Each
+// VM reserves its own, a template's clones too: the CID is not part of the
+// migration stream (see startClone).
 func reserveCID() (*os.File, uint32, error) {
 	f, err := os.OpenFile(vsockDevice, os.O_RDWR, 0)
 	if err != nil {

@@ -82,11 +82,12 @@ func (m snapshotMode) String() string {
 }
 
 // clonable tells whether cfg can be restored from a template: it names a
-// template directory, the machine is q35 (vmgenid needs its ACPI) and the agent talks
-// over the serial port (a vsock device's guest CID is fixed in its state),
-// and it has no host PCI device (VFIO devices cannot be migrated).
+// template directory, the machine is q35 (vmgenid needs its ACPI), and it
+// has no host PCI device (VFIO devices cannot be migrated). Either agent
+// channel will do: a vsock clone gets a guest CID of its own (see
+// startClone).
 func (d *Driver) clonable(cfg hypervisor.VMConfig) bool {
-	return cfg.TemplateDir != "" && d.machine == "q35" && cfg.Channel == hypervisor.ChannelSerial && len(cfg.PCIDevices) == 0
+	return cfg.TemplateDir != "" && d.machine == "q35" && len(cfg.PCIDevices) == 0
 }
 
 // sharesMemory tells whether clones of the launch can map the template's
@@ -139,7 +140,11 @@ func templateSize(cfg hypervisor.VMConfig) (vcpus, memoryMB int) {
 
 // templateKey names the template of cfg: a hash of the template's command
 // line (with its own paths made neutral) and of what the binaries and the
-// guest image are, so that a rebuilt guest gets a new template.
+// guest image are, so that a rebuilt guest gets a new template. The agent
+// channel's device is on that command line, so serial and vsock VMs never
+// share a template; a vsock device's guest CID and file descriptor are not
+// (zero here: no CID is reserved), as every VM, the template too, reserves
+// a CID of its own.
 func (d *Driver) templateKey(cfg hypervisor.VMConfig) (string, error) {
 	h := sha256.New()
 	for _, a := range d.templateLaunch(cfg, "/template").args() {
@@ -189,6 +194,24 @@ func (d *Driver) startClone(ctx context.Context, l launch) (_ *VM, retErr error)
 	begin := time.Now()
 	// The clone starts with its template's command line, at the
 	// template's size, and is resized once restored.
+	//
+	// On vsock, start reserves the clone a guest CID of its own, and its
+	// command line names that one (guest-cid, with the vhostfd it is set
+	// on), not the template's: the migration stream does not carry the
+	// CID. In QEMU (hw/virtio/vhost-vsock.c, vhost-vsock-common.c) the
+	// device's migrated state is the generic virtio state, the config
+	// space the guest reads its CID from is filled from the guest-cid
+	// property on every read (vhost_vsock_get_config), and
+	// vhost_vsock_common_post_load arms a timer that, once the VM runs,
+	// sends the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET. Linux's driver
+	// (net/vmw_vsock/virtio_transport.c, virtio_vsock_event_handle) then
+	// re-reads guest_cid from config space (virtio_vsock_update_guest_cid)
+	// and resets every connected socket. Until it has, the guest answers
+	// from the template's CID, which vhost drops (vhost_vsock_handle_tx_kick
+	// takes only packets from the CID the device was given), so a dial
+	// before then does not connect (it times out, or the guest resets it),
+	// and the caller dials again. The agent must listen on VMADDR_CID_ANY
+	// for connections to the new CID to find it (agent/channel.go).
 	vcpus, memoryMB := l.vm.VCPUs, l.vm.MemoryMB
 	l.vm.VCPUs, l.vm.MemoryMB = templateSize(l.vm)
 	l.snapshot = snapshotClone
@@ -338,8 +361,10 @@ func (d *Driver) makeTemplate(ctx context.Context, cfg hypervisor.VMConfig, dir 
 	}()
 	timer := time.NewTimer(d.bootTimeout)
 	defer timer.Stop()
+	listening, stopProbe := vm.agentListening(ctx)
+	defer stopProbe()
 	select {
-	case <-vm.agentOpen:
+	case <-listening:
 	case <-vm.done:
 		return fmt.Errorf("template VM: %s", vm.describeExit())
 	case <-timer.C:
@@ -352,8 +377,58 @@ func (d *Driver) makeTemplate(ctx context.Context, cfg hypervisor.VMConfig, dir 
 	if err := vm.save(ctx, filepath.Join(dir, templateState), l.memPath != ""); err != nil {
 		return fmt.Errorf("%w: save template: %w", errTemplateUnusable, err)
 	}
+	// Killed once saved (the deferred kill): on vsock that also frees the
+	// template's guest CID, which only QEMU's vhostfd held, and which no
+	// clone uses.
 	return nil
 }
+
+// agentListening returns a channel closed once the guest's agent listens,
+// and the stop of what watches for it. Over serial the guest opening its
+// port says so (VSERPORT_CHANGE). Over vsock nothing does, so the agent's
+// port is dialed until a connection is accepted; it is closed at once (the
+// agent serves the connections that follow). Before the guest's driver is
+// up a dial waits for vhost to deliver it, after it the guest refuses
+// until the agent listens.
+func (vm *VM) agentListening(ctx context.Context) (<-chan struct{}, func()) {
+	if vm.channel != hypervisor.ChannelVsock {
+		return vm.agentOpen, func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	listening := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			dialCtx, dialCancel := context.WithTimeout(ctx, agentProbeTimeout)
+			conn, err := vm.DialAgent(dialCtx)
+			dialCancel()
+			if err == nil {
+				conn.Close()
+				close(listening)
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-vm.done:
+				return
+			case <-time.After(agentProbeRetry):
+			}
+		}
+	}()
+	return listening, func() {
+		cancel()
+		<-done
+	}
+}
+
+const (
+	// agentProbeTimeout bounds one dial of a template's agent over vsock.
+	agentProbeTimeout = 2 * time.Second
+	// agentProbeRetry is the pause between the dials.
+	agentProbeRetry = 20 * time.Millisecond
+)
 
 // save pauses the VM and writes its migration stream to path; with
 // ignoreShared guest memory stays in its file instead.

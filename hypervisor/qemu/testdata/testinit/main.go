@@ -4,18 +4,23 @@
 // testinit.virtiofs=TAG) and reads their file "hello", then writes a
 // report to the virtio-serial port agent.0, ending with "ready", and
 // echoes whatever the host sends, but for "pci PATH", which it answers
-// with what is at that PCI path (pci.go).
+// with what is at that PCI path (pci.go). With testinit.vsock=PORT it
+// serves each connection to that vsock port so instead, listening on any
+// CID as colo-agent does (a template's clone gets a CID of its own).
 package main
 
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,10 +40,14 @@ func main() {
 	}
 	fmt.Printf("testinit: started at %s s (guest uptime), modules loaded at %s s\n", start, uptime())
 	cmdline, _ := os.ReadFile("/proc/cmdline")
+	vsockPort := ""
 	for _, p := range strings.Fields(string(cmdline)) {
 		key, tag, _ := strings.Cut(p, "=")
 		var fstype, opts string
 		switch key {
+		case "testinit.vsock":
+			vsockPort = tag
+			continue
 		case "testinit.9p":
 			fstype, opts = "9p", "trans=virtio,version=9p2000.L"
 		case "testinit.virtiofs":
@@ -61,6 +70,10 @@ func main() {
 	}
 	report = append(report, "ready")
 
+	if vsockPort != "" {
+		serveVsock(vsockPort, report)
+		return
+	}
 	port := findPort("agent.0")
 	fmt.Printf("testinit: ready, writing to %s\n", port)
 	for {
@@ -104,6 +117,34 @@ func findPort(name string) string {
 	}
 }
 
+// serveVsock serves every connection to the vsock port as serve does the
+// serial port's, until listening fails (the kernel then panics: PID 1
+// exits, which the host sees).
+func serveVsock(port string, report []string) {
+	p, err := strconv.ParseUint(port, 10, 32)
+	if err != nil {
+		fmt.Printf("testinit: testinit.vsock=%s: %v\n", port, err)
+		return
+	}
+	l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, uint32(p), nil)
+	if err != nil {
+		fmt.Printf("testinit: %v\n", err)
+		return
+	}
+	fmt.Printf("testinit: ready, listening on vsock port %d\n", p)
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			fmt.Printf("testinit: %v\n", err)
+			return
+		}
+		go func() {
+			defer conn.Close()
+			converse(conn, report)
+		}()
+	}
+}
+
 // serve writes the report (the write blocks until the host connects) and
 // echoes lines until the host goes away.
 func serve(port string, report []string) {
@@ -113,6 +154,11 @@ func serve(port string, report []string) {
 		return
 	}
 	defer f.Close()
+	converse(f, report)
+}
+
+// converse writes the report and answers lines until the host goes away.
+func converse(f io.ReadWriter, report []string) {
 	for _, line := range report {
 		if _, err := fmt.Fprintln(f, line); err != nil {
 			return
@@ -128,7 +174,7 @@ func serve(port string, report []string) {
 		if p, ok := strings.CutPrefix(line, "pci "); ok {
 			reply = "pci " + strings.TrimSpace(p) + " " + pciAt(strings.TrimSpace(p)) + "\n"
 		}
-		if _, err := f.WriteString(reply); err != nil {
+		if _, err := io.WriteString(f, reply); err != nil {
 			return
 		}
 	}
