@@ -29,15 +29,12 @@ const (
 type BootParams struct {
 	Channel  string // colo.channel=serial|vsock
 	LogLevel string // colo.log=trace|debug|info|warn|error
-	// SealedExe runs the service from a sealed copy of the agent
-	// (serviceExecutable): colo.sealed_exe=1 (default) or 0.
-	SealedExe bool
 }
 
 // ParseCmdline reads the agent's parameters from a kernel command line.
 // Bad values are reported and replaced by the defaults.
 func ParseCmdline(cmdline string) (BootParams, []error) {
-	p := BootParams{Channel: ChannelSerial, LogLevel: "warn", SealedExe: true}
+	p := BootParams{Channel: ChannelSerial, LogLevel: "warn"}
 	var errs []error
 	for _, field := range strings.Fields(cmdline) {
 		key, value, _ := strings.Cut(field, "=")
@@ -48,13 +45,6 @@ func ParseCmdline(cmdline string) (BootParams, []error) {
 				p.Channel = value
 			default:
 				errs = append(errs, fmt.Errorf("colo.channel=%q: want %s or %s", value, ChannelSerial, ChannelVsock))
-			}
-		case "colo.sealed_exe":
-			switch value {
-			case "0", "1":
-				p.SealedExe = value == "1"
-			default:
-				errs = append(errs, fmt.Errorf("colo.sealed_exe=%q: want 0 or 1", value))
 			}
 		case "colo.log":
 			switch value {
@@ -121,14 +111,12 @@ func Init(ctx context.Context) {
 		}
 	}()
 
-	exe, closeExe := serviceExecutable(ctx, params.SealedExe)
-	proc, err := os.StartProcess(exe,
+	proc, err := os.StartProcess("/proc/self/exe",
 		[]string{os.Args[0], "serve", "--channel", params.Channel, "--log-level", params.LogLevel, "--state-dir", DefaultStateDir},
 		&os.ProcAttr{
 			Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
 			Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
 		})
-	closeExe()
 	if err != nil {
 		powerOff(ctx, fmt.Errorf("start the agent service: %w", err))
 	}

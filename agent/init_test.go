@@ -6,11 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"strconv"
 	"strings"
 	"testing"
-
-	"github.com/opencontainers/runc/libcontainer/exeseal"
 )
 
 func TestParseCmdline(t *testing.T) {
@@ -20,17 +17,14 @@ func TestParseCmdline(t *testing.T) {
 		want    BootParams
 		errs    int
 	}{
-		{"defaults", "console=ttyS0 quiet", BootParams{ChannelSerial, "warn", true}, 0},
-		{"empty", "", BootParams{ChannelSerial, "warn", true}, 0},
-		{"vsock and debug", "console=ttyS0 colo.channel=vsock colo.log=debug\n", BootParams{ChannelVsock, "debug", true}, 0},
-		{"serial and error", "colo.log=error colo.channel=serial", BootParams{ChannelSerial, "error", true}, 0},
-		{"last one wins", "colo.log=info colo.log=trace", BootParams{ChannelSerial, "trace", true}, 0},
-		{"bad values keep defaults", "colo.channel=tcp colo.log=loud", BootParams{ChannelSerial, "warn", true}, 2},
-		{"no value", "colo.channel colo.log=", BootParams{ChannelSerial, "warn", true}, 2},
-		{"unsealed", "colo.sealed_exe=0", BootParams{ChannelSerial, "warn", false}, 0},
-		{"sealed", "colo.sealed_exe=0 colo.sealed_exe=1", BootParams{ChannelSerial, "warn", true}, 0},
-		{"bad sealed value", "colo.sealed_exe=yes", BootParams{ChannelSerial, "warn", true}, 1},
-		{"other prefixes ignored", "xcolo.channel=vsock colo.channelx=vsock", BootParams{ChannelSerial, "warn", true}, 0},
+		{"defaults", "console=ttyS0 quiet", BootParams{ChannelSerial, "warn"}, 0},
+		{"empty", "", BootParams{ChannelSerial, "warn"}, 0},
+		{"vsock and debug", "console=ttyS0 colo.channel=vsock colo.log=debug\n", BootParams{ChannelVsock, "debug"}, 0},
+		{"serial and error", "colo.log=error colo.channel=serial", BootParams{ChannelSerial, "error"}, 0},
+		{"last one wins", "colo.log=info colo.log=trace", BootParams{ChannelSerial, "trace"}, 0},
+		{"bad values keep defaults", "colo.channel=tcp colo.log=loud", BootParams{ChannelSerial, "warn"}, 2},
+		{"no value", "colo.channel colo.log=", BootParams{ChannelSerial, "warn"}, 2},
+		{"other prefixes ignored", "xcolo.channel=vsock colo.channelx=vsock", BootParams{ChannelSerial, "warn"}, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -99,34 +93,5 @@ func TestModuleResolver(t *testing.T) {
 		if err != nil || got != tt.want {
 			t.Errorf("resolve(%q) = %q, %v; want %q", tt.entry, got, err, tt.want)
 		}
-	}
-}
-
-// The service's sealed copy is what lets libcontainer skip sealing a copy
-// per container process: it must pass libcontainer's own check, and be
-// unwritable.
-func TestSealedSelf(t *testing.T) {
-	f, err := sealedSelf()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if !exeseal.IsCloned(f) {
-		t.Fatal("the sealed copy does not pass exeseal.IsCloned")
-	}
-	self, err := os.Stat("/proc/self/exe")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st, err := f.Stat(); err != nil || st.Size() != self.Size() {
-		t.Fatalf("copy: %v, %v; want %d bytes", st, err, self.Size())
-	}
-	w, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(int(f.Fd())), os.O_WRONLY, 0)
-	if err == nil {
-		_, err = w.Write([]byte("x"))
-		w.Close()
-	}
-	if err == nil {
-		t.Fatal("wrote to the sealed copy")
 	}
 }
