@@ -97,6 +97,7 @@ func Init(ctx context.Context) {
 		log.G(ctx).WithError(err).Warn("create static device nodes")
 	}
 	enableControllers(ctx, "/sys/fs/cgroup")
+	holdCgroupKeys(ctx, "/sys/fs/cgroup")
 	if err := loopbackUp(); err != nil {
 		log.G(ctx).WithError(err).Error("bring up loopback")
 	}
@@ -232,6 +233,31 @@ func enableControllers(ctx context.Context, root string) {
 		if err := os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+"+c), 0); err != nil {
 			log.G(ctx).WithError(err).Debugf("enable cgroup controller %s", c)
 		}
+	}
+}
+
+// keysCgroup is the empty cgroup holdCgroupKeys keeps for the guest's life.
+const keysCgroup = ".colo-keys"
+
+// holdCgroupKeys makes an empty child cgroup of root, with every
+// controller root gives its children, and keeps it. The first memory
+// cgroup to come online, and the first of each kind for some other
+// controllers (cpuset, socket accounting), switch static keys in the kernel:
+// the kernel patches the code at every site of the key, on every CPU, with
+// int3 and cross-CPU syncs (text_poke_bp), at hundreds of allocation sites
+// for memcg_kmem_enabled_key. A VM restored from a template did that at its
+// first CreateSandbox, when the CPU classes' cgroups are made, and under
+// TCG about one start in a hundred never finished it: a vCPU looped in
+// asm_exc_int3 at that key's site in kmem_cache_alloc, whose bytes were
+// no longer an int3 (so the handler rewinds to it and the vCPU runs a
+// stale translation of it again), with soft lockups reported on both
+// vCPUs and the start cut short by boot_timeout. Switched at boot, while
+// little else runs and before the template is saved, the keys stay on in
+// every clone, and the pod's own cgroups only count up. A failure is
+// logged: the guest works without it.
+func holdCgroupKeys(ctx context.Context, root string) {
+	if err := os.Mkdir(filepath.Join(root, keysCgroup), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		log.G(ctx).WithError(err).Warn("make the cgroup that keeps the kernel's cgroup static keys on")
 	}
 }
 

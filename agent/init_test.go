@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"io/fs"
 	"os"
@@ -92,6 +93,16 @@ func TestModuleResolver(t *testing.T) {
 		}
 		if err != nil || got != tt.want {
 			t.Errorf("resolve(%q) = %q, %v; want %q", tt.entry, got, err, tt.want)
+		}
+	}
+}
+
+func TestHoldCgroupKeys(t *testing.T) {
+	root := t.TempDir()
+	for range 2 { // the second finds it there
+		holdCgroupKeys(context.Background(), root)
+		if fi, err := os.Stat(filepath.Join(root, keysCgroup)); err != nil || !fi.IsDir() {
+			t.Fatalf("the keys cgroup: %v, %v", fi, err)
 		}
 	}
 }
